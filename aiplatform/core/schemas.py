@@ -1,0 +1,34 @@
+"""Arrow schemas of the data contracts (DESIGN.md, 'Data contracts').
+
+These are the canonical in-lake types. Import accepts looser inputs (ISO strings or epoch
+seconds for timestamps, ints for floats) and converts them to exactly these.
+"""
+
+import pyarrow as pa
+
+EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
+"""Known event types; any other value is kept and weighted as ``view``."""
+
+EVENTS = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("event_type", pa.string(), nullable=False),
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("value", pa.float64()),
+        pa.field("event_id", pa.string()),
+    ]
+)
+EVENTS_REQUIRED = ("user_id", "item_id", "event_type", "timestamp")
+
+ITEMS = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("price", pa.float64()),
+    ]
+)
+ITEMS_REQUIRED = ("item_id",)
+
+USERS_REQUIRED = ("user_id",)

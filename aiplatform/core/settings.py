@@ -1,0 +1,54 @@
+"""Settings from the environment (and an optional YAML file), with defaults for a laptop.
+
+Embedded by default, distributed by configuration: with nothing set, everything runs on one
+machine under ``./.aiplatform``; ``RAY_ADDRESS`` and ``AIPLATFORM_HOME=s3://...`` move the
+same code onto a cluster.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from aiplatform.core.errors import ConfigError
+
+
+class Settings(BaseModel):
+    home: str = Field(".aiplatform", description="Storage root: a local path or s3:// / gs:// URI")
+    ray_address: str | None = Field(None, description="Ray cluster address; None starts a local one")
+    num_cpus: int = Field(4, ge=1, description="Logical CPUs for a local Ray instance")
+    object_store_memory: int = Field(1 << 30, ge=75 << 20, description="Bytes for a local object store")
+    online_store: str = Field("sqlite", description="'sqlite' (file under home) or a redis:// URL")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    model_name: str = "two_tower"
+
+    @classmethod
+    def load(cls, **overrides: Any) -> "Settings":
+        """Merge, lowest first: defaults, YAML at $AIPLATFORM_CONFIG, environment, overrides."""
+        values: dict[str, Any] = {}
+        cfg = os.environ.get("AIPLATFORM_CONFIG")
+        if cfg:
+            try:
+                values.update(yaml.safe_load(Path(cfg).read_text()) or {})
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"cannot read AIPLATFORM_CONFIG={cfg}: {exc}") from exc
+        env_map = {
+            "AIPLATFORM_HOME": "home",
+            "RAY_ADDRESS": "ray_address",
+            "AIPLATFORM_NUM_CPUS": "num_cpus",
+            "AIPLATFORM_OBJECT_STORE_MEMORY": "object_store_memory",
+            "AIPLATFORM_ONLINE_STORE": "online_store",
+            "AIPLATFORM_HTTP_HOST": "http_host",
+            "AIPLATFORM_HTTP_PORT": "http_port",
+        }
+        for env, key in env_map.items():
+            if os.environ.get(env):
+                values[key] = os.environ[env]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid settings: {exc}") from exc

@@ -1,0 +1,17 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """A fresh storage root for one test."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("AIPLATFORM_HOME", str(h))
+    return h

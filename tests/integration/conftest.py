@@ -1,0 +1,29 @@
+"""One local Ray instance for the whole integration session (explicit, bounded resources)."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=4,
+            object_store_memory=512 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
