@@ -1,0 +1,197 @@
+"""The `aiplatform` command.
+
+Start with `aiplatform quickstart`: it runs every stage on this machine and leaves a
+recommendation API running at http://127.0.0.1:8000. The other commands run one stage each,
+against the storage root in $AIPLATFORM_HOME (default ./.aiplatform).
+"""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from aiplatform.core.errors import AIPlatformError, UserInputError
+from aiplatform.core.settings import Settings
+from aiplatform.core.storage import Layout
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode="rich")
+data_app = typer.Typer(help="Bring data into the lake, or generate the shop's synthetic data.",
+                       no_args_is_help=True)
+models_app = typer.Typer(help="Model versions and aliases in the registry.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+HomeOpt = typer.Option(None, "--home", help="Storage root (default: $AIPLATFORM_HOME or ./.aiplatform).")
+
+
+def _fail(exc: Exception) -> "typer.Exit":
+    if isinstance(exc, UserInputError):
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return typer.Exit(2)
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return typer.Exit(1)
+
+
+@app.command()
+def quickstart(
+    events: Optional[Path] = typer.Option(None, help="Your events file (Parquet or CSV). Needs --items."),
+    items: Optional[Path] = typer.Option(None, help="Your items file (Parquet or CSV)."),
+    users: Optional[Path] = typer.Option(None, help="Your users file (optional)."),
+    scale: float = typer.Option(1.0, min=0.01, help="Size of the generated shop (1 = 2k users, 1k items, ~230k events)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default from the training config)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Ray Train workers (default 2)."),
+    port: Optional[int] = typer.Option(None, help="HTTP port for Ray Serve (default 8000)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Stop after the demo request instead of serving until Ctrl-C."),
+    home: Optional[str] = HomeOpt,
+) -> None:
+    """Run data -> features -> training -> registry -> index -> serving, then a demo request.
+
+    Exit code 0 on success, 2 on bad input (nothing from an earlier run is overwritten).
+    """
+    from aiplatform import quickstart as qs
+
+    try:
+        settings = Settings.load(home=home, http_port=port)
+        opts = qs.QuickstartOptions(
+            events=str(events) if events else None, items=str(items) if items else None,
+            users=str(users) if users else None, scale=scale, epochs=epochs, num_workers=workers,
+            wait=not no_wait)
+        console.print(f"[bold]aiplatform quickstart[/] — storage root {Layout.at(settings.home).root}")
+        qs.run_quickstart(settings, opts, console)
+        if opts.wait:
+            qs.wait_until_interrupted(console)
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    finally:
+        qs.shutdown()
+
+
+@data_app.command("generate")
+def data_generate(
+    out: Path = typer.Option(..., help="Folder for users.parquet, items.parquet, events.parquet."),
+    scale: float = typer.Option(1.0, min=0.01, help="1 = 2k users, 1k items, ~230k events; 10 = ~2.3M events."),
+    seed: int = typer.Option(42),
+) -> None:
+    """Write the shop's synthetic data (deterministic for a seed)."""
+    from apps.shop.generate import ShopSize, generate, write
+
+    with console.status("generating…"):
+        paths = write(generate(ShopSize().scaled(scale), seed=seed), str(out))
+    for name, path in paths.items():
+        console.print(f"{name:7s} {path}")
+
+
+@data_app.command("import")
+def data_import(
+    events: Path = typer.Option(..., help="Events file (Parquet or CSV)."),
+    items: Path = typer.Option(..., help="Items file (Parquet or CSV)."),
+    users: Optional[Path] = typer.Option(None, help="Users file (optional)."),
+    home: Optional[str] = HomeOpt,
+) -> None:
+    """Validate your files and make them the lake's tables (all or nothing)."""
+    from aiplatform.data.lake import import_files
+
+    try:
+        layout = Layout.at(Settings.load(home=home).home)
+        s = import_files(layout, str(events), str(items), str(users) if users else None)
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    console.print(f"imported {s.events:,} events, {s.items:,} items, {s.users:,} users into {layout.lake}")
+
+
+def _run_job(module_main, home: Optional[str], extra: list[str]) -> None:
+    args = (["--home", home] if home else []) + extra
+    code = module_main(args)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def features(home: Optional[str] = HomeOpt) -> None:
+    """Compute features with Ray Data into the offline store and materialize them online."""
+    from aiplatform.jobs.features import main
+
+    _run_job(main, home, [])
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, help="Training config YAML."),
+    epochs: Optional[int] = typer.Option(None, min=1),
+    workers: Optional[int] = typer.Option(None, min=1),
+    home: Optional[str] = HomeOpt,
+) -> None:
+    """Train, evaluate and register a model (the same code `ray job submit` runs)."""
+    from aiplatform.jobs.train import main
+
+    extra = (["--config", str(config)] if config else []) + (["--epochs", str(epochs)] if epochs else []) \
+        + (["--num-workers", str(workers)] if workers else [])
+    _run_job(main, home, extra)
+
+
+@app.command()
+def index(home: Optional[str] = HomeOpt, alias: str = typer.Option("champion")) -> None:
+    """Embed the catalogue with a registered model into LanceDB."""
+    from aiplatform.jobs.index import main
+
+    _run_job(main, home, ["--alias", alias])
+
+
+@app.command()
+def serve(home: Optional[str] = HomeOpt, port: Optional[int] = typer.Option(None)) -> None:
+    """Serve the champion model over HTTP until Ctrl-C."""
+    from aiplatform import quickstart as qs
+    from aiplatform.core.runtime import ensure_ray
+    from aiplatform.serving import app as serving
+
+    try:
+        settings = Settings.load(home=home, http_port=port)
+        ensure_ray(settings)
+        url = serving.start(serving.build_app(Layout.at(settings.home), settings.model_name),
+                            settings.http_host, settings.http_port)
+        console.print(f"serving at {url} (OpenAPI: {url}/docs)")
+        qs.wait_until_interrupted(console)
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    finally:
+        qs.shutdown()
+
+
+@models_app.command("list")
+def models_list(name: str = typer.Option("two_tower"), home: Optional[str] = HomeOpt) -> None:
+    """List versions with their metrics and aliases."""
+    from rich.table import Table
+
+    from aiplatform.registry.registry import ModelRegistry
+
+    try:
+        registry = ModelRegistry(Layout.at(Settings.load(home=home).home))
+        versions = registry.list_versions(name)
+        aliases = registry.aliases(name)
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    by_version: dict[int, list[str]] = {}
+    for alias, v in aliases.items():
+        by_version.setdefault(v, []).append(alias)
+    table = Table(title=f"model {name}")
+    for col in ("version", "created", "recall@10", "ndcg@10", "popularity recall@10", "aliases"):
+        table.add_column(col)
+    for mv in versions:
+        m, p = mv.metrics.get("model", {}), mv.metrics.get("popularity", {})
+        table.add_row(str(mv.version), f"{mv.created_at:%Y-%m-%d %H:%M}", f"{m.get('recall@10', 0):.4f}",
+                      f"{m.get('ndcg@10', 0):.4f}", f"{p.get('recall@10', 0):.4f}",
+                      ", ".join(by_version.get(mv.version, [])))
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
