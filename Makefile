@@ -1,0 +1,44 @@
+# aiplatform — the two commands: `make run` (quickstart) and `make test` (the whole suite).
+# Both create .venv and install everything they need; nothing else has to be set up first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
+
+.PHONY: setup run test test-unit test-integration test-e2e bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# No GPU: take the CPU build of torch (a plain `torch` pulls a multi-GB CUDA build).
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q "torch==2.13.0"; fi
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: setup
+	$(BIN)/aiplatform quickstart
+
+test: setup
+	$(PYTEST) tests/unit -q
+	$(PYTEST) tests/integration -q
+	$(PYTEST) tests/e2e -q
+
+test-unit: setup
+	$(PYTEST) tests/unit -q
+
+test-integration: setup
+	$(PYTEST) tests/integration -q
+
+test-e2e: setup
+	$(PYTEST) tests/e2e -q
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf .aiplatform benchmarks/results

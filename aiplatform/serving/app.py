@@ -1,0 +1,216 @@
+"""The HTTP API (DESIGN.md, 'HTTP'): a FastAPI ingress on Ray Serve over the deployments.
+
+``build_app`` resolves the model version through the registry *in the driver* (an alias such
+as ``champion``) and passes explicit paths to the deployments, so what is served is decided
+once, visibly, at deploy time. ``start``/``stop`` run it on the local or configured Ray.
+
+Note: this module must not use ``from __future__ import annotations``: FastAPI would then see
+the request-body annotations as strings and treat the body as query parameters (every POST
+would get a 422).
+"""
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from aiplatform.core.errors import NotFoundError, UserInputError
+from aiplatform.core.storage import Layout
+from aiplatform.registry import ModelRegistry
+from aiplatform.retrieval.index import ItemIndex, vector_table_name
+from aiplatform.serving.deployments import Retriever, UserFeatureReader, UserTower
+from aiplatform.serving.schemas import (
+    MAX_K,
+    ErrorResponse,
+    Health,
+    ModelRef,
+    RecommendationRequest,
+    RecommendationResponse,
+    ScoredItem,
+    SimilarItemsResponse,
+)
+
+log = logging.getLogger(__name__)
+
+POPULAR_FALLBACK = "popular"
+
+api = FastAPI(
+    title="aiplatform recommendations",
+    version="1",
+    description="Recommendations from a two-tower retrieval model, served by Ray Serve.",
+)
+
+_FIELD_HINTS = {
+    "k": f"allowed range 1..{MAX_K}",
+    "user_id": "a non-empty string",
+}
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A 422 whose ``message`` names each bad field and what it accepts, next to FastAPI's
+    usual ``detail`` list (which clients and the OpenAPI docs already understand)."""
+    parts = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            pos = err.get("loc", ("body", "?"))[-1]
+            reason = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"body: invalid JSON at character {pos}: {reason}".rstrip(": "))
+            continue
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        field = ".".join(loc) or "body"
+        hint = _FIELD_HINTS.get(loc[-1]) if loc else None
+        parts.append(f"{field}: {err.get('msg', 'invalid')}" + (f" ({hint})" if hint else ""))
+    return JSONResponse(
+        status_code=422,
+        content={"detail": jsonable_encoder(exc.errors()), "message": "; ".join(parts)},
+    )
+
+
+@api.exception_handler(UserInputError)
+async def _user_error(request: Request, exc: UserInputError) -> JSONResponse:
+    return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+
+@api.exception_handler(NotFoundError)
+async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
+    return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+
+@serve.deployment(
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+    max_ongoing_requests=128,
+    ray_actor_options={"num_cpus": 0.1},
+)
+@serve.ingress(api)
+class RecommendationAPI:
+    """Ingress: validates requests and composes features -> user tower -> retriever."""
+
+    def __init__(
+        self,
+        features: DeploymentHandle,
+        tower: DeploymentHandle,
+        retriever: DeploymentHandle,
+        model_name: str,
+        model_version: int,
+        variant: str = "champion",
+    ) -> None:
+        self.features = features
+        self.tower = tower
+        self.retriever = retriever
+        self.model = ModelRef(name=model_name, version=int(model_version))
+        self.variant = variant
+
+    @api.post(
+        "/v1/recommendations",
+        response_model=RecommendationResponse,
+        responses={422: {"description": "A field is invalid; `message` names it."}},
+    )
+    async def recommend(self, body: RecommendationRequest) -> RecommendationResponse:
+        """Top ``k`` items for a user, leaving out what they already bought. A user without
+        features (new or unknown) gets the popular items, marked ``fallback: "popular"``."""
+        request_id = uuid.uuid4().hex
+        feats = await self.features.get.remote(body.user_id)
+        fallback = None
+        if feats is None:
+            scored = await self.features.popular.remote(body.k)
+            fallback = POPULAR_FALLBACK
+        else:
+            vector = await self.tower.embed.remote(
+                {"last_items": feats["last_items"], "counts": feats["counts"]}
+            )
+            scored = await self.retriever.search.remote(
+                vector, body.k, exclude=feats["purchased_items"]
+            )
+        return RecommendationResponse(
+            user_id=body.user_id,
+            items=[ScoredItem(item_id=i, score=s) for i, s in scored],
+            model=self.model,
+            variant=self.variant,
+            request_id=request_id,
+            fallback=fallback,
+        )
+
+    @api.get(
+        "/v1/items/{item_id}/similar",
+        response_model=SimilarItemsResponse,
+        responses={404: {"model": ErrorResponse, "description": "The item is not indexed."}},
+    )
+    async def similar(
+        self,
+        item_id: str = Path(..., min_length=1, max_length=256),
+        k: int = Query(10, ge=1, le=MAX_K, description=f"How many items (1..{MAX_K})."),
+    ) -> SimilarItemsResponse:
+        """Items whose vectors are nearest to this item's (never the item itself)."""
+        scored = await self.retriever.similar.remote(item_id, k)
+        if scored is None:
+            raise NotFoundError(
+                f"item {item_id!r} is not in the index of model {self.model.name} "
+                f"v{self.model.version}; it may be new since the index was built"
+            )
+        return SimilarItemsResponse(
+            item_id=item_id,
+            items=[ScoredItem(item_id=i, score=s) for i, s in scored],
+            model=self.model,
+            request_id=uuid.uuid4().hex,
+        )
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        """The served model and the size of its item index."""
+        return Health(model=self.model, items=await self.retriever.count.remote())
+
+
+def build_app(
+    home: "str | Layout",
+    model_name: str = "two_tower",
+    alias: str = "champion",
+) -> serve.Application:
+    """The Serve application for the version ``alias`` points at.
+
+    Resolved here, in the driver, and checked before anything is deployed: a missing alias,
+    artifact or vector table is a clear ``NotFoundError`` now rather than replicas failing
+    to start later.
+    """
+    layout = home if isinstance(home, Layout) else Layout.at(home)
+    mv = ModelRegistry(layout).get_by_alias(model_name, alias)
+    table = vector_table_name(mv.name, mv.version)
+    ItemIndex(layout.vectors, table)  # raises NotFoundError naming the tables that exist
+    log.info("serving %s v%d (%s) from %s", mv.name, mv.version, alias, mv.artifact_uri)
+    return RecommendationAPI.bind(
+        UserFeatureReader.bind(layout.online_sqlite),
+        UserTower.bind(mv.artifact_uri),
+        Retriever.bind(layout.vectors, table),
+        model_name=mv.name,
+        model_version=mv.version,
+        variant=alias,
+    )
+
+
+def start(
+    app: serve.Application,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = "aiplatform",
+) -> str:
+    """Deploy ``app`` over HTTP at ``host:port`` and return its base URL once it is ready.
+
+    HTTP options are fixed when Serve first starts on a Ray cluster; to move to another
+    port, ``stop()`` first.
+    """
+    serve.start(http_options={"host": host, "port": int(port)})
+    serve.run(app, name=name, route_prefix="/")
+    return f"http://{host}:{int(port)}"
+
+
+def stop() -> None:
+    """Shut Serve down (all apps, proxies and the controller); Ray itself keeps running."""
+    serve.shutdown()
+
+
+__all__ = ["api", "RecommendationAPI", "build_app", "start", "stop"]

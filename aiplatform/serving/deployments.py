@@ -1,0 +1,110 @@
+"""The Serve deployments behind the HTTP API, one per resource they hold.
+
+Splitting features, the user tower and the vector search into separate deployments lets each
+scale on its own load (the tower batches requests; the retriever is I/O on Lance files) and
+keeps the ingress free of heavy state. The app wires them with ``.bind()`` and calls them
+through DeploymentHandles.
+
+Every path arrives as a constructor argument resolved by the driver: replicas never read
+environment variables or the registry, so a replica always serves exactly the version the
+driver resolved.
+
+Resources are small fractions of a CPU so that the whole app (four deployments, up to a few
+replicas each) fits on a two-core laptop next to the Ray Data and Train workloads.
+"""
+
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from aiplatform.features.online import SQLiteOnlineStore
+from aiplatform.retrieval.index import ItemIndex
+
+
+def _autoscaling(max_replicas: int, target: float) -> dict[str, Any]:
+    return {
+        "min_replicas": 1,
+        "max_replicas": max_replicas,
+        "target_ongoing_requests": target,
+    }
+
+
+@serve.deployment(
+    autoscaling_config=_autoscaling(max_replicas=2, target=16),
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.1},
+)
+class UserFeatureReader:
+    """Reads one user's online features and the popular-items fallback from SQLite."""
+
+    def __init__(self, online_store_path: str) -> None:
+        self.store = SQLiteOnlineStore(online_store_path)
+
+    def get(self, user_id: str) -> dict[str, Any] | None:
+        """{'last_items', 'purchased_items', 'counts'} of a user, or None if unknown."""
+        feats = self.store.get_user_features(user_id)
+        if feats is None:
+            return None
+        return {
+            "last_items": list(feats.last_items),
+            "purchased_items": list(feats.purchased_items),
+            "counts": np.asarray(feats.counts, dtype=np.float32),
+        }
+
+    def popular(self, k: int, exclude: list[str] | None = None) -> list[tuple[str, float]]:
+        """The ``k`` most popular items, leaving out ``exclude``."""
+        skip = set(exclude or ())
+        return [p for p in self.store.get_popular_items(k + len(skip)) if p[0] not in skip][:k]
+
+
+@serve.deployment(
+    autoscaling_config=_autoscaling(max_replicas=2, target=32),
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.25},
+)
+class UserTower:
+    """Turns user features into a query vector; concurrent requests are batched so the
+    tower runs once per batch instead of once per request."""
+
+    def __init__(self, artifact_dir: str) -> None:
+        import torch
+
+        from aiplatform.models.two_tower import load_artifact
+
+        torch.set_num_threads(1)
+        self._torch = torch
+        self.model, self.vocab = load_artifact(artifact_dir)
+        self.model.eval()
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def embed(self, users: list[dict[str, Any]]) -> list[np.ndarray]:
+        """One vector per ``{'last_items': [...], 'counts': array}``; called one user at a
+        time through the handle, run here as a batch."""
+        last_items = [list(u["last_items"]) for u in users]
+        counts = np.stack([np.asarray(u["counts"], dtype=np.float32) for u in users])
+        hist, dense = self.vocab.encode_users(last_items, counts)
+        with self._torch.inference_mode():
+            vectors = self.model.user_embedding(hist, dense).cpu().numpy().astype(np.float32)
+        return list(vectors)
+
+
+@serve.deployment(
+    autoscaling_config=_autoscaling(max_replicas=4, target=16),
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.25},
+)
+class Retriever:
+    """Nearest-item search in the model version's LanceDB table."""
+
+    def __init__(self, vectors_dir: str, table_name: str) -> None:
+        self.index = ItemIndex(vectors_dir, table_name)
+
+    def search(self, vector: np.ndarray, k: int, exclude: list[str] | None = None) -> list[tuple[str, float]]:
+        return self.index.search(vector, k, exclude=frozenset(exclude or ()))
+
+    def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
+        return self.index.similar(item_id, k)
+
+    def count(self) -> int:
+        return len(self.index)

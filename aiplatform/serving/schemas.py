@@ -1,0 +1,68 @@
+"""Request and response bodies of the HTTP API (DESIGN.md, 'HTTP').
+
+These pydantic models are the contract and its documentation: FastAPI validates requests
+against them (a bad field is a 422 that names it) and renders them in the OpenAPI page at
+``/docs``.
+"""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_K = 100
+"""Largest number of items one request may ask for."""
+
+
+class RecommendationRequest(BaseModel):
+    """Ask for the top ``k`` items for one user."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"user_id": "u_00042", "k": 10}]},
+    )
+
+    user_id: str = Field(
+        ..., min_length=1, max_length=256, description="The user to recommend for."
+    )
+    k: int = Field(
+        10, ge=1, le=MAX_K, description=f"How many items to return (1..{MAX_K})."
+    )
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float = Field(..., description="Cosine similarity for model results; popularity "
+                                          "for the 'popular' fallback. Higher is better.")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+
+
+class RecommendationResponse(BaseModel):
+    user_id: str
+    items: list[ScoredItem]
+    model: ModelRef
+    variant: str = Field(..., description="Which routed variant answered, e.g. 'champion'.")
+    request_id: str = Field(..., description="Unique id of this request, for logs and feedback.")
+    fallback: str | None = Field(
+        None,
+        description="Why the model was not used, if it was not: 'popular' when the user has "
+                    "no features (a new or unknown user) and popular items were returned.",
+    )
+
+
+class SimilarItemsResponse(BaseModel):
+    item_id: str
+    items: list[ScoredItem]
+    model: ModelRef
+    request_id: str
+
+
+class Health(BaseModel):
+    status: str = "ok"
+    model: ModelRef
+    items: int = Field(..., description="Number of items in the served vector table.")
+
+
+class ErrorResponse(BaseModel):
+    detail: str

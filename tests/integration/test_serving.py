@@ -1,0 +1,190 @@
+"""The HTTP API on Ray Serve, called over real HTTP against a tiny storage root."""
+
+import socket
+import uuid
+from datetime import datetime, timezone
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from aiplatform.core.errors import NotFoundError
+from aiplatform.core.storage import Layout
+from aiplatform.features.definitions import COUNT_COLUMNS
+from aiplatform.features.online import SQLiteOnlineStore
+from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, save_artifact
+from aiplatform.registry import ModelRegistry
+from aiplatform.retrieval import build_item_index
+from aiplatform.serving.app import build_app, start, stop
+from aiplatform.serving.schemas import MAX_K
+
+pytestmark = pytest.mark.integration
+
+N_ITEMS = 60
+HISTORY = ["item_003", "item_017", "item_029", "item_041"]
+POPULAR = [(f"item_{i:03d}", float(100 - i)) for i in range(0, 40, 2)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _user_rows(rows: list[tuple[str, list[str], list[str]]]) -> pd.DataFrame:
+    counts = np.tile(np.arange(len(COUNT_COLUMNS), dtype=np.float32), (len(rows), 1))
+    frame = pd.DataFrame(counts, columns=COUNT_COLUMNS)
+    frame.insert(0, "user_id", [r[0] for r in rows])
+    frame["last_items"] = [r[1] for r in rows]
+    frame["purchased_items"] = [r[2] for r in rows]
+    frame["as_of"] = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    return frame
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A storage root with model v1 (decoy) and v2 (champion), its index and online features."""
+    root = tmp_path_factory.mktemp("serving")
+    layout = Layout.at(str(root / "home"))
+    layout.ensure()
+    items = pd.DataFrame({
+        "item_id": [f"item_{i:03d}" for i in range(N_ITEMS)],
+        "category": [f"cat_{i % 5}" for i in range(N_ITEMS)],
+        "price": np.linspace(5.0, 120.0, N_ITEMS),
+    })
+    vocab = ItemVocab.from_items(items)
+    torch.manual_seed(0)
+    src = str(root / "artifact")
+    save_artifact(TwoTowerModel(**vocab.model_kwargs(), dim=16), vocab, src)
+    registry = ModelRegistry(layout)
+    registry.register("two_tower", src, {"recall@10": 0.1}, {"dim": 16}, "runs/ck1")
+    v2 = registry.register("two_tower", src, {"recall@10": 0.2}, {"dim": 16}, "runs/ck2")
+    registry.set_alias("two_tower", "champion", v2.version, reason="test")
+
+    store = SQLiteOnlineStore(layout.online_sqlite)
+    # u_buyer and u_browser look identical to the model; only u_buyer has bought items
+    store.write_user_features(_user_rows([("u_browser", HISTORY, []), ("u_buyer", HISTORY, [])]))
+    store.write_popular_items(POPULAR)
+    return {"layout": layout, "items": items, "artifact": v2.artifact_uri, "store": store}
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_session, home):
+    layout = home["layout"]
+    build_item_index(layout.vectors, "two_tower", 2, home["artifact"], home["items"])
+    url = start(build_app(layout.root), host="127.0.0.1", port=_free_port(), name="aiplatform-test")
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        yield c
+
+
+def _recommend(client, user_id: str, k: int = 10) -> dict:
+    resp = client.post("/v1/recommendations", json={"user_id": user_id, "k": k})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_known_user_gets_k_items_from_the_champion(client):
+    body = _recommend(client, "u_browser", k=7)
+    assert body["user_id"] == "u_browser"
+    assert len(body["items"]) == 7
+    assert len({i["item_id"] for i in body["items"]}) == 7
+    assert body["model"] == {"name": "two_tower", "version": 2}
+    assert body["variant"] == "champion"
+    assert body["fallback"] is None
+    uuid.UUID(body["request_id"])
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(-1.0001 <= s <= 1.0001 for s in scores)
+    assert _recommend(client, "u_browser", k=7)["request_id"] != body["request_id"]
+
+
+def test_purchased_items_are_excluded(client, home):
+    top = [i["item_id"] for i in _recommend(client, "u_browser", k=10)["items"]]
+    bought = top[:3]
+    home["store"].write_user_features(_user_rows([("u_buyer", HISTORY, bought)]))
+    got = [i["item_id"] for i in _recommend(client, "u_buyer", k=10)["items"]]
+    assert len(got) == 10
+    assert not set(bought) & set(got)
+    assert set(got[:7]) == set(top[3:])
+
+
+def test_unknown_user_gets_popular_items(client):
+    body = _recommend(client, "never_seen_user", k=5)
+    assert body["fallback"] == "popular"
+    assert [(i["item_id"], i["score"]) for i in body["items"]] == POPULAR[:5]
+    assert body["model"]["version"] == 2
+
+
+@pytest.mark.parametrize("k", [0, MAX_K + 1, 10**9])
+def test_k_out_of_range_is_422_naming_k(client, k):
+    resp = client.post("/v1/recommendations", json={"user_id": "u_browser", "k": k})
+    assert resp.status_code == 422
+    body = resp.json()
+    assert body["message"].startswith("k:")
+    assert f"1..{MAX_K}" in body["message"]
+    assert [e["loc"] for e in body["detail"]] == [["body", "k"]]
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"user_id": "u_browser", "k": 3', "not json", "", '["u_browser"]', '{"k": 3}', '{"user_id": ""}'],
+)
+def test_malformed_requests_are_4xx(client, content):
+    resp = client.post("/v1/recommendations", content=content,
+                       headers={"content-type": "application/json"})
+    assert 400 <= resp.status_code < 500, resp.text
+
+
+def test_invalid_json_message_says_so(client):
+    resp = client.post("/v1/recommendations", content='{"user_id": "u_browser", "k": 3',
+                       headers={"content-type": "application/json"})
+    assert resp.status_code == 422
+    assert resp.json()["message"].startswith("body: invalid JSON at character")
+
+
+def test_similar_items(client):
+    resp = client.get("/v1/items/item_010/similar", params={"k": 4})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    ids = [i["item_id"] for i in body["items"]]
+    assert len(ids) == 4 and "item_010" not in ids
+    assert body["model"] == {"name": "two_tower", "version": 2}
+
+
+def test_similar_unknown_item_is_404_with_a_message(client):
+    resp = client.get("/v1/items/no_such_item/similar")
+    assert resp.status_code == 404
+    assert "no_such_item" in resp.json()["detail"]
+    assert client.get("/v1/items/item_010/similar", params={"k": 0}).status_code == 422
+
+
+def test_healthz(client):
+    resp = client.get("/healthz")
+    assert resp.status_code == 200
+    assert resp.json() == {"status": "ok", "model": {"name": "two_tower", "version": 2},
+                           "items": N_ITEMS}
+
+
+def test_openapi_documents_the_api(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/recommendations", "/v1/items/{item_id}/similar", "/healthz"} <= set(paths)
+
+
+def test_build_app_refuses_a_missing_alias_or_index(home, tmp_path):
+    with pytest.raises(NotFoundError, match="no alias 'canary'"):
+        build_app(home["layout"].root, alias="canary")
+    layout = Layout.at(str(tmp_path / "other"))
+    registry = ModelRegistry(layout)
+    registry.register("two_tower", home["artifact"], {}, {}, "")
+    registry.set_alias("two_tower", "champion", 1)
+    with pytest.raises(NotFoundError, match="two_tower_v1"):
+        build_app(layout.root)
+
