@@ -1,0 +1,376 @@
+"""Two-tower retrieval model: a user tower and an item tower that meet in one vector space.
+
+The item tower's output is what the vector index stores; the user tower's output is the query.
+Both are L2-normalised, so a dot product is a cosine similarity and the index can use it as is.
+
+This module is torch only (no Ray): training, evaluation, the index builder and serving all
+load the same artifact with ``load_artifact`` and need nothing else.
+
+Index conventions (``ItemVocab``): index 0 is always "padding or unknown" for items, categories
+and price buckets; real values start at 1. ``n_items``/``n_categories``/``n_price_buckets``
+count the real values, so every embedding table has ``n + 1`` rows.
+"""
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aiplatform.core.storage import atomic_write_bytes, atomic_write_json
+from aiplatform.features.definitions import COUNT_COLUMNS, HISTORY_LEN
+
+N_DENSE = len(COUNT_COLUMNS)
+DEFAULT_PRICE_BUCKETS = 10
+UNKNOWN_CATEGORY = ""
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "model_config.json"
+VOCAB_FILE = "vocab.json"
+EXTRA_FILE = "extra.json"
+
+
+@dataclass
+class ItemVocab:
+    """Maps catalogue ids and attributes to the integer indices the model embeds.
+
+    Built once from the items catalogue and saved next to the weights, so every consumer
+    (training workers, evaluation, index build, serving) encodes ids identically.
+    """
+
+    item_ids: list[str]
+    categories: list[str]
+    item_category: list[int]
+    price_boundaries: list[float]
+    item_price_bucket: list[int]
+    _lookup: pd.Index | None = field(default=None, init=False, repr=False, compare=False)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_items(cls, items: pd.DataFrame, n_price_buckets: int = DEFAULT_PRICE_BUCKETS) -> "ItemVocab":
+        """Vocabulary of a catalogue: one index per distinct ``item_id`` (first row wins).
+
+        Price buckets are quantiles of the known prices, so they stay balanced whatever the
+        currency or range; a missing price or category gets index 0.
+        """
+        if "item_id" not in items.columns:
+            raise ValueError("items: column 'item_id' is required")
+        df = items.dropna(subset=["item_id"]).copy()
+        df["item_id"] = df["item_id"].astype(str)
+        df = df.drop_duplicates("item_id", keep="first").sort_values("item_id", kind="stable")
+        item_ids = df["item_id"].tolist()
+
+        cats = df["category"] if "category" in df.columns else pd.Series([None] * len(df), index=df.index)
+        cats = cats.astype(object).where(cats.notna(), None)
+        categories = sorted({str(c) for c in cats if c is not None and str(c) != UNKNOWN_CATEGORY})
+        cat_index = {c: j + 1 for j, c in enumerate(categories)}
+        item_category = [0] + [cat_index.get(str(c), 0) if c is not None else 0 for c in cats]
+
+        prices = (
+            pd.to_numeric(df["price"], errors="coerce").to_numpy(dtype="float64")
+            if "price" in df.columns
+            else np.full(len(df), np.nan)
+        )
+        known = prices[np.isfinite(prices)]
+        if len(known) and n_price_buckets > 1:
+            qs = np.quantile(known, np.linspace(0, 1, n_price_buckets + 1)[1:-1])
+            boundaries = sorted({float(q) for q in qs})
+        else:
+            boundaries = []
+        vocab = cls(item_ids, categories, item_category, boundaries, [0])
+        vocab.item_price_bucket = [0] + vocab.price_buckets(prices).tolist()
+        return vocab
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_categories(self) -> int:
+        return len(self.categories)
+
+    @property
+    def n_price_buckets(self) -> int:
+        """Real buckets: ``len(price_boundaries) + 1`` intervals (index 0 = unknown price)."""
+        return len(self.price_boundaries) + 1
+
+    def model_kwargs(self) -> dict:
+        """The vocabulary-dependent arguments of ``TwoTowerModel``."""
+        return {
+            "n_items": self.n_items,
+            "n_categories": self.n_categories,
+            "n_price_buckets": self.n_price_buckets,
+            "item_category": list(self.item_category),
+            "item_price_bucket": list(self.item_price_bucket),
+        }
+
+    # ---- encoding --------------------------------------------------------------------------
+    def price_buckets(self, prices: np.ndarray) -> np.ndarray:
+        """Bucket index per price: 1..n_price_buckets, 0 for a missing price."""
+        prices = np.asarray(prices, dtype="float64")
+        out = np.searchsorted(np.asarray(self.price_boundaries, dtype="float64"), prices, side="right") + 1
+        return np.where(np.isfinite(prices), out, 0).astype("int64")
+
+    def _index(self) -> pd.Index:
+        if self._lookup is None:
+            self._lookup = pd.Index(self.item_ids, dtype=object)
+        return self._lookup
+
+    def index(self, item_id: str) -> int:
+        """Index of one item id; 0 if it is not in the catalogue."""
+        return int(self.indices([item_id])[0])
+
+    def indices(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Indices (int64) of many item ids at once; 0 for unknown ids or None."""
+        ids = np.asarray(item_ids, dtype=object).reshape(-1)
+        if ids.size == 0:
+            return np.zeros(0, dtype="int64")
+        pos = self._index().get_indexer(ids)
+        return (pos + 1).astype("int64")  # -1 (missing) becomes 0
+
+    def encode_history(self, last_items: Sequence[Sequence[str] | None], history_len: int = HISTORY_LEN) -> np.ndarray:
+        """[B, history_len] int64: the first ``history_len`` items (most recent first), 0-padded.
+
+        Unknown items are dropped before truncation rather than kept as 0s, so a user whose
+        recent items left the catalogue still gets a full history of known items.
+        """
+        rows = [list(x) if x is not None else [] for x in last_items]
+        out = np.zeros((len(rows), history_len), dtype="int64")
+        lengths = np.fromiter((len(r) for r in rows), dtype="int64", count=len(rows))
+        if lengths.sum() == 0:
+            return out
+        flat = self.indices([item for r in rows for item in r])
+        row_of = np.repeat(np.arange(len(rows)), lengths)
+        keep = flat > 0
+        flat, row_of = flat[keep], row_of[keep]
+        # position of each kept item within its row
+        starts = np.r_[0, np.cumsum(np.bincount(row_of, minlength=len(rows)))[:-1]]
+        pos = np.arange(len(flat)) - starts[row_of]
+        ok = pos < history_len
+        out[row_of[ok], pos[ok]] = flat[ok]
+        return out
+
+    def encode_users(
+        self, last_items: Sequence[Sequence[str]], counts: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model inputs of a batch of users: (hist LongTensor [B, HISTORY_LEN], dense [B, 12]).
+
+        Dense features are ``log1p`` of the windowed counts: counts are heavy-tailed and the
+        log keeps one very active user from dominating the MLP's scale. NaN/negative -> 0.
+        """
+        hist = self.encode_history(last_items)
+        dense = encode_counts(counts)
+        if dense.shape[0] != hist.shape[0]:
+            raise ValueError(f"encode_users: {hist.shape[0]} histories but {dense.shape[0]} count rows")
+        return torch.from_numpy(hist), torch.from_numpy(dense)
+
+    # ---- persistence -----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "item_ids": list(self.item_ids),
+            "categories": list(self.categories),
+            "item_category": [int(x) for x in self.item_category],
+            "price_boundaries": [float(x) for x in self.price_boundaries],
+            "item_price_bucket": [int(x) for x in self.item_price_bucket],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ItemVocab":
+        vocab = cls(
+            item_ids=[str(x) for x in d["item_ids"]],
+            categories=[str(x) for x in d["categories"]],
+            item_category=[int(x) for x in d["item_category"]],
+            price_boundaries=[float(x) for x in d["price_boundaries"]],
+            item_price_bucket=[int(x) for x in d["item_price_bucket"]],
+        )
+        n = len(vocab.item_ids) + 1
+        if len(vocab.item_category) != n or len(vocab.item_price_bucket) != n:
+            raise ValueError(
+                f"vocab: item_category/item_price_bucket must have {n} entries "
+                f"(n_items + 1), got {len(vocab.item_category)}/{len(vocab.item_price_bucket)}"
+            )
+        return vocab
+
+
+def encode_counts(counts: np.ndarray) -> np.ndarray:
+    """[B, 12] float32 ``log1p`` of the count columns (NaN and negatives become 0)."""
+    arr = np.asarray(counts, dtype="float32")
+    if arr.ndim == 1:
+        arr = arr.reshape(-1, N_DENSE) if arr.size else arr.reshape(0, N_DENSE)
+    if arr.shape[1] != N_DENSE:
+        raise ValueError(f"counts: expected {N_DENSE} columns ({', '.join(COUNT_COLUMNS)}), got {arr.shape[1]}")
+    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.log1p(np.clip(arr, 0.0, None)).astype("float32")
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_out))
+
+
+class TwoTowerModel(nn.Module):
+    """User tower and item tower, trained with an in-batch sampled softmax.
+
+    The item-id (and category) embedding tables are **shared** between the towers: the user
+    tower mean-pools the same [item-id ‖ category] vectors that the item tower starts from.
+    Why: a history item and a target item are the same kind of object, so sharing lets every
+    interaction train the table twice (as context and as target), halves the largest parameter
+    block, and lets items that are mostly seen as history still get a good vector. The towers'
+    MLPs keep the two roles separate where they need to differ.
+
+    Pooling the category embedding along with the id lets the user tower generalise across
+    items of a category it has seen, which matters for rarely seen (long-tail) items.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        n_categories: int,
+        n_price_buckets: int,
+        item_category: list[int],
+        item_price_bucket: list[int],
+        dim: int = 64,
+        n_dense: int = N_DENSE,
+        history_len: int = HISTORY_LEN,
+        temperature: float = 0.05,
+    ) -> None:
+        super().__init__()
+        if len(item_category) != n_items + 1 or len(item_price_bucket) != n_items + 1:
+            raise ValueError("item_category and item_price_bucket need n_items + 1 entries (index 0 = padding)")
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        self._config = {
+            "n_items": int(n_items),
+            "n_categories": int(n_categories),
+            "n_price_buckets": int(n_price_buckets),
+            "item_category": [int(x) for x in item_category],
+            "item_price_bucket": [int(x) for x in item_price_bucket],
+            "dim": int(dim),
+            "n_dense": int(n_dense),
+            "history_len": int(history_len),
+            "temperature": float(temperature),
+        }
+        self.dim = dim
+        self.history_len = history_len
+        self.temperature = temperature
+        cat_dim = max(8, dim // 4)
+        price_dim = max(4, dim // 8)
+        dense_dim = max(8, dim // 2)
+
+        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.cat_emb = nn.Embedding(n_categories + 1, cat_dim, padding_idx=0)
+        self.price_emb = nn.Embedding(n_price_buckets + 1, price_dim, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=0.1)
+        nn.init.normal_(self.cat_emb.weight, std=0.1)
+        nn.init.normal_(self.price_emb.weight, std=0.1)
+        with torch.no_grad():
+            for emb in (self.item_emb, self.cat_emb, self.price_emb):
+                emb.weight[0].zero_()
+        # Lookup tables, not parameters; rebuilt from the config, so not stored in state_dict.
+        self.register_buffer("item_category", torch.tensor(item_category, dtype=torch.long), persistent=False)
+        self.register_buffer("item_price_bucket", torch.tensor(item_price_bucket, dtype=torch.long), persistent=False)
+
+        self.dense_mlp = nn.Sequential(nn.Linear(n_dense, dense_dim), nn.ReLU())
+        self.user_mlp = _mlp(dim + cat_dim + dense_dim, 2 * dim, dim)
+        self.item_mlp = _mlp(dim + cat_dim + price_dim, 2 * dim, dim)
+
+    def config(self) -> dict:
+        """Constructor kwargs (JSON-serialisable): ``TwoTowerModel(**m.config())`` rebuilds it."""
+        return json.loads(json.dumps(self._config))
+
+    def _item_features(self, item_idx: Tensor) -> Tensor:
+        return torch.cat([self.item_emb(item_idx), self.cat_emb(self.item_category[item_idx])], dim=-1)
+
+    def user_embedding(self, hist: Tensor, dense: Tensor) -> Tensor:
+        """[B, dim] L2-normalised query vectors from history indices [B, L] and dense [B, n_dense]."""
+        hist = hist.long()
+        mask = (hist > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)  # [B, L, 1]
+        feats = self._item_features(hist)  # [B, L, D]
+        pooled = (feats * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # zeros for an empty history
+        x = torch.cat([pooled, self.dense_mlp(dense.to(pooled.dtype))], dim=-1)
+        return F.normalize(self.user_mlp(x), dim=-1)
+
+    def item_embedding(self, item_idx: Tensor) -> Tensor:
+        """[B, dim] L2-normalised item vectors (what the vector index stores)."""
+        item_idx = item_idx.long()
+        x = torch.cat([self._item_features(item_idx), self.price_emb(self.item_price_bucket[item_idx])], dim=-1)
+        return F.normalize(self.item_mlp(x), dim=-1)
+
+    def loss(self, hist: Tensor, dense: Tensor, item_idx: Tensor) -> Tensor:
+        """In-batch sampled softmax: each user's positive against the other rows' items.
+
+        Logits are cosine similarities divided by ``temperature``. When the same item is the
+        positive of several rows, those other copies are masked out of each row's negatives:
+        otherwise the model would be pushed away from an item the user did interact with.
+        """
+        item_idx = item_idx.long().reshape(-1)
+        u = self.user_embedding(hist, dense)
+        v = self.item_embedding(item_idx)
+        logits = (u @ v.T) / self.temperature
+        same = item_idx.unsqueeze(0) == item_idx.unsqueeze(1)
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+        labels = torch.arange(len(item_idx), device=logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def forward(self, hist: Tensor, dense: Tensor, item_idx: Tensor) -> Tensor:
+        """The training loss; DistributedDataParallel only syncs gradients through ``forward``."""
+        return self.loss(hist, dense, item_idx)
+
+    @torch.no_grad()
+    def all_item_embeddings(self, batch_size: int = 65536) -> Tensor:
+        """[n_items + 1, dim] vectors of every index (row 0 is the padding item: ignore it)."""
+        n = self._config["n_items"] + 1
+        device = self.item_emb.weight.device
+        parts = [
+            self.item_embedding(torch.arange(s, min(s + batch_size, n), device=device))
+            for s in range(0, n, batch_size)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, self.dim)
+
+
+# ---- artifacts ---------------------------------------------------------------------------------
+def save_artifact(model: TwoTowerModel, vocab: ItemVocab, directory: str, extra: dict | None = None) -> None:
+    """Write a self-contained, loadable model directory (each file atomically).
+
+    ``model.pt`` (CPU state_dict), ``model_config.json`` (constructor kwargs), ``vocab.json``
+    and, if given, ``extra.json`` (metrics, params, lineage: anything JSON).
+    """
+    model = getattr(model, "module", model)  # accept a DDP-wrapped model
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: t.detach().cpu() for k, t in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(str(d / MODEL_FILE), buf.getvalue())
+    atomic_write_json(str(d / CONFIG_FILE), model.config())
+    atomic_write_json(str(d / VOCAB_FILE), vocab.to_dict())
+    if extra is not None:
+        atomic_write_json(str(d / EXTRA_FILE), extra)
+
+
+def load_artifact(directory: str) -> tuple[TwoTowerModel, ItemVocab]:
+    """The model (eval mode, CPU) and vocabulary saved by ``save_artifact``."""
+    d = Path(directory)
+    for name in (MODEL_FILE, CONFIG_FILE, VOCAB_FILE):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d}: not a model artifact ({name} is missing)")
+    config = json.loads((d / CONFIG_FILE).read_text())
+    vocab = ItemVocab.from_dict(json.loads((d / VOCAB_FILE).read_text()))
+    model = TwoTowerModel(**config)
+    state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    return model, vocab
+
+
+def read_extra(directory: str) -> dict:
+    """The ``extra.json`` of an artifact, or {} when it has none."""
+    p = Path(directory) / EXTRA_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}

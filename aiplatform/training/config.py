@@ -1,0 +1,85 @@
+"""Training configuration: validated once on the driver, then passed to workers as plain values.
+
+Defaults suit a 2-core laptop (two CPU workers, small model, a few epochs). Unknown keys are
+refused, so a typo in a YAML file is an error that names the key instead of a silent default.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from aiplatform.core.errors import ConfigError
+from aiplatform.core.schemas import EVENT_TYPES
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas)")
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker")
+    batch_size: int = Field(512, ge=2, description="Examples per step per worker (in-batch negatives)")
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(3e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0)
+    dim: int = Field(64, ge=4, le=1024, description="Embedding size of both towers")
+    temperature: float = Field(0.05, gt=0, le=10.0, description="Softmax temperature on cosine logits")
+    price_buckets: int = Field(10, ge=1, le=1000, description="Quantile buckets of item price")
+    seed: int = Field(0, ge=0)
+    holdout_days: int = Field(7, ge=1, description="Days at the end of the event log held out for evaluation")
+    min_event_type: str = Field("view", description="Weakest event type that becomes a training target")
+    global_shuffle: bool = Field(
+        True, description="Shuffle all examples each epoch (else only a local buffer per worker)"
+    )
+    shuffle_buffer: int = Field(4096, ge=0, description="Per-worker local shuffle buffer (rows); 0 = off")
+    max_failures: int = Field(0, ge=-1, description="Worker-failure restarts from the last checkpoint")
+    eval_k: int = Field(10, ge=1, description="k of recall@k / ndcg@k")
+
+    def __init__(self, **values: Any) -> None:
+        # Construction from code, YAML or a dict all fail the same way: a ConfigError naming the field.
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from exc
+
+    @field_validator("min_event_type")
+    @classmethod
+    def _known_event_type(cls, v: str) -> str:
+        if v not in EVENT_TYPES:
+            raise ValueError(f"must be one of {', '.join(EVENT_TYPES)}")
+        return v
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "TrainConfig":
+        """Validate a mapping; a ``ConfigError`` names every bad field and what it expects."""
+        return cls(**(values or {}))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        """Read a YAML mapping (either the fields themselves or under a ``train:`` key)."""
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read training config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of training settings, got {type(data).__name__}")
+        if isinstance(data.get("train"), dict):
+            data = data["train"]
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(x) for x in err.get("loc", ())) or "(config)"
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown setting; valid ones are " + ", ".join(TrainConfig.model_fields)
+        parts.append(f"training config field '{field}': {msg} (got {err.get('input')!r})")
+    return "; ".join(parts)

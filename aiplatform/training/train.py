@@ -1,0 +1,368 @@
+"""Distributed training of the two-tower model with Ray Train (V2) and Ray Data ingest.
+
+Flow: the driver builds the item vocabulary, encodes the examples into model inputs with a
+Ray Data ``map_batches`` (so workers receive ready-to-use integer/float columns, never pandas
+frames), and hands the dataset to a ``TorchTrainer``. Each worker reads its shard with
+``iter_torch_batches``; rank 0 writes a checkpoint per epoch that is itself a loadable model
+artifact (``save_artifact``), so the registry can publish a checkpoint without converting it.
+
+The run lives under ``RunConfig(storage_path=runs_dir, name=run_name)``; a restarted worker
+group (``max_failures``) resumes from the last checkpoint, optimizer state included.
+"""
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from aiplatform.core.errors import ConfigError, DataValidationError
+from aiplatform.core.schemas import EVENT_TYPES
+from aiplatform.core.storage import is_uri
+from aiplatform.features.definitions import COUNT_COLUMNS
+from aiplatform.models.two_tower import (
+    ItemVocab,
+    TwoTowerModel,
+    encode_counts,
+    load_artifact,
+    read_extra,
+    save_artifact,
+)
+from aiplatform.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+EVENT_RANK: dict[str, int] = {t: i for i, t in enumerate(EVENT_TYPES)}
+"""Funnel depth of each event type; unknown types rank as ``view`` (DESIGN.md)."""
+EXAMPLE_COLUMNS: tuple[str, ...] = ("item_id", "event_type", "last_items", *COUNT_COLUMNS)
+"""Columns of the feature layer's training examples that training reads."""
+OPTIMIZER_FILE = "optimizer.pt"
+ENCODE_BATCH_SIZE = 4096
+
+
+@dataclass
+class TrainResult:
+    model: TwoTowerModel
+    vocab: ItemVocab
+    checkpoint_path: str
+    history: list[dict]
+    params: dict
+    duration_s: float
+
+
+# ---- data: examples -> model inputs ------------------------------------------------------------
+class ExampleEncoder:
+    """Ray Data UDF: example rows -> ``hist`` [B, L] int64, ``dense`` [B, 12] float32, ``item`` int64.
+
+    Rows whose event is weaker than ``min_event_type`` or whose target item is not in the
+    catalogue are dropped here, once, instead of being skipped in every worker every epoch.
+    An instance (not a class) is passed to ``map_batches``, so it runs in plain tasks and
+    holds no CPU between epochs; the vocabulary travels with it once per task.
+    """
+
+    def __init__(self, vocab: ItemVocab, min_event_type: str = "view") -> None:
+        self.vocab = vocab
+        self.min_rank = EVENT_RANK[min_event_type]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [c for c in EXAMPLE_COLUMNS if c not in batch]
+        if missing:
+            raise ValueError(f"training examples lack column(s) {missing}; expected {list(EXAMPLE_COLUMNS)}")
+        rank = pd.Series(batch["event_type"], dtype=object).map(EVENT_RANK).fillna(0).to_numpy()
+        item = self.vocab.indices(batch["item_id"])
+        keep = (rank >= self.min_rank) & (item > 0)
+        last_items = [x for x, k in zip(batch["last_items"], keep, strict=True) if k]
+        counts = np.stack([np.asarray(batch[c], dtype="float32") for c in COUNT_COLUMNS], axis=1)[keep]
+        return {
+            "hist": self.vocab.encode_history(last_items),
+            "dense": encode_counts(counts),
+            "item": item[keep],
+        }
+
+
+def encode_examples(
+    examples: "ray.data.Dataset", vocab: ItemVocab, config: TrainConfig
+) -> "ray.data.Dataset":
+    """The lazily encoded (and, if configured, globally shuffled) training dataset."""
+    import ray.data
+
+    ds = examples.map_batches(
+        ExampleEncoder(vocab, config.min_event_type),
+        batch_format="numpy",
+        batch_size=ENCODE_BATCH_SIZE,
+        compute=ray.data.TaskPoolStrategy(),
+    )
+    if config.global_shuffle:
+        # A new, reproducible order each epoch: every epoch re-executes the dataset and
+        # reseed_after_execution derives that execution's seed from config.seed.
+        ds = ds.random_shuffle(seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
+    return ds
+
+
+def _check_examples(examples: "ray.data.Dataset") -> None:
+    schema = examples.schema()
+    names = set(schema.names) if schema is not None else set()
+    missing = [c for c in EXAMPLE_COLUMNS if c not in names]
+    if schema is not None and missing:
+        raise DataValidationError(
+            "training examples",
+            f"missing column(s) {', '.join(missing)}",
+            expected="the columns produced by the feature pipeline: " + ", ".join(EXAMPLE_COLUMNS),
+        )
+
+
+# ---- the per-worker loop ----------------------------------------------------------------------
+def _worker_logger() -> logging.Logger:
+    """A logger whose INFO lines reach the worker's stdout (and the driver when it forwards logs)."""
+    wlog = logging.getLogger("aiplatform.training.worker")
+    if not wlog.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        wlog.addHandler(handler)
+        wlog.setLevel(logging.INFO)
+        wlog.propagate = False
+    return wlog
+
+
+def _no_buffer_sync_kwargs() -> dict[str, bool]:
+    """DDP kwargs that skip the per-forward buffer broadcast (the argument was renamed in torch 2.13)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
+    """Runs on every Ray Train worker. Everything it needs comes in ``loop_config``."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = TrainConfig(**loop_config["train_config"])
+    vocab = ItemVocab.from_dict(ray.get(loop_config["vocab_ref"]))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    wlog = _worker_logger()
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    _seed_everything(cfg.seed)
+
+    model = TwoTowerModel(**vocab.model_kwargs(), dim=cfg.dim, temperature=cfg.temperature)
+    optimizer_state = None
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            # Continue the same model: its vocabulary, not one rebuilt from today's catalogue.
+            model, vocab = load_artifact(d)
+            extra = read_extra(d)
+            start_epoch, history = int(extra.get("epoch", 0)), list(extra.get("history", []))
+            opt_path = Path(d) / OPTIMIZER_FILE
+            if opt_path.is_file():
+                optimizer_state = torch.load(opt_path, map_location="cpu", weights_only=True)
+        wlog.info("resuming from epoch %d", start_epoch)
+
+    # The lookup buffers never change: broadcasting them every step would be pure overhead.
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=_no_buffer_sync_kwargs())
+    base = model.module if isinstance(model, DistributedDataParallel) else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    shard = ray.train.get_dataset_shard("train")
+    device = ray.train.torch.get_device()
+    device = device[0] if isinstance(device, list) else device
+    for epoch in range(start_epoch, cfg.epochs):
+        _seed_everything(cfg.seed + 1000 * epoch + rank)
+        model.train()
+        started = time.perf_counter()
+        loss_sum, n_rows, steps = 0.0, 0, 0
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            dtypes={"hist": torch.long, "dense": torch.float32, "item": torch.long},
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed + 1000 * epoch + rank) if cfg.shuffle_buffer else None,
+        )
+        # Join lets ranks with fewer batches finish without hanging the others' all-reduces.
+        joined = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+        with joined:
+            for batch in batches:
+                size = len(batch["item"])
+                if size < 2:  # a single row has no in-batch negative
+                    continue
+                loss = model(batch["hist"], batch["dense"], batch["item"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * size
+                n_rows += size
+                steps += 1
+        elapsed = time.perf_counter() - started
+        # On the training device: NCCL (GPU training) cannot all-reduce CPU tensors.
+        totals = torch.tensor([loss_sum, float(n_rows)], dtype=torch.float64, device=device)
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        total_loss, total_rows = float(totals[0].item()), int(totals[1].item())
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": total_loss / total_rows if total_rows else float("nan"),
+            "samples": total_rows,
+            "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0,
+            "steps_per_worker": steps,
+            "epoch_s": elapsed,
+        }
+        history.append(metrics)
+        dir_name = f"epoch_{epoch + 1:04d}"
+        if rank == 0:
+            wlog.info(
+                "epoch %d/%d loss=%.4f samples=%d samples/s=%.0f",
+                epoch + 1, cfg.epochs, metrics["loss"], total_rows, metrics["samples_per_s"],
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                save_artifact(base, vocab, tmp, extra={"epoch": epoch + 1, "metrics": metrics, "history": history})
+                torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+                ray.train.report(
+                    metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name
+                )
+        else:
+            # report() is a barrier: every rank calls it, only rank 0 brings a checkpoint.
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=dir_name)
+    return history
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+def _resolve_use_gpu(config: TrainConfig) -> bool:
+    """``use_gpu=None``: GPUs only when the cluster has one per worker (else workers never start)."""
+    import ray
+
+    if config.use_gpu is not None:
+        return config.use_gpu
+    return ray.cluster_resources().get("GPU", 0) >= config.num_workers
+
+
+def _vocab_of_existing_run(storage_path: str, run_name: str) -> ItemVocab | None:
+    """The vocabulary of the latest checkpoint of ``run_name``, if that run exists."""
+    import ray.train
+
+    try:
+        previous = ray.train.Result.from_path(storage_path.rstrip("/") + "/" + run_name)
+    except RuntimeError:  # no such run (or never checkpointed): a fresh start
+        return None
+    if previous.checkpoint is None:
+        return None
+    with previous.checkpoint.as_directory() as d:
+        _, vocab = load_artifact(d)
+    log.info("resuming run %s from %s", run_name, previous.checkpoint.path)
+    return vocab
+
+
+def train_two_tower(
+    examples: "ray.data.Dataset",
+    items: pd.DataFrame,
+    config: TrainConfig,
+    runs_dir: str,
+    run_name: str,
+) -> TrainResult:
+    """Train the two-tower model on ``examples`` and return the final checkpoint's model.
+
+    ``runs_dir`` is the Ray Train storage path (local or ``s3://``/``gs://``); checkpoints go to
+    ``<runs_dir>/<run_name>/epoch_NNNN`` and the two most recent are kept. Calling again with
+    an existing ``run_name`` *resumes* that run from its latest checkpoint (Ray Train V2
+    behaviour), up to ``config.epochs``; pass a new ``run_name`` for a fresh model.
+
+    Raises ``DataValidationError`` when no example can be trained on (no target item in the
+    catalogue at ``min_event_type`` or above) and ``ray.train.TrainingFailedError`` when a
+    worker fails more often than ``config.max_failures``.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():
+        raise ConfigError("RAY_TRAIN_V2_ENABLED=0 is not supported: unset it to use Ray Train V2")
+    started = time.perf_counter()
+    storage_path = runs_dir if is_uri(runs_dir) else str(Path(runs_dir).expanduser().resolve())
+    # A resumed run keeps its vocabulary, so examples are encoded as its weights expect.
+    vocab = _vocab_of_existing_run(storage_path, run_name) or ItemVocab.from_items(
+        items, n_price_buckets=config.price_buckets
+    )
+    if vocab.n_items < 2:
+        raise DataValidationError("items", f"{vocab.n_items} item(s) in the catalogue", column="item_id",
+                                  expected="at least 2 distinct item ids")
+    _check_examples(examples)
+    use_gpu = _resolve_use_gpu(config)
+
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"train_config": config.model_dump(), "vocab_ref": ray.put(vocab.to_dict())},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            storage_path=storage_path,
+            name=run_name,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+        ),
+        datasets={"train": encode_examples(examples, vocab, config)},
+    )
+    log.info("training %s: %d workers, gpu=%s, %d epochs, %d items", run_name, config.num_workers,
+             use_gpu, config.epochs, vocab.n_items)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} finished without a checkpoint (no epoch completed)")
+
+    with result.checkpoint.as_directory() as d:
+        model, vocab = load_artifact(d)
+        extra = read_extra(d)
+    history = result.return_value or extra.get("history") or []
+    if history and all(h["samples"] == 0 for h in history):
+        raise DataValidationError(
+            "training examples",
+            f"no example has a target item in the catalogue and an event of at least "
+            f"'{config.min_event_type}'",
+            column="item_id",
+            hint="Check that the items file covers the events' item ids, or lower min_event_type",
+        )
+    for m in history:
+        log.info("epoch %d loss=%.4f samples/s=%.0f", m["epoch"], m["loss"], m["samples_per_s"])
+    params = {
+        **config.model_dump(),
+        "use_gpu": use_gpu,
+        "run_name": run_name,
+        "n_items": vocab.n_items,
+        "n_categories": vocab.n_categories,
+        "n_price_buckets": vocab.n_price_buckets,
+        "model_config": {k: v for k, v in model.config().items() if k not in ("item_category", "item_price_bucket")},
+    }
+    return TrainResult(
+        model=model,
+        vocab=vocab,
+        checkpoint_path=result.checkpoint.path,
+        history=list(history),
+        params=params,
+        duration_s=time.perf_counter() - started,
+    )

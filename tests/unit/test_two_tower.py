@@ -1,0 +1,239 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from aiplatform.core.errors import ConfigError
+from aiplatform.features.definitions import COUNT_COLUMNS, HISTORY_LEN
+from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, load_artifact, save_artifact
+from aiplatform.training.config import TrainConfig
+
+
+@pytest.fixture()
+def items() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "item_id": ["i3", "i1", "i2", "i4", "i1"],  # unsorted, with a duplicate id
+            "title": ["c", "a", "b", None, "dup"],
+            "category": ["shoes", "books", None, "shoes", "ignored"],
+            "price": [30.0, 10.0, np.nan, 5.0, 99.0],
+        }
+    )
+
+
+def _model(vocab: ItemVocab, **kw) -> TwoTowerModel:
+    torch.manual_seed(0)
+    return TwoTowerModel(**vocab.model_kwargs(), dim=kw.pop("dim", 16), **kw)
+
+
+def test_vocab_indices_unknown_and_round_trip(items):
+    vocab = ItemVocab.from_items(items)
+    assert vocab.item_ids == ["i1", "i2", "i3", "i4"]  # first row of a duplicate wins, sorted
+    assert vocab.index("i1") == 1 and vocab.index("i4") == 4
+    assert vocab.index("nope") == 0
+    assert vocab.indices(["i2", "x", "i3"]).tolist() == [2, 0, 3]
+    assert vocab.indices([]).dtype == np.int64
+    # category: books=1, shoes=2, missing=0; the duplicate's "ignored" category is not used
+    assert vocab.categories == ["books", "shoes"]
+    assert vocab.item_category == [0, 1, 0, 2, 2]
+    assert len(vocab.item_price_bucket) == vocab.n_items + 1
+    assert vocab.item_price_bucket[2] == 0  # missing price -> unknown bucket
+    # cheaper items never land in a higher bucket
+    assert vocab.item_price_bucket[4] <= vocab.item_price_bucket[1] <= vocab.item_price_bucket[3]
+
+    restored = ItemVocab.from_dict(json.loads(json.dumps(vocab.to_dict())))
+    assert restored == vocab
+    assert restored.indices(["i4", "zz"]).tolist() == [4, 0]
+
+
+def test_vocab_from_dict_rejects_inconsistent_lengths(items):
+    d = ItemVocab.from_items(items).to_dict()
+    d["item_category"] = d["item_category"][:-1]
+    with pytest.raises(ValueError, match="n_items"):
+        ItemVocab.from_dict(d)
+
+
+def test_encode_users_pads_truncates_and_logs_counts(items):
+    vocab = ItemVocab.from_items(items)
+    long_history = ["i1", "i2", "i3", "i4"] * 10  # 40 items, most recent first
+    counts = np.zeros((4, len(COUNT_COLUMNS)), dtype="float32")
+    counts[0, 0] = np.e - 1
+    counts[1, 1] = np.nan
+    counts[2, 2] = -3.0
+    hist, dense = vocab.encode_users([["i2", "ghost", "i4"], [], None, long_history], counts)
+
+    assert hist.dtype == torch.long and hist.shape == (4, HISTORY_LEN)
+    assert hist[0, :2].tolist() == [2, 4] and hist[0, 2:].eq(0).all()  # unknown dropped, then 0-padded
+    assert hist[1].eq(0).all() and hist[2].eq(0).all()
+    assert hist[3].tolist() == [1, 2, 3, 4] * 5  # the first HISTORY_LEN (most recent) are kept
+
+    assert dense.dtype == torch.float32 and dense.shape == (4, len(COUNT_COLUMNS))
+    assert dense[0, 0].item() == pytest.approx(1.0)
+    assert dense[1, 1].item() == 0.0 and dense[2, 2].item() == 0.0  # NaN and negatives -> 0
+
+    with pytest.raises(ValueError, match="columns"):
+        vocab.encode_users([["i1"]], np.zeros((1, 3)))
+
+
+def test_embeddings_are_normalised_and_padding_history_is_safe(items):
+    vocab = ItemVocab.from_items(items)
+    model = _model(vocab)
+    hist, dense = vocab.encode_users([[], ["i1"]], np.zeros((2, len(COUNT_COLUMNS))))
+    u = model.user_embedding(hist, dense)
+    v = model.item_embedding(torch.arange(vocab.n_items + 1))
+    assert torch.isfinite(u).all()
+    assert torch.allclose(u.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(v.norm(dim=1), torch.ones(vocab.n_items + 1), atol=1e-5)
+    # history is mean-pooled over real items only: padding length does not change the result
+    h1 = torch.zeros(1, HISTORY_LEN, dtype=torch.long)
+    h1[0, 0] = 3
+    h2 = h1.clone()
+    h2[0, 1] = 3
+    d = torch.zeros(1, len(COUNT_COLUMNS))
+    assert torch.allclose(model.user_embedding(h1, d), model.user_embedding(h2, d), atol=1e-6)
+
+
+def _toy_batch(n_users: int = 64, n_items: int = 40, n_cats: int = 4, seed: int = 0):
+    """Users whose history and target are in the same category."""
+    rng = np.random.default_rng(seed)
+    items = pd.DataFrame(
+        {
+            "item_id": [f"it{i:03d}" for i in range(n_items)],
+            "category": [f"c{i % n_cats}" for i in range(n_items)],
+            "price": rng.uniform(1, 100, n_items),
+        }
+    )
+    vocab = ItemVocab.from_items(items)
+    by_cat = {c: items.loc[items["category"] == c, "item_id"].tolist() for c in items["category"].unique()}
+    cats = rng.choice(sorted(by_cat), size=n_users)
+    hists = [list(rng.choice(by_cat[c], size=5)) for c in cats]
+    targets = [rng.choice(by_cat[c]) for c in cats]
+    hist, dense = vocab.encode_users(hists, rng.poisson(2, (n_users, len(COUNT_COLUMNS))))
+    return vocab, hist, dense, torch.from_numpy(vocab.indices(targets))
+
+
+def test_loss_decreases_on_a_toy_batch():
+    vocab, hist, dense, target = _toy_batch()
+    model = _model(vocab, dim=16, temperature=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = model.loss(hist, dense, target).item()
+    for _ in range(60):
+        loss = model.loss(hist, dense, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = model.loss(hist, dense, target).item()
+    assert np.isfinite(first) and last < 0.5 * first
+    assert model(hist, dense, target).item() == pytest.approx(last)  # forward is the loss (for DDP)
+
+
+def test_duplicate_positives_are_not_negatives(items):
+    vocab = ItemVocab.from_items(items)
+    model = _model(vocab, temperature=0.05)
+    hist = torch.zeros(3, HISTORY_LEN, dtype=torch.long)
+    hist[:, 0] = torch.tensor([1, 2, 3])
+    dense = torch.zeros(3, len(COUNT_COLUMNS))
+    # Rows 0 and 1 share the positive item 4; only row 2's item 2 is a true negative for them.
+    target = torch.tensor([4, 4, 2])
+    got = model.loss(hist, dense, target)
+
+    u = model.user_embedding(hist, dense)
+    v = model.item_embedding(target)
+    logits = (u @ v.T) / 0.05
+    expected = torch.stack(
+        [
+            -torch.log_softmax(logits[0, [0, 2]], 0)[0],  # row 0: positive col 0, negative col 2
+            -torch.log_softmax(logits[1, [1, 2]], 0)[0],  # row 1: positive col 1, negative col 2
+            -torch.log_softmax(logits[2], 0)[2],  # row 2: every other column is a negative
+        ]
+    ).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # Without masking the duplicate would count as a negative and the loss would differ.
+    unmasked = torch.nn.functional.cross_entropy(logits, torch.arange(3))
+    assert abs(unmasked.item() - got.item()) > 1e-4
+
+
+def test_all_duplicates_batch_has_finite_zero_loss(items):
+    vocab = ItemVocab.from_items(items)
+    model = _model(vocab)
+    hist = torch.zeros(4, HISTORY_LEN, dtype=torch.long)
+    loss = model.loss(hist, torch.zeros(4, len(COUNT_COLUMNS)), torch.tensor([3, 3, 3, 3]))
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_save_load_artifact_gives_identical_embeddings(items, tmp_path):
+    vocab = ItemVocab.from_items(items)
+    model = _model(vocab, dim=8, temperature=0.2)
+    with torch.no_grad():  # move away from the seeded init so a fresh model would differ
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_artifact(model, vocab, str(tmp_path / "a"), extra={"epoch": 3})
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "extra.json", "model.pt", "model_config.json", "vocab.json"
+    ]
+    loaded, loaded_vocab = load_artifact(str(tmp_path / "a"))
+    assert not loaded.training
+    assert loaded_vocab == vocab
+    assert loaded.config() == model.config()
+    assert json.loads((tmp_path / "a" / "extra.json").read_text()) == {"epoch": 3}
+
+    model.eval()
+    hist, dense = vocab.encode_users([["i1", "i3"], []], np.ones((2, len(COUNT_COLUMNS))))
+    idx = torch.arange(vocab.n_items + 1)
+    with torch.no_grad():
+        assert torch.equal(model.item_embedding(idx), loaded.item_embedding(idx))
+        assert torch.equal(model.user_embedding(hist, dense), loaded.user_embedding(hist, dense))
+
+
+def test_load_artifact_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_artifact(str(tmp_path))
+
+
+def test_train_config_validation_names_field(tmp_path):
+    cfg = TrainConfig()
+    assert cfg.num_workers == 2 and cfg.use_gpu is None and cfg.min_event_type == "view"
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=1)
+    with pytest.raises(ConfigError, match="min_event_type"):
+        TrainConfig(min_event_type="like")
+    with pytest.raises(ConfigError, match="epcohs"):
+        TrainConfig.from_dict({"epcohs": 3})
+
+    good = tmp_path / "train.yaml"
+    good.write_text("train:\n  epochs: 5\n  lr: 0.01\n  min_event_type: click\n")
+    loaded = TrainConfig.from_yaml(good)
+    assert (loaded.epochs, loaded.lr, loaded.min_event_type) == (5, 0.01, "click")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("temperature: -1\n")
+    with pytest.raises(ConfigError, match="temperature"):
+        TrainConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_example_encoder_filters_targets_and_encodes(items):
+    from aiplatform.training.train import ExampleEncoder
+
+    vocab = ItemVocab.from_items(items)
+    batch = {
+        "user_id": np.array(["u1", "u1", "u2", "u3"], dtype=object),
+        "item_id": np.array(["i1", "i2", "gone", "i3"], dtype=object),
+        "event_type": np.array(["view", "purchase", "purchase", "wishlist"], dtype=object),
+        "last_items": np.array([np.array([]), np.array(["i1"]), np.array(["i2"]), np.array(["i4", "i1"])],
+                               dtype=object),
+        **{c: np.full(4, 1.0, dtype="float32") for c in COUNT_COLUMNS},
+    }
+    every = ExampleEncoder(vocab, "view")(batch)
+    # the unknown target item is dropped; an unknown event type counts as a view
+    assert every["item"].tolist() == [1, 2, 3]
+    assert every["hist"].shape == (3, HISTORY_LEN) and every["hist"][2, :2].tolist() == [4, 1]
+    assert every["dense"].shape == (3, len(COUNT_COLUMNS)) and every["dense"].dtype == np.float32
+    purchases = ExampleEncoder(vocab, "purchase")(batch)
+    assert purchases["item"].tolist() == [2]
+    assert purchases["hist"][0, 0] == 1
+    with pytest.raises(ValueError, match="last_items"):
+        ExampleEncoder(vocab)({k: v for k, v in batch.items() if k != "last_items"})
