@@ -1,8 +1,8 @@
-"""The `aiplatform` command.
+"""aiplatform: features, training, a model registry, vector retrieval and serving on one Ray cluster.
 
-Start with `aiplatform quickstart`: it runs every stage on this machine and leaves a
-recommendation API running at http://127.0.0.1:8000. The other commands run one stage each,
-against the storage root in $AIPLATFORM_HOME (default ./.aiplatform).
+Start with [bold]aiplatform quickstart[/]: it runs every stage on this machine and leaves a recommendation API running at http://127.0.0.1:8000 (OpenAPI page at /docs).
+
+The other commands run one stage each, against the storage root in $AIPLATFORM_HOME (default ./.aiplatform) or --home.
 """
 
 import sys

@@ -49,9 +49,10 @@ def _to_us(ts: pd.Timestamp) -> int:
     return int(utc(ts).value) // 1000  # Timestamp.value is always nanoseconds
 
 
-def _partitions(events: "ray.data.Dataset") -> int:  # noqa: F821
-    """Shuffle partitions: Ray's default (hundreds) costs more in task overhead than it saves
-    on small data; about one partition per 250k events, at least 2 so both cores work."""
+def _buckets(events: "ray.data.Dataset") -> int:  # noqa: F821
+    """How many entity buckets to group into: about one per 250k events, at least 2 so both
+    cores work, at most 4 per CPU. Few large groups keep the per-call overhead of Ray Data
+    negligible; the functions in ``compute`` are vectorised over a whole bucket."""
     import ray
 
     rows = events.count()
@@ -59,15 +60,37 @@ def _partitions(events: "ray.data.Dataset") -> int:  # noqa: F821
     return max(2, min(cpus * 4, rows // 250_000 + 1))
 
 
-def _user_rows(group: pd.DataFrame, as_of_us: int) -> pd.DataFrame:
-    row = compute.user_context(group, np.array([as_of_us], dtype=np.int64))
-    row.insert(0, "user_id", group["user_id"].iloc[0])
-    row["as_of"] = pd.Timestamp(as_of_us, unit="us", tz="UTC")
-    return row
+def _with_bucket(batch: pd.DataFrame, key: str, buckets: int) -> pd.DataFrame:
+    # A stable hash (same on every node and run), so an entity's rows all land in one bucket.
+    batch["_bucket"] = (pd.util.hash_array(batch[key].to_numpy(dtype=object)) % buckets).astype(np.int64)
+    return batch
 
 
-def _item_rows(group: pd.DataFrame, as_of_us: int) -> pd.DataFrame:
-    out = compute.item_counts_at(group, pd.Timestamp(as_of_us, unit="us", tz="UTC"))
+def _group_by_entity(events: "ray.data.Dataset", key: str, fn, **kwargs) -> "ray.data.Dataset":  # noqa: F821
+    """Apply ``fn(frame_of_whole_entities, **kwargs)`` to hash buckets of ``key``: every entity's
+    events are in exactly one call, so point-in-time features see the whole history."""
+    buckets = _buckets(events)
+    return (
+        events.map_batches(_with_bucket, fn_kwargs={"key": key, "buckets": buckets}, batch_format="pandas")
+        .groupby("_bucket", num_partitions=buckets)
+        .map_groups(_drop_bucket_then(fn), fn_kwargs=kwargs, batch_format="pandas")
+    )
+
+
+def _drop_bucket_then(fn):
+    def call(frame: pd.DataFrame, **kwargs) -> pd.DataFrame:
+        return fn(frame.drop(columns="_bucket"), **kwargs)
+
+    call.__name__ = getattr(fn, "__name__", "features")
+    return call
+
+
+def _user_rows(events: pd.DataFrame, as_of_us: int) -> pd.DataFrame:
+    return compute.user_features_at(events, pd.Timestamp(as_of_us, unit="us", tz="UTC"))
+
+
+def _item_rows(events: pd.DataFrame, as_of_us: int) -> pd.DataFrame:
+    out = compute.item_counts_at(events, pd.Timestamp(as_of_us, unit="us", tz="UTC"))
     out["as_of"] = pd.Timestamp(as_of_us, unit="us", tz="UTC")
     return out
 
@@ -78,8 +101,7 @@ def user_features_dataset(events: "ray.data.Dataset", as_of: pd.Timestamp,  # no
     if users is not None:
         wanted = set(users)
         events = events.filter(lambda r: r["user_id"] in wanted)
-    return events.groupby("user_id", num_partitions=_partitions(events)).map_groups(
-        _user_rows, fn_kwargs={"as_of_us": _to_us(as_of)}, batch_format="pandas")
+    return _group_by_entity(events, "user_id", _user_rows, as_of_us=_to_us(as_of))
 
 
 def build_training_examples(events: "ray.data.Dataset", start: pd.Timestamp, end: pd.Timestamp,  # noqa: F821
@@ -89,11 +111,8 @@ def build_training_examples(events: "ray.data.Dataset", start: pd.Timestamp, end
     Every event before ``end`` is visible as history, none after: no leakage from the
     validation period into training.
     """
-    return events.groupby("user_id", num_partitions=_partitions(events)).map_groups(
-        compute.training_examples_for_user,
-        fn_kwargs={"start_us": _to_us(start), "end_us": _to_us(end), "target_types": tuple(target_types)},
-        batch_format="pandas",
-    )
+    return _group_by_entity(events, "user_id", compute.training_examples,
+                            start_us=_to_us(start), end_us=_to_us(end), target_types=tuple(target_types))
 
 
 def _write_lance(ds: "ray.data.Dataset", path: str) -> int:  # noqa: F821
@@ -140,8 +159,7 @@ def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None) -> F
     as_of_us = _to_us(as_of)
     Path(layout.features).mkdir(parents=True, exist_ok=True)
     users = user_features_dataset(events, as_of).materialize()
-    items = events.groupby("item_id", num_partitions=_partitions(events)).map_groups(
-        _item_rows, fn_kwargs={"as_of_us": as_of_us}, batch_format="pandas").materialize()
+    items = _group_by_entity(events, "item_id", _item_rows, as_of_us=as_of_us).materialize()
     versions = {
         user_activity.name: _write_lance(users, layout.feature_table(user_activity.name)),
         item_popularity.name: _write_lance(items, layout.feature_table(item_popularity.name)),

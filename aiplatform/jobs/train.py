@@ -26,6 +26,7 @@ from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.data import lake
 from aiplatform.features import pipeline as features
+from aiplatform.features.compute import user_features_at
 from aiplatform.registry.registry import ModelRegistry, ModelVersion
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import evaluate_model, popularity_ranking, split_by_time
@@ -77,11 +78,14 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     n_examples = examples.count()
     if n_examples == 0:
         raise UserInputError("no training examples before the cutoff: bring more events")
+    log.info("%d training examples before %s; %d validation users", n_examples, cutoff, len(truth))
     run_name = f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train_two_tower(examples, items, config, layout.runs, run_name)
 
     eval_started = time.perf_counter()
-    context = features.user_features_dataset(events, boundary, users=sorted(truth)).to_pandas()
+    # The validation users' features at the cutoff: the same function the pipeline runs on
+    # Ray Data, here on the driver's copy of the events (small next to the training set).
+    context = user_features_at(train_events[train_events["user_id"].isin(truth)], boundary)
     popular = popularity_ranking(train_events)
     metrics = evaluate_model(result.model, result.vocab, context, truth, popular, k=config.eval_k)
     eval_seconds = time.perf_counter() - eval_started

@@ -275,6 +275,9 @@ class TwoTowerModel(nn.Module):
         # Lookup tables, not parameters; rebuilt from the config, so not stored in state_dict.
         self.register_buffer("item_category", torch.tensor(item_category, dtype=torch.long), persistent=False)
         self.register_buffer("item_price_bucket", torch.tensor(item_price_bucket, dtype=torch.long), persistent=False)
+        # log of each item's sampling probability among training targets (logQ correction);
+        # zeros (no correction) until set_item_frequencies() is called. Training-only state.
+        self.register_buffer("log_q", torch.zeros(n_items + 1), persistent=False)
 
         self.dense_mlp = nn.Sequential(nn.Linear(n_dense, dense_dim), nn.ReLU())
         self.user_mlp = _mlp(dim + cat_dim + dense_dim, 2 * dim, dim)
@@ -302,17 +305,31 @@ class TwoTowerModel(nn.Module):
         x = torch.cat([self._item_features(item_idx), self.price_emb(self.item_price_bucket[item_idx])], dim=-1)
         return F.normalize(self.item_mlp(x), dim=-1)
 
+    def set_item_frequencies(self, counts: "np.ndarray | list[float]") -> None:
+        """Enable the logQ correction from how often each item index is a training target.
+
+        In-batch negatives are drawn in proportion to popularity, so without the correction
+        the model learns popularity-discounted scores and under-recommends popular items
+        (Yi et al., 2019). Add-one smoothing keeps unseen items finite.
+        """
+        c = torch.as_tensor(np.asarray(counts, dtype=np.float64) + 1.0)
+        if c.shape[0] != self.log_q.shape[0]:
+            raise ValueError(f"need {self.log_q.shape[0]} counts (one per item index), got {c.shape[0]}")
+        self.log_q.copy_(torch.log(c / c.sum()).to(self.log_q.dtype))
+
     def loss(self, hist: Tensor, dense: Tensor, item_idx: Tensor) -> Tensor:
         """In-batch sampled softmax: each user's positive against the other rows' items.
 
-        Logits are cosine similarities divided by ``temperature``. When the same item is the
-        positive of several rows, those other copies are masked out of each row's negatives:
-        otherwise the model would be pushed away from an item the user did interact with.
+        Logits are cosine similarities divided by ``temperature``, minus log q(item) (the
+        logQ correction; zero unless ``set_item_frequencies`` was called). When the same item
+        is the positive of several rows, those other copies are masked out of each row's
+        negatives: otherwise the model would be pushed away from an item the user did
+        interact with.
         """
         item_idx = item_idx.long().reshape(-1)
         u = self.user_embedding(hist, dense)
         v = self.item_embedding(item_idx)
-        logits = (u @ v.T) / self.temperature
+        logits = (u @ v.T) / self.temperature - self.log_q[item_idx].unsqueeze(0)
         same = item_idx.unsqueeze(0) == item_idx.unsqueeze(1)
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))

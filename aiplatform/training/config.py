@@ -26,6 +26,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     dim: int = Field(64, ge=4, le=1024, description="Embedding size of both towers")
     temperature: float = Field(0.05, gt=0, le=10.0, description="Softmax temperature on cosine logits")
+    logq_correction: bool = Field(True, description="Subtract log item frequency from in-batch logits (Yi et al., 2019)")
     price_buckets: int = Field(10, ge=1, le=1000, description="Quantile buckets of item price")
     seed: int = Field(0, ge=0)
     holdout_days: int = Field(7, ge=1, description="Days at the end of the event log held out for evaluation")

@@ -110,6 +110,33 @@ def encode_examples(
     return ds
 
 
+class _TargetCounter:
+    """Ray Data UDF: how often each item index is a (kept) training target, per batch."""
+
+    def __init__(self, vocab: ItemVocab, min_event_type: str) -> None:
+        self.vocab, self.min_rank = vocab, EVENT_RANK[min_event_type]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rank = pd.Series(batch["event_type"], dtype=object).map(EVENT_RANK).fillna(0).to_numpy()
+        item = self.vocab.indices(batch["item_id"])
+        item = item[(rank >= self.min_rank) & (item > 0)]
+        return {"counts": np.bincount(item, minlength=self.vocab.n_items + 1)[None, :]}
+
+
+def item_frequencies(examples: "ray.data.Dataset", vocab: ItemVocab, config: TrainConfig) -> np.ndarray:
+    """Target counts per item index (for the logQ correction), summed over the cluster: only
+    one vector per batch comes back to the driver, never the examples."""
+    import ray.data
+
+    counts = examples.select_columns(["item_id", "event_type"]).map_batches(
+        _TargetCounter(vocab, config.min_event_type), batch_format="numpy",
+        batch_size=ENCODE_BATCH_SIZE, compute=ray.data.TaskPoolStrategy())
+    total = np.zeros(vocab.n_items + 1, dtype=np.int64)
+    for batch in counts.iter_batches(batch_format="numpy", batch_size=None):
+        total += np.asarray(batch["counts"]).sum(axis=0)
+    return total
+
+
 def _check_examples(examples: "ray.data.Dataset") -> None:
     schema = examples.schema()
     names = set(schema.names) if schema is not None else set()
@@ -168,6 +195,8 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     _seed_everything(cfg.seed)
 
     model = TwoTowerModel(**vocab.model_kwargs(), dim=cfg.dim, temperature=cfg.temperature)
+    if loop_config.get("item_counts_ref") is not None:
+        model.set_item_frequencies(ray.get(loop_config["item_counts_ref"]))
     optimizer_state = None
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -315,7 +344,11 @@ def train_two_tower(
 
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"train_config": config.model_dump(), "vocab_ref": ray.put(vocab.to_dict())},
+        train_loop_config={
+            "train_config": config.model_dump(),
+            "vocab_ref": ray.put(vocab.to_dict()),
+            "item_counts_ref": ray.put(item_frequencies(examples, vocab, config)) if config.logq_correction else None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=use_gpu,

@@ -237,3 +237,28 @@ def test_example_encoder_filters_targets_and_encodes(items):
     assert purchases["hist"][0, 0] == 1
     with pytest.raises(ValueError, match="last_items"):
         ExampleEncoder(vocab)({k: v for k, v in batch.items() if k != "last_items"})
+
+
+def test_logq_correction_changes_the_loss_and_checks_its_input():
+    """With frequencies set, popular targets are discounted: the loss differs from the
+    uncorrected one on the same batch, and a wrong-length vector is refused."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from aiplatform.models.two_tower import TwoTowerModel
+
+    n_items = 6
+    model = TwoTowerModel(n_items=n_items, n_categories=2, n_price_buckets=2,
+                          item_category=[0, 1, 1, 1, 2, 2, 2], item_price_bucket=[0, 1, 2, 1, 2, 1, 2], dim=8)
+    torch.manual_seed(0)
+    hist = torch.randint(1, n_items + 1, (5, 20))
+    dense = torch.rand(5, 12)
+    items = torch.tensor([1, 2, 3, 4, 5])
+    plain = float(model.loss(hist, dense, items))
+    model.set_item_frequencies(np.array([0, 1000, 1, 1, 1, 1, 1]))
+    corrected = float(model.loss(hist, dense, items))
+    assert corrected != pytest.approx(plain)
+    assert torch.isfinite(model.log_q).all()
+    with pytest.raises(ValueError, match="counts"):
+        model.set_item_frequencies(np.ones(3))
