@@ -192,6 +192,8 @@ def wait_until_interrupted(console: Console) -> None:
     def _raise(*_: Any) -> None:
         raise KeyboardInterrupt
 
+    # Ray Train's fit() leaves its own SIGINT handler installed: take Ctrl-C back, and TERM too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise)
     console.print("\n[bold]Serving.[/] Press Ctrl-C to stop.")
     try:

@@ -56,7 +56,7 @@ def _require(table: pa.Table, path: str, required: tuple[str, ...]) -> None:
     for col in required:
         if col not in table.column_names:
             raise DataValidationError(
-                path, "missing required column", column=col,
+                path, "missing required column", column=col, failed_rows=table.num_rows,
                 expected=f"columns {', '.join(required)} (found: {', '.join(table.column_names)})",
             )
 
@@ -73,7 +73,7 @@ def _to_string(table: pa.Table, path: str, col: str, required: bool) -> pa.Array
         raise DataValidationError(path, f"has type {arr.type}", column=col,
                                   failed_rows=table.num_rows, expected="string")
     if required:
-        empty = pc.or_(pc.is_null(arr), pc.equal(pc.utf8_trim_whitespace(arr), ""))
+        empty = pc.or_kleene(pc.is_null(arr), pc.equal(pc.utf8_trim_whitespace(arr), ""))
         bad = int(pc.sum(empty).as_py() or 0)
         if bad:
             raise DataValidationError(path, "is empty or null", column=col, failed_rows=bad,
@@ -112,7 +112,8 @@ def _to_timestamp(table: pa.Table, path: str, col: str) -> pa.Array:
     if pa.types.is_timestamp(arr.type):
         if arr.type.tz is None:
             arr = pc.assume_timezone(arr, "UTC")
-        out = arr.cast(target)
+        # Sub-microsecond digits (pandas' default is ns) are truncated, not refused.
+        out = arr.cast(target, safe=False)
     elif pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
         secs = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
         micros = np.round(secs * 1e6)
