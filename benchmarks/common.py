@@ -36,10 +36,18 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     table = Table(title=title)
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*[f"{v:,.1f}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[_fmt(v) for v in row])
     Console().print(table)
