@@ -159,10 +159,7 @@ def _quiet_ray_logs() -> None:
 def _demo(layout: Layout, url: str, console: Console) -> dict[str, Any]:
     from aiplatform.features.online import open_online_store
 
-    store = open_online_store(layout.online_sqlite)
-    row = store._conn().execute(
-        "SELECT user_id FROM user_features ORDER BY length(last_items) DESC, user_id LIMIT 1").fetchone()
-    user_id = row[0] if row else "anonymous"
+    user_id = open_online_store(layout.online_sqlite).most_active_user() or "anonymous"
     body = {"user_id": user_id, "k": 5}
     resp = httpx.post(f"{url}/v1/recommendations", json=body, timeout=60)
     resp.raise_for_status()

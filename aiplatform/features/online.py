@@ -138,6 +138,12 @@ class SQLiteOnlineStore:
         row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
+    def most_active_user(self) -> str | None:
+        """A user with a long history: a good first demo request."""
+        row = self._conn().execute(
+            "SELECT user_id FROM user_features ORDER BY length(last_items) DESC, user_id LIMIT 1").fetchone()
+        return row[0] if row else None
+
     def count_users(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM user_features").fetchone()[0])
 

@@ -6,12 +6,11 @@
 import argparse
 import sys
 
-from aiplatform.core.errors import AIPlatformError
+from aiplatform.core.errors import AIPlatformError, UserInputError
 from aiplatform.core.runtime import ensure_ray
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.data import lake
-from aiplatform.core.errors import UserInputError
 from aiplatform.features.pipeline import FeatureRunSummary, run_feature_pipeline
 
 
