@@ -30,11 +30,9 @@ HomeOpt = typer.Option(None, "--home", help="Storage root (default: $AIPLATFORM_
 
 
 def _fail(exc: Exception) -> "typer.Exit":
-    if isinstance(exc, UserInputError):
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        return typer.Exit(2)
+    """Print the error for a person, and exit 2 for bad input, 1 for anything else."""
     err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    return typer.Exit(1)
+    return typer.Exit(2 if isinstance(exc, UserInputError) else 1)
 
 
 @app.command()
