@@ -20,7 +20,7 @@ def read_file(path: str) -> pa.Table:
     """Read Parquet or CSV (by extension) with no type guessing we cannot control."""
     p = Path(path)
     if not p.exists():
-        raise DataValidationError(path, "file not found", hint="check the path")
+        raise DataValidationError(path, "file not found", hint="Check the path and try again")
     if p.is_file() and p.stat().st_size == 0:
         raise DataValidationError(path, "file is empty", expected="a Parquet or CSV file with a header row")
     suffix = p.suffix.lower()
