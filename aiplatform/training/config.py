@@ -32,7 +32,8 @@ class TrainConfig(BaseModel):
     holdout_days: int = Field(7, ge=1, description="Days at the end of the event log held out for evaluation")
     min_event_type: str = Field("view", description="Weakest event type that becomes a training target")
     global_shuffle: bool = Field(
-        True, description="Shuffle all examples each epoch (else only a local buffer per worker)"
+        False, description="Re-shuffle all examples every epoch (slow on small clusters); "
+                           "False: shuffle once, then a local buffer per worker each epoch"
     )
     shuffle_buffer: int = Field(4096, ge=0, description="Per-worker local shuffle buffer (rows); 0 = off")
     max_failures: int = Field(0, ge=-1, description="Worker-failure restarts from the last checkpoint")
