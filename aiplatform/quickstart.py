@@ -108,7 +108,7 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
     overrides = {k: v for k, v in {"epochs": opts.epochs, "num_workers": opts.num_workers}.items() if v}
     config = TrainConfig(**overrides)
     registry = ModelRegistry(layout)
-    has_champion = "champion" in _aliases(registry, settings.model_name)
+    has_champion = "champion" in registry.aliases(settings.model_name)
     report = stages.run(
         "train", f"training the two-tower model with Ray Train ({config.num_workers} workers)",
         lambda: run_training(layout, config, settings.model_name, always_promote=not has_champion))
@@ -137,13 +137,6 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
     atomic_write_json(str(Path(layout.root) / "quickstart_timings.json"), result.timings)
     _print_timings(console, result.timings)
     return result
-
-
-def _aliases(registry: Any, name: str) -> dict[str, int]:
-    try:
-        return registry.aliases(name)
-    except Exception:  # no model registered yet
-        return {}
 
 
 def _quiet_ray_logs() -> None:

@@ -29,7 +29,7 @@ class UserFeatures:
     as_of: datetime
 
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS user_features (
     user_id TEXT PRIMARY KEY,
     last_items TEXT NOT NULL,

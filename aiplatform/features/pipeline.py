@@ -5,20 +5,21 @@ Each user's (or item's) events are grouped on Ray Data and handed to the pure fu
 the same code gives training examples, evaluation context and serving features.
 """
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from aiplatform.core.storage import Layout
 from aiplatform.features import compute
-from aiplatform.features.definitions import COUNT_COLUMNS, item_popularity, user_activity
+from aiplatform.features.definitions import item_popularity, user_activity
 from aiplatform.features.online import open_online_store
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # Ray is imported where it runs, so importing this module stays cheap
+    import ray.data
 
 POPULAR_ITEMS_KEPT = 200
 
@@ -33,7 +34,7 @@ class FeatureRunSummary:
     duration_s: float
 
 
-def read_events(layout: Layout) -> "ray.data.Dataset":  # noqa: F821
+def read_events(layout: Layout) -> "ray.data.Dataset":
     import ray.data
 
     return ray.data.read_parquet(layout.lake_table("events"))
@@ -49,7 +50,7 @@ def _to_us(ts: pd.Timestamp) -> int:
     return int(utc(ts).value) // 1000  # Timestamp.value is always nanoseconds
 
 
-def _buckets(events: "ray.data.Dataset") -> int:  # noqa: F821
+def _buckets(events: "ray.data.Dataset") -> int:
     """How many entity buckets to group into: about one per 250k events, at least 2 so both
     cores work, at most 4 per CPU. Few large groups keep the per-call overhead of Ray Data
     negligible; the functions in ``compute`` are vectorised over a whole bucket."""
@@ -66,7 +67,7 @@ def _with_bucket(batch: pd.DataFrame, key: str, buckets: int) -> pd.DataFrame:
     return batch
 
 
-def _group_by_entity(events: "ray.data.Dataset", key: str, fn, **kwargs) -> "ray.data.Dataset":  # noqa: F821
+def _group_by_entity(events: "ray.data.Dataset", key: str, fn, **kwargs) -> "ray.data.Dataset":
     """Apply ``fn(frame_of_whole_entities, **kwargs)`` to hash buckets of ``key``: every entity's
     events are in exactly one call, so point-in-time features see the whole history."""
     buckets = _buckets(events)
@@ -95,8 +96,8 @@ def _item_rows(events: pd.DataFrame, as_of_us: int) -> pd.DataFrame:
     return out
 
 
-def user_features_dataset(events: "ray.data.Dataset", as_of: pd.Timestamp,  # noqa: F821
-                          users: list[str] | None = None) -> "ray.data.Dataset":  # noqa: F821
+def user_features_dataset(events: "ray.data.Dataset", as_of: pd.Timestamp,
+                          users: list[str] | None = None) -> "ray.data.Dataset":
     """Per-user features at ``as_of`` (from events strictly before it), optionally for some users."""
     if users is not None:
         wanted = set(users)
@@ -104,8 +105,8 @@ def user_features_dataset(events: "ray.data.Dataset", as_of: pd.Timestamp,  # no
     return _group_by_entity(events, "user_id", _user_rows, as_of_us=_to_us(as_of))
 
 
-def build_training_examples(events: "ray.data.Dataset", start: pd.Timestamp, end: pd.Timestamp,  # noqa: F821
-                            target_types: tuple[str, ...]) -> "ray.data.Dataset":  # noqa: F821
+def build_training_examples(events: "ray.data.Dataset", start: pd.Timestamp, end: pd.Timestamp,
+                            target_types: tuple[str, ...]) -> "ray.data.Dataset":
     """One example per target event in [start, end), with the user's features just before it.
 
     Every event before ``end`` is visible as history, none after: no leakage from the
@@ -115,7 +116,7 @@ def build_training_examples(events: "ray.data.Dataset", start: pd.Timestamp, end
                             start_us=_to_us(start), end_us=_to_us(end), target_types=tuple(target_types))
 
 
-def _write_lance(ds: "ray.data.Dataset", path: str) -> int:  # noqa: F821
+def _write_lance(ds: "ray.data.Dataset", path: str) -> int:
     """Write a new version of the Lance table at ``path`` in one commit (old versions stay
     readable). Blocks stream from the cluster through a RecordBatchReader, so memory stays
     bounded. (Ray's own ``write_lance`` does not work with pylance 14 in Ray 2.60.)"""
@@ -170,5 +171,5 @@ def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None) -> F
                              duration_s=time.perf_counter() - started)
 
 
-__all__ = ["COUNT_COLUMNS", "FeatureRunSummary", "build_training_examples", "materialize",
+__all__ = ["FeatureRunSummary", "build_training_examples", "materialize",
            "read_events", "run_feature_pipeline", "user_features_dataset"]
