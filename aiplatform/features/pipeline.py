@@ -15,13 +15,14 @@ import pandas as pd
 
 from aiplatform.core.storage import Layout
 from aiplatform.features import compute
-from aiplatform.features.definitions import item_popularity, user_activity
 from aiplatform.features.online import open_online_store
 
 if TYPE_CHECKING:  # Ray is imported where it runs, so importing this module stays cheap
     import ray.data
 
 POPULAR_ITEMS_KEPT = 200
+USER_VIEW, ITEM_VIEW = "user_activity", "item_popularity"
+"""Table names of the quickstart pipeline (the declared views of apps/shop/features.py replace it)."""
 
 
 @dataclass
@@ -139,11 +140,11 @@ def materialize(layout: Layout, batch_size: int = 10_000) -> int:
     import lance
 
     store = open_online_store(layout.online_sqlite)
-    dataset = lance.dataset(layout.feature_table(user_activity.name))
+    dataset = lance.dataset(layout.feature_table(USER_VIEW))
     written = 0
     for batch in dataset.to_batches(batch_size=batch_size):
         written += store.write_user_features(batch.to_pandas())
-    items = lance.dataset(layout.feature_table(item_popularity.name)).to_table().to_pandas()
+    items = lance.dataset(layout.feature_table(ITEM_VIEW)).to_table().to_pandas()
     popular = compute.popularity_scores(items).head(POPULAR_ITEMS_KEPT)
     store.write_popular_items(zip(popular["item_id"], popular["score"]))
     store.set_meta("as_of", str(items["as_of"].iloc[0]) if len(items) else "")
@@ -162,8 +163,8 @@ def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None) -> F
     users = user_features_dataset(events, as_of).materialize()
     items = _group_by_entity(events, "item_id", _item_rows, as_of_us=as_of_us).materialize()
     versions = {
-        user_activity.name: _write_lance(users, layout.feature_table(user_activity.name)),
-        item_popularity.name: _write_lance(items, layout.feature_table(item_popularity.name)),
+        USER_VIEW: _write_lance(users, layout.feature_table(USER_VIEW)),
+        ITEM_VIEW: _write_lance(items, layout.feature_table(ITEM_VIEW)),
     }
     online_rows = materialize(layout)
     return FeatureRunSummary(users=users.count(), items=items.count(), as_of=utc(as_of),

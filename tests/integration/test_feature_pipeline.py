@@ -14,7 +14,8 @@ from aiplatform.core.storage import Layout
 from aiplatform.data import lake
 from aiplatform.features import compute
 from aiplatform.features import pipeline
-from aiplatform.features.definitions import COUNT_COLUMNS, item_popularity, user_activity
+from aiplatform.features.definitions import COUNT_COLUMNS
+from aiplatform.features.pipeline import ITEM_VIEW, USER_VIEW
 from aiplatform.features.online import open_online_store
 from apps.shop.generate import ShopSize, generate, write
 
@@ -44,7 +45,7 @@ def test_summary_describes_the_run(shop_home, lake_events):
     assert summary.online_rows == summary.users
     # Default as_of: just after the last event, so every event is history.
     assert summary.as_of == lake_events["timestamp"].max() + pd.Timedelta(microseconds=1)
-    assert set(summary.offline_versions) == {user_activity.name, item_popularity.name}
+    assert set(summary.offline_versions) == {USER_VIEW, ITEM_VIEW}
 
 
 def test_online_rows_equal_the_pandas_reference(shop_home, lake_events):
@@ -68,7 +69,7 @@ def test_online_rows_equal_the_pandas_reference(shop_home, lake_events):
 
 def test_offline_table_holds_the_same_values(shop_home, lake_events):
     layout, summary = shop_home
-    offline = lance.dataset(layout.feature_table(user_activity.name)).to_table().to_pandas()
+    offline = lance.dataset(layout.feature_table(USER_VIEW)).to_table().to_pandas()
     expected = compute.user_features_at(lake_events, summary.as_of).set_index("user_id")
     offline = offline.set_index("user_id").loc[expected.index]
     assert len(offline) == len(expected)
@@ -119,15 +120,15 @@ def test_training_examples_only_have_targets_in_range(shop_home, lake_events):
 def test_offline_version_increments_on_a_second_run(shop_home, lake_events):
     # Runs last in this module: it moves the shared home's features to a later as_of.
     layout, first = shop_home
-    path = layout.feature_table(user_activity.name)
+    path = layout.feature_table(USER_VIEW)
     before = lance.dataset(path).version
-    assert before == first.offline_versions[user_activity.name]
+    assert before == first.offline_versions[USER_VIEW]
     later = lake_events["timestamp"].max() + pd.Timedelta(days=2)
     second = pipeline.run_feature_pipeline(layout, as_of=later)
-    for view in (user_activity.name, item_popularity.name):
+    for view in (USER_VIEW, ITEM_VIEW):
         assert second.offline_versions[view] > first.offline_versions[view]
     ds = lance.dataset(path)
-    assert ds.version == second.offline_versions[user_activity.name]
+    assert ds.version == second.offline_versions[USER_VIEW]
     # Overwritten, not appended: one row per user; the old version stays readable.
     assert ds.count_rows() == first.users
     old = lance.dataset(path, version=before).to_table().to_pandas()
