@@ -89,7 +89,7 @@ def generate(size: ShopSize = ShopSize(), seed: int = 42,
     # ---- sessions: weekly seasonality, category from the (possibly drifted) preference ----
     n_sess = rng.poisson(activity * size.days * size.sessions_per_user_day)
     s_user = np.repeat(np.arange(size.users), n_sess)
-    weekday = (start_ts + pd.to_timedelta(np.arange(size.days), unit="D")).weekday.to_numpy()
+    weekday = (start_ts + pd.to_timedelta(np.arange(size.days), unit="D")).day_of_week.to_numpy()
     day_w = np.where(weekday >= 5, 1.4, 1.0)
     s_day = rng.choice(size.days, size=len(s_user), p=day_w / day_w.sum())
     s_secs = s_day * 86400 + rng.integers(6 * 3600, 24 * 3600, len(s_user))
