@@ -1,0 +1,81 @@
+"""A real redis-server for tests (no fakeredis): started on a free port in a temp dir,
+persistence off, stopped by its own pid. ``redis_url`` is registered in tests/conftest.py."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+INSTALL_HINT = ("redis-server is not installed: `sudo apt-get install -y redis-server` (Debian/Ubuntu), "
+                "`brew install redis` (macOS), or set REDIS_SERVER to its path")
+
+
+def find_redis_server() -> str | None:
+    """REDIS_SERVER, else redis-server on PATH, else Debian's /usr/bin/redis-server."""
+    for candidate in (os.environ.get("REDIS_SERVER"), shutil.which("redis-server"), "/usr/bin/redis-server"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def redis_server(workdir: str | Path, timeout_s: float = 15.0) -> Iterator[str]:
+    """Run ``redis-server`` on 127.0.0.1 and yield its ``redis://`` URL; stop it at exit."""
+    binary = find_redis_server()
+    if binary is None:
+        raise RuntimeError(INSTALL_HINT)
+    import redis
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    log = open(workdir / "redis.log", "wb")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode}; see {workdir / 'redis.log'}")
+            try:
+                if redis.Redis.from_url(url, socket_timeout=1).ping():
+                    break
+            except redis.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer PING within {timeout_s}s")
+            time.sleep(0.05)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """URL of a real redis-server for the whole session; fails (never skips) if it is missing."""
+    if find_redis_server() is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
