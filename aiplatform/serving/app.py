@@ -21,9 +21,10 @@ from ray.serve.handle import DeploymentHandle
 
 from aiplatform.core.errors import NotFoundError, UserInputError
 from aiplatform.core.storage import Layout
+from aiplatform.models.ranker import ranker_dir_of
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval.index import ItemIndex, vector_table_name
-from aiplatform.serving.deployments import Retriever, UserFeatureReader, UserTower
+from aiplatform.serving.deployments import Ranker, Retriever, UserFeatureReader, UserTower
 from aiplatform.serving.schemas import (
     MAX_K,
     ErrorResponse,
@@ -38,6 +39,15 @@ from aiplatform.serving.schemas import (
 log = logging.getLogger(__name__)
 
 POPULAR_FALLBACK = "popular"
+RANK_CANDIDATES = 100
+"""Retrieved candidates the ranker re-orders: ``max(k * 5, RANK_CANDIDATES)``..."""
+MAX_RANK_CANDIDATES = 5 * MAX_K
+"""... but never more than this, whatever ``k`` (bounds the ranker's work per request)."""
+
+
+def rank_candidates(k: int) -> int:
+    """How many items to retrieve for the ranker when ``k`` are asked for."""
+    return min(max(k * 5, RANK_CANDIDATES), MAX_RANK_CANDIDATES)
 
 api = FastAPI(
     title="aiplatform recommendations",
@@ -89,7 +99,8 @@ async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
 )
 @serve.ingress(api)
 class RecommendationAPI:
-    """Ingress: validates requests and composes features -> user tower -> retriever."""
+    """Ingress: validates requests and composes features -> user tower -> retriever
+    (-> ranker, when the served version has one)."""
 
     def __init__(
         self,
@@ -99,10 +110,12 @@ class RecommendationAPI:
         model_name: str,
         model_version: int,
         variant: str = "champion",
+        ranker: DeploymentHandle | None = None,
     ) -> None:
         self.features = features
         self.tower = tower
         self.retriever = retriever
+        self.ranker = ranker
         self.model = ModelRef(name=model_name, version=int(model_version))
         self.variant = variant
 
@@ -113,10 +126,13 @@ class RecommendationAPI:
     )
     async def recommend(self, body: RecommendationRequest) -> RecommendationResponse:
         """Top ``k`` items for a user, leaving out what they already bought. A user without
-        features (new or unknown) gets the popular items, marked ``fallback: "popular"``."""
+        features (new or unknown) gets the popular items, marked ``fallback: "popular"``.
+        With a ranker, ``max(k * 5, 100)`` retrieved candidates are re-ordered by it and
+        ``ranked`` is true."""
         request_id = uuid.uuid4().hex
         feats = await self.features.get.remote(body.user_id)
         fallback = None
+        ranked = False
         if feats is None:
             scored = await self.features.popular.remote(body.k)
             fallback = POPULAR_FALLBACK
@@ -124,9 +140,19 @@ class RecommendationAPI:
             vector = await self.tower.embed.remote(
                 {"last_items": feats["last_items"], "counts": feats["counts"]}
             )
-            scored = await self.retriever.search.remote(
-                vector, body.k, exclude=feats["purchased_items"]
-            )
+            if self.ranker is None:
+                scored = await self.retriever.search.remote(
+                    vector, body.k, exclude=feats["purchased_items"]
+                )
+            else:
+                candidates = await self.retriever.search.remote(
+                    vector, rank_candidates(body.k), exclude=feats["purchased_items"]
+                )
+                scored = await self.ranker.rank.remote({
+                    "last_items": feats["last_items"], "counts": feats["counts"],
+                    "candidates": candidates, "k": body.k,
+                })
+                ranked = True
         return RecommendationResponse(
             user_id=body.user_id,
             items=[ScoredItem(item_id=i, score=s) for i, s in scored],
@@ -134,6 +160,7 @@ class RecommendationAPI:
             variant=self.variant,
             request_id=request_id,
             fallback=fallback,
+            ranked=ranked,
         )
 
     @api.get(
@@ -175,13 +202,16 @@ def build_app(
 
     Resolved here, in the driver, and checked before anything is deployed: a missing alias,
     artifact or vector table is a clear ``NotFoundError`` now rather than replicas failing
-    to start later.
+    to start later. A version whose artifact carries ``ranker/`` is served
+    retrieve-then-rank; otherwise in retrieval order.
     """
     layout = home if isinstance(home, Layout) else Layout.at(home)
     mv = ModelRegistry(layout).get_by_alias(model_name, alias)
     table = vector_table_name(mv.name, mv.version)
     ItemIndex(layout.vectors, table)  # raises NotFoundError naming the tables that exist
-    log.info("serving %s v%d (%s) from %s", mv.name, mv.version, alias, mv.artifact_uri)
+    has_ranker = ranker_dir_of(mv.artifact_uri) is not None
+    log.info("serving %s v%d (%s) from %s%s", mv.name, mv.version, alias, mv.artifact_uri,
+             " with its ranker" if has_ranker else "")
     return RecommendationAPI.bind(
         UserFeatureReader.bind(layout.online_sqlite),
         UserTower.bind(mv.artifact_uri),
@@ -189,6 +219,7 @@ def build_app(
         model_name=mv.name,
         model_version=mv.version,
         variant=alias,
+        ranker=Ranker.bind(mv.artifact_uri) if has_ranker else None,
     )
 
 
@@ -213,4 +244,4 @@ def stop() -> None:
     serve.shutdown()
 
 
-__all__ = ["api", "RecommendationAPI", "build_app", "start", "stop"]
+__all__ = ["api", "RecommendationAPI", "build_app", "rank_candidates", "start", "stop"]

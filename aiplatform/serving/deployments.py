@@ -9,8 +9,12 @@ Every path arrives as a constructor argument resolved by the driver: replicas ne
 environment variables or the registry, so a replica always serves exactly the version the
 driver resolved.
 
-Resources are small fractions of a CPU so that the whole app (four deployments, up to a few
-replicas each) fits on a two-core laptop next to the Ray Data and Train workloads.
+When the served model version carries a ranker (``<artifact>/ranker/``), a ``Ranker``
+deployment re-orders the retrieved candidates (retrieve-then-rank); without one, the retrieval
+order is served as before.
+
+Resources are small fractions of a CPU so that the whole app (four or five deployments, up to a
+few replicas each) fits on a two-core laptop next to the Ray Data and Train workloads.
 """
 
 from typing import Any
@@ -108,3 +112,53 @@ class Retriever:
 
     def count(self) -> int:
         return len(self.index)
+
+
+@serve.deployment(
+    autoscaling_config=_autoscaling(max_replicas=2, target=32),
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.25},
+)
+class Ranker:
+    """Re-orders one user's retrieved candidates with the ranker of the served model version.
+
+    Concurrent requests are batched (``@serve.batch``): their candidate lists are padded to one
+    tensor and scored in a single forward pass.
+    """
+
+    def __init__(self, artifact_dir: str) -> None:
+        import json
+        from pathlib import Path
+
+        import torch
+
+        from aiplatform.models.ranker import load_ranker, ranker_dir_of
+        from aiplatform.models.two_tower import VOCAB_FILE, ItemVocab
+
+        torch.set_num_threads(1)
+        ranker_dir = ranker_dir_of(artifact_dir)
+        if ranker_dir is None:
+            raise FileNotFoundError(f"{artifact_dir}: the model version has no ranker (ranker/ is missing)")
+        self.model = load_ranker(ranker_dir)
+        self.vocab = ItemVocab.from_dict(json.loads((Path(artifact_dir) / VOCAB_FILE).read_text()))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def rank(self, requests: list[dict[str, Any]]) -> list[list[tuple[str, float]]]:
+        """Per request ``{'last_items', 'counts', 'candidates': [(item_id, retrieval score)], 'k'}``:
+        the top ``k`` candidates by ranker score, as (item_id, score), best first."""
+        import pandas as pd
+
+        from aiplatform.features.definitions import COUNT_COLUMNS
+        from aiplatform.training.ranker import rerank
+
+        counts = np.stack([np.asarray(r["counts"], dtype=np.float32).reshape(-1) for r in requests])
+        context = pd.DataFrame(counts, columns=COUNT_COLUMNS)
+        context["last_items"] = [list(r["last_items"]) for r in requests]
+        ids = [[c[0] for c in r["candidates"]] for r in requests]
+        scores = rerank(self.model, self.vocab, context, ids,
+                        [[float(c[1]) for c in r["candidates"]] for r in requests])
+        out = []
+        for r, cand, sc in zip(requests, ids, scores, strict=True):
+            order = [j for j in np.argsort(-sc, kind="stable") if np.isfinite(sc[j])][: int(r["k"])]
+            out.append([(cand[j], float(sc[j])) for j in order])
+        return out

@@ -29,8 +29,9 @@ class RecommendationRequest(BaseModel):
 
 class ScoredItem(BaseModel):
     item_id: str
-    score: float = Field(..., description="Cosine similarity for model results; popularity "
-                                          "for the 'popular' fallback. Higher is better.")
+    score: float = Field(..., description="Cosine similarity for retrieval results, the ranker's "
+                                          "relevance score when ranked, popularity for the "
+                                          "'popular' fallback. Higher is better.")
 
 
 class ModelRef(BaseModel):
@@ -48,6 +49,11 @@ class RecommendationResponse(BaseModel):
         None,
         description="Why the model was not used, if it was not: 'popular' when the user has "
                     "no features (a new or unknown user) and popular items were returned.",
+    )
+    ranked: bool = Field(
+        False,
+        description="True when the model version's ranker re-ordered the retrieved candidates "
+                    "(scores are then ranker scores); false for retrieval order or a fallback.",
     )
 
 

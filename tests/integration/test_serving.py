@@ -99,6 +99,7 @@ def test_known_user_gets_k_items_from_the_champion(client):
     assert body["model"] == {"name": "two_tower", "version": 2}
     assert body["variant"] == "champion"
     assert body["fallback"] is None
+    assert body["ranked"] is False  # this version has no ranker: retrieval order, as before
     uuid.UUID(body["request_id"])
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)

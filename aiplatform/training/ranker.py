@@ -1,0 +1,612 @@
+"""Training, batch scoring and offline evaluation of the ranker (models/ranker.py).
+
+Each training example (an event and the user's context just before it, from the feature
+layer) becomes one *list*: the event's item (gain from ``LABEL_GAINS``) followed by sampled
+negatives (gain 0). What makes the ranker help rather than hurt is that its lists look like
+what it will rank at serving time (measured on the shop data, see the task report):
+
+- only examples whose item the retrieval model puts in its top ``hard_pool`` make a list
+  (``retrieved_positives_only``). Serving only ranks retrieved items; a list whose positive
+  retrieval missed, next to hard negatives retrieval ranked high, teaches "a high two-tower
+  score means negative", and the ranker then re-orders good candidates worse than retrieval;
+- hard negatives: items of that top ``hard_pool`` the user did not interact with, i.e. not the
+  target and not touched within ``negative_horizon_days`` after it (the synthetic shopper views
+  many items of a category over a few days: without the horizon, tomorrow's click is today's
+  "negative");
+- random negatives: uniform over the catalogue, so the ranker still knows that an item of an
+  unrelated category is a bad answer.
+
+Lists are built once on Ray Data (one ``map_batches`` that also computes the two-tower score
+of every (user, candidate) pair) and trained with a Ray Train V2 ``TorchTrainer`` that reads
+its shard with ``iter_torch_batches``, as ``training/train.py`` does.
+
+Evaluation (``evaluate_ranker``) compares, for the same users, the retrieval order of the top
+``n_candidates`` with the ranker's order of those same candidates: the question it answers is
+"does adding the ranker after retrieval improve what the user sees?".
+"""
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from aiplatform.core.errors import ConfigError, DataValidationError, UserInputError
+from aiplatform.core.schemas import EVENT_TYPES
+from aiplatform.core.storage import is_uri
+from aiplatform.features.definitions import COUNT_COLUMNS
+from aiplatform.models.ranker import (
+    LABEL_GAINS,
+    RANKER_SUBDIR,
+    RankerModel,
+    listwise_loss,
+    load_ranker,
+    save_ranker,
+)
+from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, encode_counts
+from aiplatform.training.evaluate import ndcg_at_k, recall_at_k
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+ENCODE_BATCH_SIZE = 2048
+EXAMPLE_COLUMNS: tuple[str, ...] = ("item_id", "event_type", "last_items", *COUNT_COLUMNS)
+
+
+class RankerConfig(BaseModel):
+    """Hyper-parameters of the ranker; unknown keys are refused (a typo is an error)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_workers: int = Field(1, ge=1, le=64, description="Ray Train workers")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = Field(False)
+    epochs: int = Field(2, ge=1, description="2 measured best on the shop data (3 overfits: see the T3 report)")
+    batch_size: int = Field(256, ge=1, description="Lists (examples) per step per worker")
+    lr: float = Field(2e-3, gt=0, le=1.0)
+    weight_decay: float = Field(1e-6, ge=0)
+    dim: int = Field(32, ge=4, le=512, description="Item-id embedding size")
+    hidden: int = Field(128, ge=4, le=4096, description="Width of the MLP's first layer")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    n_hard: int = Field(10, ge=0, le=500, description="Hard negatives per list (from retrieval)")
+    hard_pool: int = Field(100, ge=1, le=2000, description="Hard negatives are drawn from this top-n of retrieval")
+    retrieved_positives_only: bool = Field(
+        True, description="Train only on examples whose item is in the retrieval top hard_pool (what "
+                          "the ranker will see at serving time); needs the retrieval model")
+    n_random: int = Field(10, ge=0, le=500, description="Uniform random negatives per list")
+    use_retrieval_score: bool = Field(True, description="Feed the two-tower score as a feature (needs the model)")
+    min_event_type: str = Field("view", description="Weakest event type that becomes a positive")
+    negative_horizon_days: float = Field(
+        7.0, ge=0, description="Items the user touches within this many days after an example are "
+                               "never its negatives (they are future positives); 0 = off")
+    shuffle_buffer: int = Field(2048, ge=0)
+    seed: int = Field(0, ge=0)
+    max_failures: int = Field(0, ge=-1)
+    eval_candidates: int = Field(100, ge=1, le=5000, description="Retrieved candidates the ranker reorders")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            parts = []
+            for err in exc.errors():
+                field = ".".join(str(x) for x in err.get("loc", ())) or "(config)"
+                msg = err.get("msg", "invalid value")
+                if err.get("type") == "extra_forbidden":
+                    msg = "unknown setting; valid ones are " + ", ".join(RankerConfig.model_fields)
+                parts.append(f"ranker config field '{field}': {msg} (got {err.get('input')!r})")
+            raise ConfigError("; ".join(parts)) from exc
+
+    @field_validator("min_event_type")
+    @classmethod
+    def _known_event_type(cls, v: str) -> str:
+        if v not in EVENT_TYPES:
+            raise ValueError(f"must be one of {', '.join(EVENT_TYPES)}")
+        return v
+
+
+@dataclass
+class RankerResult:
+    model: RankerModel
+    path: str
+    """The ranker artifact (a Ray Train checkpoint directory that ``load_ranker`` reads)."""
+    metrics: dict
+    duration_s: float
+
+
+# ---- helpers shared by training, evaluation and serving ----------------------------------------
+def _as_list(x) -> list[str]:
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return []
+    return [str(v) for v in x]
+
+
+def item_count_matrix(vocab: ItemVocab, item_counts: pd.DataFrame | None) -> np.ndarray | None:
+    """[n_items + 1, 12] raw popularity counts by item index from a frame with ``item_id`` and
+    the count columns (``features.compute.item_counts_at``); None when no counts are given."""
+    if item_counts is None:
+        return None
+    missing = [c for c in ("item_id", *COUNT_COLUMNS) if c not in item_counts.columns]
+    if missing:
+        raise DataValidationError("item counts", f"missing column(s) {', '.join(missing)}",
+                                  expected="item_id and " + ", ".join(COUNT_COLUMNS))
+    out = np.zeros((vocab.n_items + 1, len(COUNT_COLUMNS)), dtype=np.float32)
+    idx = vocab.indices(item_counts["item_id"].astype(str).tolist())
+    known = idx > 0
+    out[idx[known]] = item_counts.loc[known, COUNT_COLUMNS].to_numpy(dtype=np.float32, na_value=0.0)
+    return out
+
+
+@torch.no_grad()
+def retrieve(
+    model: TwoTowerModel, vocab: ItemVocab, last_items: list[list[str]], counts: np.ndarray, n: int,
+    exclude: list[list[str]] | None = None, batch_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exhaustive two-tower top-``n``: (item indices [B, n], cosine scores [B, n]); excluded
+    items and padding get index 0 and score -inf (so they sort last)."""
+    model.eval()
+    item_vecs = model.all_item_embeddings()
+    n_eff = min(n, item_vecs.shape[0] - 1)
+    idx_out, score_out = [], []
+    for s in range(0, len(last_items), batch_size):
+        hist, dense = vocab.encode_users(last_items[s:s + batch_size], counts[s:s + batch_size])
+        scores = model.user_embedding(hist, dense) @ item_vecs.T
+        scores[:, 0] = float("-inf")
+        for row, ex in enumerate((exclude or [[]] * len(last_items))[s:s + batch_size]):
+            ix = vocab.indices(list(ex)) if ex else np.zeros(0, np.int64)
+            ix = ix[ix > 0]
+            if len(ix):
+                scores[row, torch.from_numpy(ix)] = float("-inf")
+        top = torch.topk(scores, n_eff, dim=1)
+        idx = top.indices.numpy().copy()
+        val = top.values.numpy().copy()
+        idx[~np.isfinite(val)] = 0
+        idx_out.append(idx)
+        score_out.append(val)
+    if not idx_out:
+        return np.zeros((0, n_eff), np.int64), np.zeros((0, n_eff), np.float32)
+    return np.concatenate(idx_out), np.concatenate(score_out).astype(np.float32)
+
+
+@torch.no_grad()
+def retrieval_scores(model: TwoTowerModel, vocab: ItemVocab, hist: np.ndarray, dense: np.ndarray,
+                     cands: np.ndarray) -> np.ndarray:
+    """[B, N] two-tower cosine of each (user, candidate index) pair."""
+    model.eval()
+    u = model.user_embedding(torch.as_tensor(hist), torch.as_tensor(dense))  # [B, D]
+    v = model.item_embedding(torch.as_tensor(cands).reshape(-1)).reshape(*cands.shape, -1)
+    return torch.einsum("bd,bnd->bn", u, v).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def rerank(
+    model: RankerModel,
+    vocab: ItemVocab,
+    user_context: pd.DataFrame,
+    candidates: list[list[str]],
+    retrieval_scores: list[list[float]] | None = None,
+) -> list[np.ndarray]:
+    """Ranker scores of each user's candidates, in one forward pass for the whole batch.
+
+    ``user_context`` has one row per user (``last_items`` and the count columns);
+    ``candidates[i]`` are user i's item ids (any length); ``retrieval_scores[i]`` their two-tower
+    scores, if the ranker was trained with them. Returns one float32 array per user, aligned
+    with its candidates; an item unknown to the vocabulary scores -inf.
+    """
+    if len(user_context) != len(candidates):
+        raise UserInputError(f"rerank: {len(user_context)} users but {len(candidates)} candidate lists")
+    if retrieval_scores is not None and len(retrieval_scores) != len(candidates):
+        raise UserInputError("rerank: retrieval_scores needs one list per candidate list")
+    lengths = [len(c) for c in candidates]
+    if not candidates or max(lengths) == 0:
+        return [np.zeros(n, np.float32) for n in lengths]
+    width = max(lengths)
+    cands = np.zeros((len(candidates), width), np.int64)
+    rs = np.zeros((len(candidates), width), np.float32)
+    for i, c in enumerate(candidates):
+        cands[i, :len(c)] = vocab.indices(list(c))
+        if retrieval_scores is not None:
+            if len(retrieval_scores[i]) != len(c):
+                raise UserInputError(f"rerank: user {i} has {len(c)} candidates but "
+                                     f"{len(retrieval_scores[i])} retrieval scores")
+            rs[i, :len(c)] = np.asarray(retrieval_scores[i], np.float32)
+    counts = user_context.reindex(columns=COUNT_COLUMNS).to_numpy(dtype="float32", na_value=0.0)
+    hist, dense = vocab.encode_users([_as_list(x) for x in user_context["last_items"]], counts)
+    model.eval()
+    scores = model(hist, dense, torch.from_numpy(cands),
+                   torch.from_numpy(rs) if retrieval_scores is not None else None).numpy()
+    scores = np.where(cands > 0, scores, -np.inf).astype(np.float32)
+    return [scores[i, :n] for i, n in enumerate(lengths)]
+
+
+# ---- data: examples -> lists ------------------------------------------------------------------------
+class ListEncoder:
+    """Ray Data UDF: example rows -> one list each: ``hist`` [L], ``dense`` [12], ``cands`` [N]
+    (positive first), ``gains`` [N], ``rscore`` [N] (two-tower scores, 0 without a model)."""
+
+    def __init__(self, vocab: ItemVocab, config: RankerConfig, retrieval_model: TwoTowerModel | None) -> None:
+        self.vocab, self.cfg, self.retrieval = vocab, config, retrieval_model
+        self.min_rank = EVENT_TYPES.index(config.min_event_type)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg, vocab = self.cfg, self.vocab
+        missing = [c for c in EXAMPLE_COLUMNS if c not in batch]
+        if missing:
+            raise ValueError(f"ranker examples lack column(s) {missing}; expected {list(EXAMPLE_COLUMNS)}")
+        etype = pd.Series(batch["event_type"], dtype=object)
+        rank = etype.map({t: i for i, t in enumerate(EVENT_TYPES)}).fillna(0).to_numpy()
+        pos = vocab.indices(batch["item_id"])
+        keep = (rank >= self.min_rank) & (pos > 0)
+        pos = pos[keep]
+        gain = etype[keep].map(LABEL_GAINS).fillna(LABEL_GAINS["view"]).to_numpy(np.float32)
+        last = [_as_list(x) for x, k in zip(batch["last_items"], keep, strict=True) if k]
+        counts = np.stack([np.asarray(batch[c], dtype="float32") for c in COUNT_COLUMNS], axis=1)[keep]
+        hist = vocab.encode_history(last)
+        dense = encode_counts(counts)
+        B, n_items = len(pos), vocab.n_items
+        # Seeded by the batch's content, so a re-execution draws the same negatives.
+        rng = np.random.default_rng([self.cfg.seed, int(pos.sum()) if B else 0, B])
+        n_hard = cfg.n_hard if self.retrieval is not None else 0
+        n_rand = cfg.n_random + (cfg.n_hard - n_hard)
+        negs = []
+        filter_retrieved = self.retrieval is not None and cfg.retrieved_positives_only
+        if (n_hard or filter_retrieved) and B:
+            top, _ = retrieve(self.retrieval, vocab, last, counts, cfg.hard_pool)
+            if filter_retrieved:
+                # Serving only ever ranks retrieved items: a list whose positive retrieval missed
+                # teaches "a high two-tower score means negative", the opposite of the truth.
+                hit = (top == pos[:, None]).any(axis=1)
+                pos, gain, hist, dense, top = pos[hit], gain[hit], hist[hit], dense[hit], top[hit]
+                sel = np.flatnonzero(keep)[hit]
+                keep = np.zeros_like(keep)
+                keep[sel] = True
+                B = len(pos)
+        if n_hard and B:
+            if top.shape[1] < n_hard:
+                top = np.pad(top, ((0, 0), (0, n_hard - top.shape[1])))
+            # "retrieved, but not interacted with": not the target and not touched within the
+            # horizon after it; without future items, not a recent item either
+            bad = (top == 0) | (top == pos[:, None])
+            if "future_items" in batch:
+                fut = [_as_list(x) for x, k in zip(batch["future_items"], keep, strict=True) if k]
+                future = vocab.encode_history(fut, history_len=max([1, *(len(x) for x in fut)]))
+                bad |= (top[:, :, None] == future[:, None, :]).any(-1)
+            else:
+                bad |= (top[:, :, None] == hist[:, None, :]).any(-1)
+            eligible = ~bad & (np.cumsum(~bad, axis=1) <= cfg.hard_pool)
+            pick = np.argsort(np.where(eligible, rng.random(top.shape), 2.0), axis=1)[:, :n_hard]
+            hard = np.take_along_axis(top, pick, axis=1)
+            ok = np.take_along_axis(eligible, pick, axis=1)
+            fill = rng.integers(1, n_items + 1, hard.shape)  # a tiny catalogue: top up at random
+            fill = np.where(fill == pos[:, None], fill % n_items + 1, fill)
+            hard = np.where(ok, hard, fill)
+            negs.append(hard)
+        if n_rand:
+            r = rng.integers(1, n_items + 1, (B, n_rand))
+            r = np.where(r == pos[:, None], r % n_items + 1, r)  # never the positive itself
+            negs.append(r)
+        cands = np.concatenate([pos[:, None], *negs], axis=1).astype(np.int64)
+        gains = np.zeros(cands.shape, np.float32)
+        gains[:, 0] = gain
+        if self.retrieval is not None and cfg.use_retrieval_score and B:
+            rscore = retrieval_scores(self.retrieval, vocab, hist, dense, cands)
+        else:
+            rscore = np.zeros(cands.shape, np.float32)
+        return {"hist": hist, "dense": dense, "cands": cands, "gains": gains, "rscore": rscore}
+
+
+class _FutureItems:
+    """Ray Data ``map_groups`` UDF (one user per call): adds ``future_items``, the distinct
+    items the user touches in (t, t + horizon] after each example. Without it, a hard negative
+    is often an item the user views the next day: the ranker would learn to push down exactly
+    the items it should rank first."""
+
+    def __init__(self, horizon_days: float) -> None:
+        self.horizon_us = int(horizon_days * 86_400 * 1_000_000)
+
+    def __call__(self, group: pd.DataFrame) -> pd.DataFrame:
+        from aiplatform.features.compute import as_micros
+
+        group = group.sort_values("timestamp", kind="stable").reset_index(drop=True)
+        t = as_micros(group["timestamp"])
+        items = group["item_id"].astype(str).to_numpy(dtype=object)
+        lo = np.searchsorted(t, t, side="right")
+        hi = np.searchsorted(t, t + self.horizon_us, side="right")
+        group["future_items"] = [sorted(set(items[a:b])) for a, b in zip(lo, hi, strict=True)]
+        return group
+
+
+def _future_items_fn(horizon_days: float):
+    """A plain function for ``map_groups`` (it needs a ``__name__``; a callable instance lacks one)."""
+    add = _FutureItems(horizon_days)
+
+    def future_items(group: pd.DataFrame) -> pd.DataFrame:
+        return add(group)
+
+    return future_items
+
+
+def _as_dataset(examples: "ray.data.Dataset | pd.DataFrame", horizon_days: float = 0.0) -> "ray.data.Dataset":
+    import ray.data
+
+    if isinstance(examples, pd.DataFrame):
+        missing = [c for c in EXAMPLE_COLUMNS if c not in examples.columns]
+        if missing:
+            raise DataValidationError("ranker examples", f"missing column(s) {', '.join(missing)}",
+                                      expected="the feature pipeline's training examples: " + ", ".join(EXAMPLE_COLUMNS))
+        if examples.empty:
+            raise DataValidationError("ranker examples", "no rows", expected="at least one training example")
+        cols = list(EXAMPLE_COLUMNS) + [c for c in ("user_id", "timestamp") if c in examples.columns]
+        frame = examples[cols].reset_index(drop=True)
+        chunk = max(1, -(-len(frame) // 8))
+        # a list of frames: from_pandas(override_num_blocks=...) crashes with pandas 3
+        ds = ray.data.from_pandas([frame.iloc[s:s + chunk] for s in range(0, len(frame), chunk)])
+    else:
+        ds = examples
+    schema = ds.schema()
+    names = set(schema.names) if schema is not None else set()
+    missing = [c for c in EXAMPLE_COLUMNS if c not in names]
+    if schema is not None and missing:
+        raise DataValidationError("ranker examples", f"missing column(s) {', '.join(missing)}",
+                                  expected="the feature pipeline's training examples: " + ", ".join(EXAMPLE_COLUMNS))
+    if horizon_days > 0 and {"user_id", "timestamp"} <= names:
+        return ds.select_columns([*EXAMPLE_COLUMNS, "user_id", "timestamp"]).groupby("user_id").map_groups(
+            _future_items_fn(horizon_days), batch_format="pandas")
+    return ds.select_columns(list(EXAMPLE_COLUMNS))
+
+
+# ---- the per-worker loop -------------------------------------------------------------------------
+def _no_buffer_sync_kwargs() -> dict[str, bool]:
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def _ranker_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = RankerConfig(**loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    model = RankerModel(**loop_config["model_config"])
+    if loop_config.get("item_counts_ref") is not None:
+        model.set_item_counts(ray.get(loop_config["item_counts_ref"]))
+    history: list[dict] = []
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model = load_ranker(d)
+            import json
+
+            extra = json.loads((Path(d) / "ranker_config.json").read_text()).get("extra", {})
+            start_epoch, history = int(extra.get("epoch", 0)), list(extra.get("history", []))
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=_no_buffer_sync_kwargs())
+    base = model.module if isinstance(model, DistributedDataParallel) else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    device = ray.train.torch.get_device()
+    device = device[0] if isinstance(device, list) else device
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed + 1000 * epoch + rank)
+        model.train()
+        started = time.perf_counter()
+        loss_sum, n_rows = 0.0, 0
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            dtypes={"hist": torch.long, "dense": torch.float32, "cands": torch.long,
+                    "gains": torch.float32, "rscore": torch.float32},
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed + 1000 * epoch + rank) if cfg.shuffle_buffer else None,
+        )
+        joined = model.join() if isinstance(model, DistributedDataParallel) else _null()
+        with joined:
+            for b in batches:
+                scores = model(b["hist"], b["dense"], b["cands"], b["rscore"])
+                loss = listwise_loss(scores, b["gains"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(b["cands"])
+                n_rows += len(b["cands"])
+        totals = torch.tensor([loss_sum, float(n_rows)], dtype=torch.float64, device=device)
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        elapsed = time.perf_counter() - started
+        metrics = {"epoch": epoch + 1, "loss": float(totals[0] / totals[1]) if totals[1] else float("nan"),
+                   "lists": int(totals[1]), "lists_per_s": float(totals[1]) / elapsed if elapsed > 0 else 0.0}
+        history.append(metrics)
+        name = f"epoch_{epoch + 1:04d}"
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_ranker(base, tmp, extra={"epoch": epoch + 1, "history": history})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=name)
+        else:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+    return history
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---- the driver ------------------------------------------------------------------------------------
+def train_ranker(
+    examples: "ray.data.Dataset | pd.DataFrame",
+    items: pd.DataFrame,
+    vocab: ItemVocab,
+    config: RankerConfig,
+    runs_dir: str,
+    run_name: str,
+    retrieval_model: TwoTowerModel | None = None,
+    item_counts: pd.DataFrame | None = None,
+) -> RankerResult:
+    """Train the ranker on the feature layer's training examples with Ray Train V2.
+
+    ``vocab`` must be the two-tower model's vocabulary (the ranker is served with it).
+    ``retrieval_model`` enables hard negatives and the two-tower-score feature; without it
+    every negative is random. ``item_counts`` (``item_id`` + count columns, e.g.
+    ``features.compute.item_counts_at`` at the training cutoff) become item popularity
+    features; ``items`` is used to check the catalogue and as a fallback source of counts
+    when it carries the count columns. Re-using ``run_name`` resumes that run (Ray Train V2).
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    if vocab.n_items < 2:
+        raise DataValidationError("items", f"{vocab.n_items} item(s) in the vocabulary", column="item_id",
+                                  expected="at least 2 distinct item ids")
+    if "item_id" not in items.columns:
+        raise DataValidationError("items", "column missing", column="item_id", expected="string item ids")
+    if item_counts is None and all(c in items.columns for c in COUNT_COLUMNS):
+        item_counts = items
+    counts = item_count_matrix(vocab, item_counts)
+    use_rs = bool(config.use_retrieval_score and retrieval_model is not None)
+    model_config = RankerModel.from_vocab(vocab, dim=config.dim, hidden=config.hidden,
+                                          use_retrieval_score=use_rs, dropout=config.dropout).config()
+    ds = _as_dataset(examples, config.negative_horizon_days).map_batches(
+        ListEncoder(vocab, config, retrieval_model), batch_format="numpy",
+        batch_size=ENCODE_BATCH_SIZE, compute=ray.data.TaskPoolStrategy(),
+    ).random_shuffle(seed=config.seed).materialize()
+    n_lists = ds.count()
+    if n_lists == 0:
+        raise DataValidationError("ranker examples", f"no example has an item in the catalogue and an event "
+                                  f"of at least '{config.min_event_type}'", column="item_id",
+                                  hint="Check that the items cover the events' item ids, or lower min_event_type")
+    storage_path = runs_dir if is_uri(runs_dir) else str(Path(runs_dir).expanduser().resolve())
+    trainer = TorchTrainer(
+        _ranker_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(),
+            "model_config": model_config,
+            "item_counts_ref": ray.put(counts) if counts is not None else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            storage_path=storage_path, name=run_name,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    log.info("training ranker %s: %d lists of %d candidates, %d workers, hard negatives=%s",
+             run_name, n_lists, 1 + config.n_hard + config.n_random, config.num_workers,
+             retrieval_model is not None)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"ranker run {run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        model = load_ranker(d)
+    history = result.return_value or []
+    metrics = {"history": list(history), "loss": history[-1]["loss"] if history else None,
+               "lists": int(n_lists), "use_retrieval_score": use_rs,
+               "hard_negatives": retrieval_model is not None and config.n_hard > 0}
+    return RankerResult(model=model, path=result.checkpoint.path, metrics=metrics,
+                        duration_s=time.perf_counter() - started)
+
+
+def attach_ranker(ranker_path: str, artifact_dir: str) -> str:
+    """Copy a ranker artifact into ``<artifact_dir>/ranker`` (what serving looks for), so one
+    registry version carries both models. The copy is renamed into place: a reader sees the
+    old ranker or the new one. Local directories only."""
+    if is_uri(ranker_path) or is_uri(artifact_dir):
+        raise UserInputError("attach_ranker: local directories only; register from a local copy")
+    dest = Path(artifact_dir) / RANKER_SUBDIR
+    load_ranker(ranker_path)  # refuse to attach something serving cannot load
+    staged = Path(tempfile.mkdtemp(prefix=".ranker-", dir=artifact_dir))
+    try:
+        for f in ("ranker.pt", "ranker_config.json"):
+            shutil.copy2(Path(ranker_path) / f, staged / f)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=".ranker-old-", dir=artifact_dir))
+            os.replace(dest, old / "r")
+            os.replace(staged, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staged, dest)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return str(dest)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+def evaluate_ranker(
+    ranker: RankerModel,
+    retrieval_model: TwoTowerModel,
+    vocab: ItemVocab,
+    context: pd.DataFrame,
+    truth: dict[str, set[str]],
+    k: int = 10,
+    n_candidates: int = 100,
+) -> dict:
+    """recall@k and NDCG@k of retrieval alone and of retrieve(top ``n_candidates``) -> rank, on
+    the same users (those in both ``context`` and ``truth``), purchased items excluded from both."""
+    ctx = context.copy()
+    ctx["user_id"] = ctx["user_id"].astype(str)
+    ctx = ctx[ctx["user_id"].isin(truth.keys())].drop_duplicates("user_id", keep="last").reset_index(drop=True)
+    names = (f"recall@{k}", f"ndcg@{k}")
+    if ctx.empty:
+        zero = {names[0]: 0.0, names[1]: 0.0}
+        return {"retrieval": dict(zero), "ranked": dict(zero), "users": 0, "candidates": n_candidates}
+    last = [_as_list(x) for x in ctx["last_items"]]
+    counts = ctx.reindex(columns=COUNT_COLUMNS).to_numpy(dtype="float32", na_value=0.0)
+    bought = [_as_list(x) for x in ctx["purchased_items"]] if "purchased_items" in ctx.columns else None
+    idx, scores = retrieve(retrieval_model, vocab, last, counts, n_candidates, exclude=bought)
+    ids = np.asarray([""] + vocab.item_ids, dtype=object)
+    cand_ids = [[ids[i] for i in row if i > 0] for row in idx]
+    cand_rs = [[float(s) for i, s in zip(r_i, r_s, strict=True) if i > 0] for r_i, r_s in zip(idx, scores, strict=True)]
+    ranked: list[list[str]] = []
+    for s in range(0, len(ctx), 512):
+        sub = rerank(ranker, vocab, ctx.iloc[s:s + 512], cand_ids[s:s + 512], cand_rs[s:s + 512])
+        for c, sc in zip(cand_ids[s:s + 512], sub, strict=True):
+            ranked.append([c[j] for j in np.argsort(-sc, kind="stable")])
+    out = {"retrieval": {}, "ranked": {}, "users": len(ctx), "candidates": n_candidates}
+    for key, lists in (("retrieval", cand_ids), ("ranked", ranked)):
+        rel = [truth[u] for u in ctx["user_id"]]
+        out[key] = {names[0]: float(np.mean([recall_at_k(r, t, k) for r, t in zip(lists, rel, strict=True)])),
+                    names[1]: float(np.mean([ndcg_at_k(r, t, k) for r, t in zip(lists, rel, strict=True)]))}
+    out[f"recall@{n_candidates}"] = float(np.mean(
+        [recall_at_k(r, truth[u], n_candidates) for r, u in zip(cand_ids, ctx["user_id"], strict=True)]))
+    return out
+
+
+__all__ = [
+    "ListEncoder",
+    "RankerConfig",
+    "RankerResult",
+    "attach_ranker",
+    "evaluate_ranker",
+    "item_count_matrix",
+    "rerank",
+    "retrieve",
+    "train_ranker",
+]
