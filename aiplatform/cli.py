@@ -109,12 +109,55 @@ def _run_job(module_main, home: Optional[str], extra: list[str]) -> None:
         raise typer.Exit(code)
 
 
-@app.command()
-def features(home: Optional[str] = HomeOpt) -> None:
-    """Compute features with Ray Data into the offline store and materialize them online."""
+features_app = typer.Typer(help="Declared feature views: validate and version them (apply), compute them (run).")
+app.add_typer(features_app, name="features")
+DefsOpt = typer.Option("apps.shop.features", "--module", help="Python module declaring VIEWS, SERVICES, ON_DEMAND.")
+
+
+@features_app.callback(invoke_without_command=True)
+def features(ctx: typer.Context, home: Optional[str] = HomeOpt) -> None:
+    """Compute features with Ray Data into the offline store and materialize them online.
+
+    Without a subcommand: the quickstart pipeline (user_activity, item_popularity, online store).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from aiplatform.jobs.features import main
 
     _run_job(main, home, [])
+
+
+@features_app.command("apply")
+def features_apply(module: str = DefsOpt, home: Optional[str] = HomeOpt) -> None:
+    """Check the declared views against the lake's schemas and record their versions."""
+    from rich.table import Table
+
+    from aiplatform.features.apply import apply, load_definitions
+
+    try:
+        layout = Layout.at(Settings.load(home=home).home)
+        report = apply(layout, *load_definitions(module))
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    table = Table(title=f"feature definitions ({module})")
+    for col in ("kind", "name", "version", "status", "features"):
+        table.add_column(col)
+    colours = {"new": "green", "changed": "yellow", "unchanged": "dim"}
+    for e in report.entries:
+        status = f"changed {e.previous} -> {e.version}" if e.status == "changed" else e.status
+        feats = ", ".join(e.features[:6]) + (f", ... ({len(e.features)} in all)" if len(e.features) > 6 else "")
+        table.add_row(e.kind, e.name, e.version, f"[{colours[e.status]}]{status}[/]", feats)
+    console.print(table)
+    console.print(f"registry: {report.registry_path}" if report.changed else "nothing changed")
+
+
+@features_app.command("run")
+def features_run(full: bool = typer.Option(False, "--full", help="Recompute every row (fixes late events)."),
+                 module: str = DefsOpt, home: Optional[str] = HomeOpt) -> None:
+    """Bring the offline table of every declared view up to date (incremental unless --full)."""
+    from aiplatform.jobs.features import main
+
+    _run_job(main, home, ["--views", module] + (["--full"] if full else []))
 
 
 @app.command()
@@ -150,7 +193,7 @@ def serve(home: Optional[str] = HomeOpt, port: Optional[int] = typer.Option(None
     try:
         settings = Settings.load(home=home, http_port=port)
         ensure_ray(settings)
-        url = serving.start(serving.build_app(Layout.at(settings.home), settings.model_name),
+        url = serving.start(serving.build_app(Layout.at(settings.home), settings.model_name, settings=settings),
                             settings.http_host, settings.http_port)
         console.print(f"serving at {url} (OpenAPI: {url}/docs)")
         qs.wait_until_interrupted(console)

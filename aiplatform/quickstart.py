@@ -129,7 +129,7 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
         from aiplatform.serving import app as serving
 
         url = stages.run("serve", f"starting Ray Serve on {settings.http_host}:{settings.http_port}",
-                         lambda: serving.start(serving.build_app(layout, settings.model_name),
+                         lambda: serving.start(serving.build_app(layout, settings.model_name, settings=settings),
                                                settings.http_host, settings.http_port))
         result.url = url
         result.demo = stages.run("demo", "sending a recommendation request", lambda: _demo(layout, url, console))

@@ -24,6 +24,9 @@ class Settings(BaseModel):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     model_name: str = "two_tower"
+    features_module: str = Field("apps.shop.features",
+                                 description="Python module declaring VIEWS, SERVICES, ON_DEMAND")
+    feature_service: str = Field("recommender_user", description="Feature service the recommender reads")
 
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":
@@ -43,6 +46,8 @@ class Settings(BaseModel):
             "AIPLATFORM_ONLINE_STORE": "online_store",
             "AIPLATFORM_HTTP_HOST": "http_host",
             "AIPLATFORM_HTTP_PORT": "http_port",
+            "AIPLATFORM_FEATURES_MODULE": "features_module",
+            "AIPLATFORM_FEATURE_SERVICE": "feature_service",
         }
         for env, key in env_map.items():
             if os.environ.get(env):

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from aiplatform.core.errors import DataValidationError
 from aiplatform.core.storage import Layout
-from aiplatform.data import validate
+from aiplatform.data import eventlog, validate
 
 
 @dataclass
@@ -48,6 +48,7 @@ def import_files(layout: Layout, events: str, items: str, users: str | None = No
     layout.ensure()
     for name, table in (("events", ev), ("items", it), ("users", us)):
         _swap_in(Path(layout.lake_table(name)), table)
+    eventlog.clear(layout)  # real-time events of the replaced data do not belong to the new one
     ts = ev.column("timestamp")
     return ImportSummary(ev.num_rows, it.num_rows, us.num_rows,
                          pd.Timestamp(ts[0].as_py()), pd.Timestamp(ts[-1].as_py()))

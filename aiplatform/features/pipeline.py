@@ -13,12 +13,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from aiplatform.core.errors import ConfigError
+from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.features import compute
 from aiplatform.features.online import open_online_store
 
 if TYPE_CHECKING:  # Ray is imported where it runs, so importing this module stays cheap
     import ray.data
+
+    from aiplatform.features.definitions import FeatureService
 
 POPULAR_ITEMS_KEPT = 200
 USER_VIEW, ITEM_VIEW = "user_activity", "item_popularity"
@@ -33,6 +37,8 @@ class FeatureRunSummary:
     offline_versions: dict[str, int]
     online_rows: int
     duration_s: float
+    service_entities: int = 0
+    """Entities of the served feature service written to the online store by this run."""
 
 
 def read_events(layout: Layout) -> "ray.data.Dataset":
@@ -151,9 +157,52 @@ def materialize(layout: Layout, batch_size: int = 10_000) -> int:
     return written
 
 
-def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None) -> FeatureRunSummary:
+def served_service(settings: Settings) -> "FeatureService":
+    """The feature service the recommender reads (``settings.feature_service`` of
+    ``settings.features_module``)."""
+    from aiplatform.features.apply import load_definitions
+
+    _, services, _ = load_definitions(settings.features_module)
+    for service in services:
+        if service.name == settings.feature_service:
+            return service
+    raise ConfigError(f"feature service {settings.feature_service!r} is not declared in "
+                      f"{settings.features_module} (SERVICES: {[s.name for s in services]}); "
+                      "set AIPLATFORM_FEATURE_SERVICE to one of them")
+
+
+def _lake_replaced_since(layout: Layout, view, state: dict | None) -> bool:
+    """True when the view's source table was re-imported after the view's last run: an import
+    replaces the data wholesale, so an incremental run (new events only) would be wrong."""
+    if state is None or not state.get("updated_at"):
+        return True
+    source = Path(layout.lake_table(view.source.table))
+    if not source.exists():
+        return False
+    return source.stat().st_mtime > pd.Timestamp(state["updated_at"]).timestamp()
+
+
+def run_service_pipeline(layout: Layout, settings: Settings, *, full: bool = False) -> int:
+    """Bring the served service's views up to date (Ray Data -> Lance) and materialize them
+    into the online store; returns the entities written online."""
+    from aiplatform.features.materialize import materialize as materialize_service
+    from aiplatform.features.offline import read_state, run_view
+    from aiplatform.features.server import open_store
+
+    service = served_service(settings)
+    runs = [run_view(layout, v, full=full or _lake_replaced_since(layout, v, read_state(layout, v)))
+            for v in service.views]
+    store = open_store(settings, layout)
+    return materialize_service(layout, service, store, full=full or any(r.mode == "full" for r in runs)
+                               ).entities_written
+
+
+def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None,
+                         settings: Settings | None = None) -> FeatureRunSummary:
     """Compute user_activity and item_popularity at ``as_of`` (default: just after the last
-    event), write them to the offline store and materialize them online."""
+    event), write them to the offline store and materialize them online; then bring the
+    declared views of the served feature service up to date and materialize it (what serving
+    reads through ``get_online_features``)."""
     started = time.perf_counter()
     events = read_events(layout).materialize()
     if as_of is None:
@@ -167,10 +216,11 @@ def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None) -> F
         ITEM_VIEW: _write_lance(items, layout.feature_table(ITEM_VIEW)),
     }
     online_rows = materialize(layout)
+    service_entities = run_service_pipeline(layout, settings or Settings.load())
     return FeatureRunSummary(users=users.count(), items=items.count(), as_of=utc(as_of),
                              offline_versions=versions, online_rows=online_rows,
-                             duration_s=time.perf_counter() - started)
+                             duration_s=time.perf_counter() - started, service_entities=service_entities)
 
 
-__all__ = ["FeatureRunSummary", "build_training_examples", "materialize",
-           "read_events", "run_feature_pipeline", "user_features_dataset"]
+__all__ = ["FeatureRunSummary", "build_training_examples", "materialize", "read_events",
+           "run_feature_pipeline", "run_service_pipeline", "served_service", "user_features_dataset"]

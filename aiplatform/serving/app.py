@@ -11,6 +11,7 @@ would get a 422).
 
 import logging
 import uuid
+from datetime import timezone
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -20,7 +21,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from aiplatform.core.errors import NotFoundError, UserInputError
+from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
+from aiplatform.features.server import online_store_uri
 from aiplatform.models.ranker import ranker_dir_of
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval.index import ItemIndex, vector_table_name
@@ -28,6 +31,8 @@ from aiplatform.serving.deployments import Ranker, Retriever, UserFeatureReader,
 from aiplatform.serving.schemas import (
     MAX_K,
     ErrorResponse,
+    EventsAccepted,
+    EventsRequest,
     Health,
     ModelRef,
     RecommendationRequest,
@@ -187,6 +192,27 @@ class RecommendationAPI:
             request_id=uuid.uuid4().hex,
         )
 
+    @api.post(
+        "/v1/events",
+        status_code=202,
+        response_model=EventsAccepted,
+        responses={422: {"description": "An event is invalid; `message` names the field."}},
+    )
+    async def events(self, body: EventsRequest) -> EventsAccepted:
+        """Record real-time events: they are appended to the event log (which the batch
+        pipeline reads too) and the touched users' online features are recomputed at once,
+        so the next recommendation sees them."""
+        events = [e.model_dump() for e in body.events]
+        for e in events:
+            if e["timestamp"].tzinfo is None:
+                e["timestamp"] = e["timestamp"].replace(tzinfo=timezone.utc)
+        result = await self.features.push.remote(events)
+        if "error" in result:  # checked by the data contract after the schema: still the client's fault
+            return JSONResponse(status_code=422, content={"message": f"events: {result['error']}",
+                                                          "detail": result["error"]})
+        return EventsAccepted(accepted=result["accepted"], entities_updated=result["entities_updated"],
+                              request_id=uuid.uuid4().hex)
+
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
         """The served model and the size of its item index."""
@@ -197,6 +223,7 @@ def build_app(
     home: "str | Layout",
     model_name: str = "two_tower",
     alias: str = "champion",
+    settings: Settings | None = None,
 ) -> serve.Application:
     """The Serve application for the version ``alias`` points at.
 
@@ -206,6 +233,7 @@ def build_app(
     retrieve-then-rank; otherwise in retrieval order.
     """
     layout = home if isinstance(home, Layout) else Layout.at(home)
+    settings = settings or Settings.load()
     mv = ModelRegistry(layout).get_by_alias(model_name, alias)
     table = vector_table_name(mv.name, mv.version)
     ItemIndex(layout.vectors, table)  # raises NotFoundError naming the tables that exist
@@ -213,7 +241,8 @@ def build_app(
     log.info("serving %s v%d (%s) from %s%s", mv.name, mv.version, alias, mv.artifact_uri,
              " with its ranker" if has_ranker else "")
     return RecommendationAPI.bind(
-        UserFeatureReader.bind(layout.online_sqlite),
+        UserFeatureReader.bind(layout.root, online_store_uri(settings, layout), settings.features_module,
+                               settings.feature_service),
         UserTower.bind(mv.artifact_uri),
         Retriever.bind(layout.vectors, table),
         model_name=mv.name,

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from aiplatform.features.definitions import COUNT_COLUMNS
 from aiplatform.features.online import SQLiteOnlineStore
 from aiplatform.retrieval.index import ItemIndex
 
@@ -40,26 +41,54 @@ def _autoscaling(max_replicas: int, target: float) -> dict[str, Any]:
     ray_actor_options={"num_cpus": 0.1},
 )
 class UserFeatureReader:
-    """Reads one user's online features and the popular-items fallback from SQLite."""
+    """A user's online features through the feature store's API (``features.server``), the
+    popular-items fallback, and real-time events (``push``), which rewrite the touched users'
+    rows at once."""
 
-    def __init__(self, online_store_path: str) -> None:
-        self.store = SQLiteOnlineStore(online_store_path)
+    def __init__(self, home: str, online_store: str, features_module: str, service_name: str) -> None:
+        from aiplatform.core.storage import Layout
+        from aiplatform.features.apply import load_definitions
+        from aiplatform.features.online import open_online_store
+        from aiplatform.features.server import FeatureServer
+
+        self.layout = Layout.at(home)
+        _, services, _ = load_definitions(features_module)
+        matches = [s for s in services if s.name == service_name]
+        if not matches:
+            raise ValueError(f"feature service {service_name!r} is not declared in {features_module}")
+        self.service = matches[0]
+        self.store = open_online_store(online_store)
+        self.server = FeatureServer(self.store, self.service)
+        self.popular_store = SQLiteOnlineStore(self.layout.online_sqlite)
 
     def get(self, user_id: str) -> dict[str, Any] | None:
         """{'last_items', 'purchased_items', 'counts'} of a user, or None if unknown."""
-        feats = self.store.get_user_features(user_id)
-        if feats is None:
+        feats = self.server.get([user_id])
+        if feats.status[0] != "ok":
             return None
+        row = feats.to_dict(0)
         return {
-            "last_items": list(feats.last_items),
-            "purchased_items": list(feats.purchased_items),
-            "counts": np.asarray(feats.counts, dtype=np.float32),
+            "last_items": list(row.get("last_items") or []),
+            "purchased_items": list(row.get("purchased_items") or []),
+            "counts": np.asarray([row.get(c) or 0 for c in COUNT_COLUMNS], dtype=np.float32),
         }
 
     def popular(self, k: int, exclude: list[str] | None = None) -> list[tuple[str, float]]:
         """The ``k`` most popular items, leaving out ``exclude``."""
         skip = set(exclude or ())
-        return [p for p in self.store.get_popular_items(k + len(skip)) if p[0] not in skip][:k]
+        return [p for p in self.popular_store.get_popular_items(k + len(skip)) if p[0] not in skip][:k]
+
+    def push(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """Append ``events`` to the event log and update the touched users' online rows.
+        Returns {'accepted', 'entities_updated'} or {'error': message} for invalid events."""
+        from aiplatform.core.errors import UserInputError
+        from aiplatform.features.push import push
+
+        try:
+            result = push(self.layout, events, [self.service], self.store)
+        except UserInputError as exc:
+            return {"error": str(exc)}
+        return {"accepted": result.events, "entities_updated": result.entities_updated}
 
 
 @serve.deployment(

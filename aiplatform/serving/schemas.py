@@ -5,6 +5,8 @@ against them (a bad field is a 422 that names it) and renders them in the OpenAP
 ``/docs``.
 """
 
+from datetime import datetime
+
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_K = 100
@@ -72,3 +74,39 @@ class Health(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+MAX_EVENTS = 1000
+"""Most events one ``POST /v1/events`` may carry (bigger loads: `aiplatform data import`)."""
+
+
+class Event(BaseModel):
+    """One user interaction, in the events data contract (DESIGN.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(..., min_length=1, max_length=256)
+    item_id: str = Field(..., min_length=1, max_length=256)
+    event_type: str = Field(..., min_length=1, max_length=64,
+                            description="view, click, add_to_cart or purchase (others count as view)")
+    timestamp: datetime = Field(..., description="ISO 8601; a time without a zone is UTC")
+    value: float | None = Field(None, description="A price or rating")
+    event_id: str | None = Field(None, max_length=256, description="Unique id, used to drop duplicates")
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"events": [
+            {"user_id": "u_00042", "item_id": "i_00007", "event_type": "click",
+             "timestamp": "2026-11-28T12:00:00Z"}]}]},
+    )
+
+    events: list[Event] = Field(..., min_length=1, max_length=MAX_EVENTS)
+
+
+class EventsAccepted(BaseModel):
+    accepted: int = Field(..., description="Events written to the event log")
+    entities_updated: dict[str, int] = Field(..., description="Feature service -> entities whose "
+                                                              "online row was rewritten")
+    request_id: str

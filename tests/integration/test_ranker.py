@@ -13,7 +13,6 @@ from aiplatform.core.errors import DataValidationError
 from aiplatform.core.storage import Layout
 from aiplatform.features.definitions import COUNT_COLUMNS
 from aiplatform.features.compute import as_micros, item_counts_at, training_examples, user_features_at
-from aiplatform.features.online import SQLiteOnlineStore
 from aiplatform.models.ranker import load_ranker, ranker_dir_of
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, load_artifact, save_artifact
 from aiplatform.registry import ModelRegistry
@@ -22,6 +21,7 @@ from aiplatform.retrieval.index import ItemIndex, vector_table_name
 from aiplatform.serving.app import build_app, rank_candidates, start, stop
 from aiplatform.training.evaluate import split_by_time
 from aiplatform.training.ranker import RankerConfig, attach_ranker, evaluate_ranker, rerank, train_ranker
+from tests.feature_rows import write_user_rows
 from apps.shop.generate import ShopSize, generate
 
 pytestmark = pytest.mark.integration
@@ -105,7 +105,7 @@ def served(trained, shop, tmp_path_factory):
     assert ranker_dir_of(mv.artifact_uri) is not None  # the registry copied ranker/ too
     build_item_index(layout.vectors, "two_tower", mv.version, mv.artifact_uri, shop["items"])
     users = shop["context"][shop["context"]["user_id"].isin(list(shop["truth"])[:5])].reset_index(drop=True)
-    SQLiteOnlineStore(layout.online_sqlite).write_user_features(users)
+    write_user_rows(layout, users)
     url = start(build_app(layout.root), host="127.0.0.1", port=_free_port(), name="aiplatform-ranker-test")
     with httpx.Client(base_url=url, timeout=60) as client:
         yield {"client": client, "layout": layout, "users": users, "version": mv.version,

@@ -2,6 +2,7 @@
 
 import socket
 import uuid
+from pathlib import Path
 from datetime import datetime, timezone
 
 import httpx
@@ -19,6 +20,7 @@ from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval import build_item_index
 from aiplatform.serving.app import build_app, start, stop
 from aiplatform.serving.schemas import MAX_K
+from tests.feature_rows import write_user_rows
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +67,7 @@ def home(tmp_path_factory):
 
     store = SQLiteOnlineStore(layout.online_sqlite)
     # u_buyer and u_browser look identical to the model; only u_buyer has bought items
-    store.write_user_features(_user_rows([("u_browser", HISTORY, []), ("u_buyer", HISTORY, [])]))
+    write_user_rows(layout, _user_rows([("u_browser", HISTORY, []), ("u_buyer", HISTORY, [])]))
     store.write_popular_items(POPULAR)
     return {"layout": layout, "items": items, "artifact": v2.artifact_uri, "store": store}
 
@@ -110,11 +112,51 @@ def test_known_user_gets_k_items_from_the_champion(client):
 def test_purchased_items_are_excluded(client, home):
     top = [i["item_id"] for i in _recommend(client, "u_browser", k=10)["items"]]
     bought = top[:3]
-    home["store"].write_user_features(_user_rows([("u_buyer", HISTORY, bought)]))
+    write_user_rows(home["layout"], _user_rows([("u_buyer", HISTORY, bought)]))
     got = [i["item_id"] for i in _recommend(client, "u_buyer", k=10)["items"]]
     assert len(got) == 10
     assert not set(bought) & set(got)
     assert set(got[:7]) == set(top[3:])
+
+
+def test_posted_events_change_the_next_recommendation_at_once(client, home):
+    """POST /v1/events -> event log + the user's online row recomputed -> purchases excluded."""
+    top = [i["item_id"] for i in _recommend(client, "u_pusher", k=5)["items"]]
+    assert _recommend(client, "u_pusher")["fallback"] == "popular"  # no features yet
+    events = [{"user_id": "u_pusher", "item_id": item, "event_type": kind,
+               "timestamp": f"2026-11-28T12:0{i}:00Z"}
+              for i, (item, kind) in enumerate([(HISTORY[0], "view"), (HISTORY[1], "click"),
+                                                (HISTORY[2], "purchase")])]
+    resp = client.post("/v1/events", json={"events": events})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["accepted"] == 3 and resp.json()["entities_updated"] == {"recommender_user": 1}
+    body = _recommend(client, "u_pusher", k=10)
+    assert body["fallback"] is None  # the user has features now
+    assert HISTORY[2] not in {i["item_id"] for i in body["items"]}  # bought: excluded
+    assert top  # the popular fallback served before
+    logged = list(Path(home["layout"].eventlog).glob("events-*.parquet"))
+    assert len(logged) == 1
+
+
+@pytest.mark.parametrize("event, field", [
+    ({"user_id": "u1", "item_id": "i1", "event_type": "view"}, "timestamp"),
+    ({"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": "yesterday"}, "timestamp"),
+    ({"user_id": "", "item_id": "i1", "event_type": "view", "timestamp": "2026-11-28T12:00:00Z"}, "user_id"),
+    ({"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": "2026-11-28T12:00:00Z",
+      "colour": "red"}, "colour"),
+])
+def test_bad_events_are_422_naming_the_field_and_store_nothing(client, home, event, field):
+    before = sorted(Path(home["layout"].eventlog).glob("events-*.parquet"))
+    resp = client.post("/v1/events", json={"events": [event]})
+    assert resp.status_code == 422, resp.text
+    assert field in resp.json()["message"]
+    assert sorted(Path(home["layout"].eventlog).glob("events-*.parquet")) == before
+
+
+def test_too_many_events_is_422(client):
+    event = {"user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": "2026-11-28T12:00:00Z"}
+    resp = client.post("/v1/events", json={"events": [event] * 1001})
+    assert resp.status_code == 422 and resp.json()["message"].startswith("events:")
 
 
 def test_unknown_user_gets_popular_items(client):

@@ -1,0 +1,323 @@
+"""Point-in-time join: aiplatform (Ray Data + Lance, bucketed) vs DuckDB ASOF JOIN vs pandas merge_asof.
+
+Same data for every contender, generated once (numpy, seeded): ``--rows`` feature rows of
+``--entities`` entities over a year with ``--features`` float64 features, and ``--labels`` label
+rows (entity, time) over the same year plus a month, so some labels find nothing (missing) and
+some only rows older than the ttl (expired). The feature table is written in our offline layout
+(Lance, ``_bucket`` column) for us and kept as Arrow / pandas in memory for the peers.
+
+Timed: the join alone, result materialized (ours: ``point_in_time_join(...).materialize()``,
+Ray startup and the Lance write excluded; DuckDB: ``fetch_arrow_table``; pandas: stable sort of
+both sides + ``merge_asof(by=, tolerance=)``). Memory: peak RSS above the level just before the
+run, sampled every 50 ms by a psutil thread over the whole process tree (Ray's raylet and workers
+are children of this process; shared object-store pages are counted in each process that maps
+them, so ours is an upper bound). Exactness: per label, the matched row's time when it is within
+the ttl (else null) and the first feature must equal pandas' on every row.
+
+    python benchmarks/features_pit.py                         # 1M labels x 10M rows (several GB)
+    python benchmarks/features_pit.py --labels 100_000 --rows 1_000_000 --entities 10_000
+"""
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psutil
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import RESULTS, print_table, save  # noqa: E402
+
+DAY_US = 86_400_000_000
+T0_US = pd.Timestamp("2025-01-01", tz="UTC").value // 1000
+UTC_US = pa.timestamp("us", tz="UTC")
+
+
+# ---- memory sampling ----------------------------------------------------------------------------
+def tree_rss() -> int:
+    me = psutil.Process()
+    total = 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class PeakRSS:
+    """Peak RSS of the process tree above the level at entry, sampled by a thread."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        self.base = tree_rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss())
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss())
+
+    @property
+    def delta_gb(self) -> float:
+        return (self.peak - self.base) / 2**30
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def make_data(n_labels: int, n_rows: int, n_entities: int, n_features: int, seed: int = 0
+              ) -> tuple[pa.Table, pa.Table]:
+    from aiplatform.features.partition import BUCKET_COLUMN, TIMESTAMP_COLUMN, entity_bucket
+
+    rng = np.random.default_rng(seed)
+    names = np.array([f"e{i:08d}" for i in range(n_entities)], dtype=object)
+    # entities have skewed activity; the last 1% never appear in the feature table
+    active = max(1, n_entities - n_entities // 100)
+    codes = np.minimum((rng.pareto(1.5, n_rows) * active / 20).astype(np.int64), active - 1)
+    keys = names[codes]
+    features = {"entity_id": pa.array(keys, pa.string()),
+                TIMESTAMP_COLUMN: pa.array(T0_US + rng.integers(0, 365 * DAY_US, n_rows)).cast(UTC_US),
+                BUCKET_COLUMN: pa.array(entity_bucket(names)[codes], pa.int32())}
+    for i in range(n_features):
+        features[f"f{i}"] = pa.array(rng.standard_normal(n_rows))
+    labels = pa.table({"label_id": pa.array(np.arange(n_labels)),
+                       "entity_id": pa.array(names[rng.integers(0, n_entities, n_labels)], pa.string()),
+                       TIMESTAMP_COLUMN: pa.array(T0_US + rng.integers(0, 395 * DAY_US, n_labels)).cast(UTC_US),
+                       "target": pa.array(rng.integers(0, 2, n_labels))})
+    return labels, pa.table(features)
+
+
+def write_offline(table: pa.Table, path: str, index: bool) -> None:
+    """Our offline layout: one Lance table written in two appended versions, each version's rows
+    clustered by ``_bucket`` and a scalar index on ``_bucket``, so one bucket's rows are a few
+    contiguous ranges found without a scan (without both, a bucket read costs a full scan or a
+    random take of every column)."""
+    import lance
+
+    half = table.num_rows // 2
+    for i, part in enumerate((table.slice(0, half), table.slice(half))):
+        part = part.take(np.argsort(part.column("_bucket").to_numpy(), kind="stable"))
+        ds = lance.write_dataset(part, path, mode="append" if i else "create", max_rows_per_file=4_000_000)
+    if index:
+        ds.create_scalar_index("_bucket", "BTREE")
+
+
+def read_back(path: str) -> pa.Table:
+    import lance
+
+    return lance.dataset(path).to_table().drop_columns(["_bucket"])
+
+
+def view_for(n_features: int, ttl_days: int):
+    from datetime import timedelta
+
+    from aiplatform.features.definitions import BatchSource, Entity, FeatureView, Field
+
+    return FeatureView("bench", Entity("entity", "entity_id"), BatchSource("events"),
+                       fields=tuple(Field(f"f{i}", "float64") for i in range(n_features)),
+                       ttl=timedelta(days=ttl_days))
+
+
+# ---- contenders ---------------------------------------------------------------------------------
+def run_ours(labels: pa.Table, layout, view) -> tuple[float, float, pa.Table]:
+    import ray
+
+    from aiplatform.features.pit import point_in_time_join
+
+    blocks = [labels.slice(i, -(-labels.num_rows // 4)) for i in range(0, labels.num_rows, -(-labels.num_rows // 4))]
+    point_in_time_join(ray.data.from_arrow(labels.slice(0, 1000)), layout, view).materialize()  # warm workers
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        ds = point_in_time_join(ray.data.from_arrow(blocks), layout, view).materialize()
+        rows = ds.count()
+        seconds = time.perf_counter() - t
+    out = pa.concat_tables([ray.get(r) for r in ds.to_arrow_refs()])
+    ok = pc_equal(out.column(f"{view.name}__status"), "ok")
+    result = pa.table({"label_id": out.column("label_id"),
+                       "ts": _where(ok, out.column(f"{view.name}__event_timestamp")), "f0": out.column("f0")})
+    assert rows == labels.num_rows
+    return seconds, mem.delta_gb, result
+
+
+def pc_equal(col, value):
+    import pyarrow.compute as pc
+
+    return pc.equal(col, value)
+
+
+def _where(mask, col):
+    import pyarrow.compute as pc
+
+    return pc.if_else(mask, col, pa.scalar(None, col.type))
+
+
+def run_duckdb(labels: pa.Table, features: pa.Table, ttl_us: int, n_features: int, threads: int
+               ) -> tuple[float, float, pa.Table]:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"SET threads={threads}")
+    con.register("labels", labels)
+    con.register("features", features)
+    ok = f"epoch_us(l.event_timestamp) - epoch_us(f.event_timestamp) <= {ttl_us}"
+    cols = ", ".join(f"CASE WHEN {ok} THEN f.f{i} END AS f{i}" for i in range(n_features))
+    sql = (f"SELECT l.*, {cols}, CASE WHEN {ok} THEN f.event_timestamp END AS ts "
+           "FROM labels l ASOF LEFT JOIN features f "
+           "ON l.entity_id = f.entity_id AND l.event_timestamp >= f.event_timestamp")
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        out = con.execute(sql).to_arrow_table()
+        seconds = time.perf_counter() - t
+    result = out.select(["label_id", "ts", "f0"])
+    del out
+    con.close()
+    return seconds, mem.delta_gb, result
+
+
+def run_pandas(labels: pd.DataFrame, features: pd.DataFrame, ttl_us: int) -> tuple[float, float, pa.Table]:
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        left = labels.sort_values("event_timestamp", kind="stable")
+        right = features.sort_values("event_timestamp", kind="stable")
+        right["ts"] = right["event_timestamp"]
+        out = pd.merge_asof(left, right, on="event_timestamp", by="entity_id", direction="backward",
+                            allow_exact_matches=True, tolerance=pd.Timedelta(np.timedelta64(ttl_us, "us")))
+        seconds = time.perf_counter() - t
+    result = pa.Table.from_pandas(out[["label_id", "ts", "f0"]], preserve_index=False)
+    del left, right, out
+    return seconds, mem.delta_gb, result
+
+
+def same(a: pa.Table, b: pa.Table) -> bool:
+    """Equal matched times (null = no valid match) and first feature, label by label."""
+    a, b = (t.sort_by("label_id") for t in (a, b))
+    if a.column("label_id") != b.column("label_id"):
+        return False
+    ta = a.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
+    tb = b.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
+    fa = a.column("f0").to_numpy(zero_copy_only=False)
+    fb = b.column("f0").to_numpy(zero_copy_only=False)
+    return bool(np.array_equal(ta, tb, equal_nan=True) and np.array_equal(fa, fb, equal_nan=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", type=int, default=1_000_000)
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--entities", type=int, default=100_000)
+    ap.add_argument("--features", type=int, default=30)
+    ap.add_argument("--ttl-days", type=int, default=30)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    ap.add_argument("--shuffle", default="sort_shuffle_pull_based",
+                    help="Ray Data shuffle strategy for the label groupby ('' = Ray's default, hash_shuffle); "
+                         "on one small machine the sort shuffle avoids the hash shuffle's aggregator actors")
+    ap.add_argument("--no-index", action="store_true", help="no Lance scalar index on _bucket")
+    ap.add_argument("--skip", default="", help="comma list of contenders to skip: ours,duckdb,pandas")
+    ap.add_argument("--out", default=str(RESULTS / "features_pit.json"))
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    ttl_us = args.ttl_days * DAY_US
+
+    from aiplatform.core.storage import Layout
+
+    t = time.perf_counter()
+    labels, features = make_data(args.labels, args.rows, args.entities, args.features)
+    gen_s = time.perf_counter() - t
+    workdir = tempfile.mkdtemp(prefix="features_pit_")
+    layout = Layout.at(workdir)
+    view = view_for(args.features, args.ttl_days)
+    t = time.perf_counter()
+    write_offline(features, layout.feature_table(view.table_name), index=not args.no_index)
+    write_s = time.perf_counter() - t
+    print(f"data: {args.labels:,} labels x {args.rows:,} rows ({args.entities:,} entities, {args.features} "
+          f"features); generated in {gen_s:.1f}s, Lance written in {write_s:.1f}s under {workdir}")
+
+    # the peers get the same rows back from the Lance table; holding them only when needed
+    # keeps the whole run within a few GB at full size
+    del features
+    gc.collect()
+    results: dict[str, tuple[float, float, pa.Table]] = {}
+    if "ours" not in skip:
+        import ray
+
+        ray.init(num_cpus=args.cpus, object_store_memory=2 * 2**30, include_dashboard=False,
+                 log_to_driver=False)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        if args.shuffle:
+            from ray.data.context import ShuffleStrategy
+
+            ctx.shuffle_strategy = ShuffleStrategy(args.shuffle)
+        ray.data.from_items([1]).materialize()  # warm the Ray Data executor (startup is not timed)
+        results["aiplatform point_in_time_join (Ray Data + Lance)"] = run_ours(labels, layout, view)
+        ray.shutdown()
+    if "duckdb" not in skip:
+        features = read_back(layout.feature_table(view.table_name))
+        results["DuckDB ASOF JOIN"] = run_duckdb(labels, features, ttl_us, args.features, args.cpus)
+        del features
+        gc.collect()
+    if "pandas" not in skip:
+        lab_pd = labels.to_pandas()
+        fea_pd = read_back(layout.feature_table(view.table_name)).to_pandas(self_destruct=True, split_blocks=True)
+        results["pandas merge_asof"] = run_pandas(lab_pd, fea_pd, ttl_us)
+        del lab_pd, fea_pd
+        gc.collect()
+
+    ref = results.get("pandas merge_asof", next(iter(results.values())))[2]
+    rows, payload = [], []
+    for name, (seconds, gb, table) in results.items():
+        exact = same(table, ref)
+        ok = int(table.column("ts").null_count)
+        rows.append([name, seconds, gb, table.num_rows, "yes" if exact else "NO"])
+        payload.append({"contender": name, "seconds": seconds, "peak_memory_gb": gb, "rows": table.num_rows,
+                        "exact_vs_reference": exact, "labels_without_valid_match": ok})
+    duck = results.get("DuckDB ASOF JOIN")
+    ours = results.get("aiplatform point_in_time_join (Ray Data + Lance)")
+    ratio = ours[0] / duck[0] if ours and duck else None
+    title = (f"Point-in-time join, {args.labels:,} labels x {args.rows:,} feature rows, {args.features} features"
+             + (f" — ours / DuckDB = {ratio:.2f}x (target <= 2x)" if ratio else ""))
+    print_table(title, ["contender", "seconds", "peak memory GB", "rows", "exact vs pandas"], rows)
+    print("| contender | seconds | peak memory GB | rows | exact vs pandas |\n| --- | ---: | ---: | ---: | --- |")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:,} | {r[4]} |")
+    out = Path(args.out)
+    name = out.stem
+    path = save(name, {"params": vars(args), "generate_s": gen_s, "lance_write_s": write_s,
+                       "ours_over_duckdb": ratio, "results": payload}) if out.parent == RESULTS else None
+    if path is None:
+        from common import machine
+        import json
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": machine(), "params": vars(args), "results": payload,
+                                   "ours_over_duckdb": ratio}, indent=2, default=str))
+        path = out
+    print(f"saved {path}")
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    if not all(p["exact_vs_reference"] for p in payload):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""FeatureServer: stored features plus on-demand ones computed by the same fn as training frames."""
+
+import numpy as np
+import pytest
+
+from apps.shop.features import purchase_share, recommender_user, user_activity
+from apps.shop.generate import ShopSize, generate
+from aiplatform.core.errors import UserInputError
+from aiplatform.features.definitions import FeatureService, OnDemandFeatureView
+from aiplatform.features.engine import compute_view_rows
+from aiplatform.features.materialize import latest_per_entity
+from aiplatform.features.online import open_online_store
+from aiplatform.features.server import FeatureServer
+
+
+@pytest.fixture()
+def store(tmp_path):
+    frames = generate(ShopSize(users=40, items=30, days=10), seed=5)
+    rows = latest_per_entity(compute_view_rows(user_activity, frames["events"]), "user_id")
+    st = open_online_store(str(tmp_path / "online.sqlite"))
+    st.write_features(recommender_user, rows)
+    return st, rows.to_pandas().set_index("user_id")
+
+
+def test_on_demand_values_match_the_fn_over_stored_rows(store):
+    st, rows = store
+    users = list(rows.index[:7]) + ["nobody"]
+    got = FeatureServer(st, recommender_user).get(users)
+    want = purchase_share.fn({c: rows.loc[users[:7], c].to_numpy() for c in user_activity.features})
+    np.testing.assert_allclose(got.columns["purchase_share_7d"][:7], want["purchase_share_7d"])
+    assert got.status.tolist() == ["ok"] * 7 + ["missing"]
+    assert got.to_dict(7)["purchase_share_7d"] is None
+    assert got.to_arrow().column("purchase_share_7d").null_count == 1
+
+
+def test_missing_request_field_names_it(store):
+    st, rows = store
+    boost = OnDemandFeatureView("boost", (user_activity,), {"device": "string"}, {"mobile_views": "float64"},
+                                lambda x: {"mobile_views": np.where(x["device"] == "mobile", x["view_7d"], 0.0)})
+    service = FeatureService("with_request", (user_activity, boost))
+    st.write_features(service, latest_per_entity(
+        compute_view_rows(user_activity, generate(ShopSize(users=40, items=30, days=10), seed=5)["events"]),
+        "user_id"))
+    server = FeatureServer(st, service)
+    with pytest.raises(UserInputError, match="device"):
+        server.get([rows.index[0]])
+    got = server.get([rows.index[0]], {"device": "mobile"})
+    assert got.columns["mobile_views"][0] == rows.loc[rows.index[0], "view_7d"]
