@@ -6,8 +6,15 @@ This is the entrypoint for ``ray job submit``::
         python -m aiplatform.jobs.train --home /data/aiplatform --epochs 3
 
 It runs on whatever cluster ``RAY_ADDRESS`` names (a job's driver inherits it), reads the
-lake under the storage root, and registers the model as ``champion`` when it beats the
-popularity baseline on the held-out days (or always, with ``--always-promote``).
+lake under the storage root, evaluates the model against the popularity and co-occurrence
+baselines on the held-out days and checks the config's quality ``gates``:
+
+- every trained model is registered (its metrics are worth keeping);
+- a model that passes every gate gets the alias ``challenger``, and ``champion`` too when the
+  model has no champion yet (so a first run can serve) or with ``--promote``;
+- a model that fails a gate gets no alias; the log and the report name the gate and the
+  numbers. The exit code stays 0 unless ``--fail-on-gate`` (then 3);
+- ``--always-promote`` makes the new version champion whatever the gates say.
 """
 
 import argparse
@@ -15,7 +22,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -29,12 +36,20 @@ from aiplatform.features import pipeline as features
 from aiplatform.features.compute import user_features_at
 from aiplatform.registry.registry import ModelRegistry, ModelVersion
 from aiplatform.training.config import TrainConfig
-from aiplatform.training.evaluate import evaluate_model, popularity_ranking, split_by_time
+from aiplatform.training.evaluate import (
+    CooccurrenceBaseline,
+    check_gates,
+    evaluate_model,
+    popularity_ranking,
+    split_by_time,
+)
 from aiplatform.training.train import train_two_tower
 
 log = logging.getLogger("aiplatform.jobs.train")
 
 TARGET_TYPES = ("view", "click", "add_to_cart", "purchase")
+EXIT_GATE_FAILED = 3
+BASELINES = ("popularity", "cooccurrence")
 
 
 @dataclass
@@ -49,15 +64,33 @@ class TrainingReport:
     checkpoint: str
     train_seconds: float
     eval_seconds: float
+    aliases: list[str] = field(default_factory=list)
+    gates: list[dict] = field(default_factory=list)
+
+    @property
+    def gates_passed(self) -> bool:
+        return all(g["passed"] for g in self.gates)
+
+    @property
+    def failed_gates(self) -> list[dict]:
+        return [g for g in self.gates if not g["passed"]]
+
+    def beats_baselines(self) -> dict[str, bool]:
+        """Per evaluated baseline: is the model ahead on both recall@k and NDCG@k?"""
+        return dict(self.metrics.get("beats_baselines", {}))
 
     def beats_baseline(self) -> bool:
-        m, p = self.metrics["model"], self.metrics["popularity"]
-        return m["recall@10"] > p["recall@10"] and m["ndcg@10"] > p["ndcg@10"]
+        """Ahead of the popularity baseline (the check older callers use)."""
+        return bool(self.beats_baselines().get("popularity", False))
 
 
 def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tower",
-                 always_promote: bool = False) -> TrainingReport:
-    """Train, evaluate on a time-based split, register, and promote to ``champion``."""
+                 always_promote: bool = False, promote: bool = False) -> TrainingReport:
+    """Train, evaluate on a time-based split against two baselines, register, apply the gates.
+
+    Aliases: ``challenger`` when every gate passes; ``champion`` as well when none exists yet
+    or ``promote`` is set; ``champion`` whatever the gates say with ``always_promote``.
+    """
     if not lake.has_data(layout):
         raise UserInputError(
             f"no data in the lake at {layout.lake}: import some first "
@@ -87,8 +120,13 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     # Ray Data, here on the driver's copy of the events (small next to the training set).
     context = user_features_at(train_events[train_events["user_id"].isin(truth)], boundary)
     popular = popularity_ranking(train_events)
-    metrics = evaluate_model(result.model, result.vocab, context, truth, popular, k=config.eval_k)
+    cooc = CooccurrenceBaseline.fit(train_events, popular)
+    metrics = evaluate_model(result.model, result.vocab, context, truth, popular, k=config.eval_k,
+                             cooccurrence=cooc, k_large=config.eval_k_large)
+    gates = [asdict(g) for g in check_gates(metrics, config.gates, config.eval_k)]
+    metrics["gates"] = gates
     eval_seconds = time.perf_counter() - eval_started
+    log.info(baseline_sentence(metrics, config.eval_k))
 
     registry = ModelRegistry(layout)
     lineage = {
@@ -101,19 +139,61 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     report = TrainingReport(
         model_name=model_name, version=version.version, promoted=False, metrics=metrics,
         examples=int(n_examples), validation_users=len(truth), cutoff=str(cutoff),
-        checkpoint=result.checkpoint_path, train_seconds=result.duration_s, eval_seconds=eval_seconds)
-    if always_promote or report.beats_baseline():
-        registry.set_alias(model_name, "champion", version.version,
-                           reason="beats popularity" if report.beats_baseline() else "forced")
-        report.promoted = True
+        checkpoint=result.checkpoint_path, train_seconds=result.duration_s, eval_seconds=eval_seconds,
+        gates=gates)
+    for g in gates:
+        (log.info if g["passed"] else log.warning)(g["message"])
+    report.aliases = apply_aliases(registry, model_name, version.version, report.gates_passed,
+                                   promote=promote, always_promote=always_promote)
+    if not report.gates_passed:
+        log.warning("model %s v%d failed %d gate(s): %s", model_name, version.version,
+                    len(report.failed_gates), "champion anyway (--always-promote)" if always_promote
+                    else "registered without an alias")
+    report.promoted = "champion" in report.aliases
     return report
 
 
+def apply_aliases(registry: ModelRegistry, model_name: str, version: int, gates_passed: bool,
+                  promote: bool = False, always_promote: bool = False) -> list[str]:
+    """Set and return the aliases a new version earns.
+
+    Passing every gate earns ``challenger``; ``champion`` too when the model has none yet (a
+    first run must be servable) or with ``promote``. ``always_promote`` makes it champion
+    whatever the gates say. A version that fails a gate and is not forced gets nothing.
+    """
+    aliases: list[str] = []
+    if gates_passed:
+        registry.set_alias(model_name, "challenger", version, reason="passed the quality gates")
+        aliases.append("challenger")
+        has_champion = "champion" in registry.aliases(model_name)
+        if promote or not has_champion:
+            registry.set_alias(model_name, "champion", version,
+                               reason="passed the gates; --promote" if promote else "passed the gates; first champion")
+            aliases.append("champion")
+    if always_promote and "champion" not in aliases:
+        registry.set_alias(model_name, "champion", version, reason="forced (--always-promote)")
+        aliases.append("champion")
+    return aliases
+
+
+def baseline_sentence(metrics: dict, k: int = 10) -> str:
+    """One plain sentence: does the model beat each baseline (recall@k and NDCG@k), by how much."""
+    m = metrics["model"][f"recall@{k}"]
+    parts = []
+    for name, won in metrics.get("beats_baselines", {}).items():
+        b = metrics[name][f"recall@{k}"]
+        ratio = f", {m / b:.2f}x" if b > 0 else ""
+        parts.append(f"{'beats' if won else 'does NOT beat'} {name} (recall@{k} {m:.4f} vs {b:.4f}{ratio})")
+    return "the model " + " and ".join(parts) if parts else "no baseline was evaluated"
+
+
 def format_metrics(metrics: dict) -> str:
-    rows = [f"{'':12s} {'recall@10':>10s} {'ndcg@10':>10s}"]
-    for name in ("model", "popularity"):
-        m = metrics[name]
-        rows.append(f"{name:12s} {m['recall@10']:10.4f} {m['ndcg@10']:10.4f}")
+    """A fixed-width table: one row per ranker, one column per metric of ``evaluate_model``."""
+    rankers = [r for r in ("model", *BASELINES) if isinstance(metrics.get(r), dict)]
+    cols = list(metrics["model"])
+    rows = [f"{'':12s} " + " ".join(f"{c:>11s}" for c in cols)]
+    for name in rankers:
+        rows.append(f"{name:12s} " + " ".join(f"{metrics[name].get(c, float('nan')):11.4f}" for c in cols))
     return "\n".join(rows)
 
 
@@ -125,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", default="two_tower")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--num-workers", type=int)
+    parser.add_argument("--promote", action="store_true",
+                        help="make the new version champion (not only challenger) when it passes the gates")
     parser.add_argument("--always-promote", action="store_true",
-                        help="make the new version champion even if it does not beat popularity")
+                        help="make the new version champion even if it fails the quality gates")
+    parser.add_argument("--fail-on-gate", action="store_true",
+                        help=f"exit with code {EXIT_GATE_FAILED} when the model fails a quality gate")
     parser.add_argument("--report", help="also write the report as JSON to this path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -139,16 +223,24 @@ def main(argv: list[str] | None = None) -> int:
         layout = Layout.at(settings.home)
         ensure_ray(settings, quiet=False)
         log.info("training %s on %s with %s", args.model_name, layout.root, config.model_dump())
-        report = run_training(layout, config, args.model_name, args.always_promote)
+        report = run_training(layout, config, args.model_name, args.always_promote, args.promote)
     except AIPlatformError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_metrics(report.metrics))
-    verdict = "beats" if report.beats_baseline() else "does NOT beat"
-    print(f"model {report.model_name} v{report.version}: {verdict} the popularity baseline; "
-          f"{'promoted to champion' if report.promoted else 'not promoted'}")
+    print(f"model {report.model_name} v{report.version}: {baseline_sentence(report.metrics, config.eval_k)}")
+    for g in report.failed_gates:
+        print(g["message"])
+    aliases = ", ".join(report.aliases) or "none (a quality gate failed)"
+    print(f"model {report.model_name} v{report.version}: "
+          f"{'passed' if report.gates_passed else 'FAILED'} the quality gates; aliases: {aliases}"
+          + ("; promoted to champion" if report.promoted else ""))
     if args.report:
-        Path(args.report).write_text(json.dumps(asdict(report), indent=2, default=str))
+        payload = {**asdict(report), "gates_passed": report.gates_passed,
+                   "beats_baselines": report.beats_baselines()}
+        Path(args.report).write_text(json.dumps(payload, indent=2, default=str))
+    if args.fail_on_gate and not report.gates_passed:
+        return EXIT_GATE_FAILED
     return 0
 
 

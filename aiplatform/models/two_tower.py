@@ -6,13 +6,15 @@ Both are L2-normalised, so a dot product is a cosine similarity and the index ca
 This module is torch only (no Ray): training, evaluation, the index builder and serving all
 load the same artifact with ``load_artifact`` and need nothing else.
 
-Index conventions (``ItemVocab``): index 0 is always "padding or unknown" for items, categories
-and price buckets; real values start at 1. ``n_items``/``n_categories``/``n_price_buckets``
-count the real values, so every embedding table has ``n + 1`` rows.
+Index conventions (``ItemVocab``): index 0 is always "padding or unknown" for items, categories,
+price buckets and title-token buckets; real values start at 1. ``n_items``/``n_categories``/
+``n_price_buckets``/``title_buckets`` count the real values, so every table has ``n + 1`` rows.
 """
 
 import io
 import json
+import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,9 @@ from aiplatform.features.definitions import COUNT_COLUMNS, HISTORY_LEN
 
 N_DENSE = len(COUNT_COLUMNS)
 DEFAULT_PRICE_BUCKETS = 10
+DEFAULT_TITLE_BUCKETS = 512
+TITLE_TOKENS = 8
+"""Tokens kept per title (the first ones): titles are short, and a fixed width keeps the table dense."""
 UNKNOWN_CATEGORY = ""
 
 MODEL_FILE = "model.pt"
@@ -49,15 +54,20 @@ class ItemVocab:
     item_category: list[int]
     price_boundaries: list[float]
     item_price_bucket: list[int]
+    title_buckets: int = 0
+    item_title_tokens: list[list[int]] = field(default_factory=list)
     _lookup: pd.Index | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_items(cls, items: pd.DataFrame, n_price_buckets: int = DEFAULT_PRICE_BUCKETS) -> "ItemVocab":
+    def from_items(cls, items: pd.DataFrame, n_price_buckets: int = DEFAULT_PRICE_BUCKETS,
+                   title_buckets: int = DEFAULT_TITLE_BUCKETS) -> "ItemVocab":
         """Vocabulary of a catalogue: one index per distinct ``item_id`` (first row wins).
 
         Price buckets are quantiles of the known prices, so they stay balanced whatever the
-        currency or range; a missing price or category gets index 0.
+        currency or range; a missing price or category gets index 0. Title words are hashed
+        into ``title_buckets`` buckets (0 turns titles off) once here, per item, so encoding a
+        training example never touches text.
         """
         if "item_id" not in items.columns:
             raise ValueError("items: column 'item_id' is required")
@@ -85,6 +95,11 @@ class ItemVocab:
             boundaries = []
         vocab = cls(item_ids, categories, item_category, boundaries, [0])
         vocab.item_price_bucket = [0] + vocab.price_buckets(prices).tolist()
+        if title_buckets < 0:
+            raise ValueError(f"title_buckets must be >= 0 (0 = no title feature), got {title_buckets}")
+        vocab.title_buckets = int(title_buckets)
+        titles = df["title"] if "title" in df.columns else pd.Series([None] * len(df), index=df.index)
+        vocab.item_title_tokens = [[]] + [hash_title(t, title_buckets) for t in titles]
         return vocab
 
     # ---- sizes -----------------------------------------------------------------------------
@@ -103,13 +118,25 @@ class ItemVocab:
 
     def model_kwargs(self) -> dict:
         """The vocabulary-dependent arguments of ``TwoTowerModel``."""
-        return {
+        kwargs = {
             "n_items": self.n_items,
             "n_categories": self.n_categories,
             "n_price_buckets": self.n_price_buckets,
             "item_category": list(self.item_category),
             "item_price_bucket": list(self.item_price_bucket),
         }
+        if self.title_buckets > 0:
+            kwargs["title_buckets"] = self.title_buckets
+            kwargs["item_title_tokens"] = self.title_token_matrix().tolist()
+        return kwargs
+
+    def title_token_matrix(self, width: int = TITLE_TOKENS) -> np.ndarray:
+        """[n_items + 1, width] int64 hashed title tokens, 0-padded (row 0 = padding item)."""
+        out = np.zeros((self.n_items + 1, width), dtype="int64")
+        for row, toks in enumerate(self.item_title_tokens[: self.n_items + 1]):
+            toks = toks[:width]
+            out[row, : len(toks)] = toks
+        return out
 
     # ---- encoding --------------------------------------------------------------------------
     def price_buckets(self, prices: np.ndarray) -> np.ndarray:
@@ -179,16 +206,21 @@ class ItemVocab:
             "item_category": [int(x) for x in self.item_category],
             "price_boundaries": [float(x) for x in self.price_boundaries],
             "item_price_bucket": [int(x) for x in self.item_price_bucket],
+            "title_buckets": int(self.title_buckets),
+            "item_title_tokens": [[int(t) for t in toks] for toks in self.item_title_tokens],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ItemVocab":
+        """Inverse of ``to_dict``; a vocabulary saved before titles existed loads without them."""
         vocab = cls(
             item_ids=[str(x) for x in d["item_ids"]],
             categories=[str(x) for x in d["categories"]],
             item_category=[int(x) for x in d["item_category"]],
             price_boundaries=[float(x) for x in d["price_boundaries"]],
             item_price_bucket=[int(x) for x in d["item_price_bucket"]],
+            title_buckets=int(d.get("title_buckets", 0)),
+            item_title_tokens=[[int(t) for t in toks] for toks in d.get("item_title_tokens", [])],
         )
         n = len(vocab.item_ids) + 1
         if len(vocab.item_category) != n or len(vocab.item_price_bucket) != n:
@@ -196,7 +228,31 @@ class ItemVocab:
                 f"vocab: item_category/item_price_bucket must have {n} entries "
                 f"(n_items + 1), got {len(vocab.item_category)}/{len(vocab.item_price_bucket)}"
             )
+        if vocab.title_buckets and len(vocab.item_title_tokens) != n:
+            raise ValueError(f"vocab: item_title_tokens must have {n} entries (n_items + 1), "
+                             f"got {len(vocab.item_title_tokens)}")
         return vocab
+
+
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+def hash_title(title: object, buckets: int, max_tokens: int = TITLE_TOKENS) -> list[int]:
+    """Bucket ids (1..buckets) of the distinct lower-cased words of ``title``, in order.
+
+    crc32, not ``hash()``: Python salts ``hash`` per process, and every worker, the index
+    builder and serving must map a word to the same bucket. Missing titles give [].
+    """
+    if buckets <= 0 or title is None or (not isinstance(title, str) and bool(pd.isna(title))):
+        return []
+    out: list[int] = []
+    for word in _WORD.findall(str(title).lower()):
+        b = 1 + zlib.crc32(word.encode("utf-8")) % buckets
+        if b not in out:
+            out.append(b)
+        if len(out) == max_tokens:
+            break
+    return out
 
 
 def encode_counts(counts: np.ndarray) -> np.ndarray:
@@ -239,12 +295,19 @@ class TwoTowerModel(nn.Module):
         n_dense: int = N_DENSE,
         history_len: int = HISTORY_LEN,
         temperature: float = 0.05,
+        title_buckets: int = 0,
+        title_len: int = TITLE_TOKENS,
+        item_title_tokens: "Sequence[Sequence[int]] | None" = None,
+        recency: bool = False,
+        uniform_negatives: int = 0,
     ) -> None:
         super().__init__()
         if len(item_category) != n_items + 1 or len(item_price_bucket) != n_items + 1:
             raise ValueError("item_category and item_price_bucket need n_items + 1 entries (index 0 = padding)")
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if title_buckets < 0 or title_len < 1:
+            raise ValueError("title_buckets must be >= 0 and title_len >= 1")
         self._config = {
             "n_items": int(n_items),
             "n_categories": int(n_categories),
@@ -255,6 +318,10 @@ class TwoTowerModel(nn.Module):
             "n_dense": int(n_dense),
             "history_len": int(history_len),
             "temperature": float(temperature),
+            "title_buckets": int(title_buckets),
+            "title_len": int(title_len),
+            "recency": bool(recency),
+            "uniform_negatives": int(uniform_negatives),
         }
         self.dim = dim
         self.history_len = history_len
@@ -279,9 +346,34 @@ class TwoTowerModel(nn.Module):
         # zeros (no correction) until set_item_frequencies() is called. Training-only state.
         self.register_buffer("log_q", torch.zeros(n_items + 1), persistent=False)
 
+        # Title words (item tower only): a mean of hashed-word vectors. The token table is a
+        # persistent buffer, so it travels in the state_dict instead of bloating the config.
+        title_dim = max(8, dim // 4) if title_buckets > 0 else 0
+        if title_buckets > 0:
+            self.title_emb = nn.EmbeddingBag(title_buckets + 1, title_dim, mode="mean", padding_idx=0)
+            nn.init.normal_(self.title_emb.weight, std=0.1)
+            with torch.no_grad():
+                self.title_emb.weight[0].zero_()
+            tokens = torch.zeros(n_items + 1, title_len, dtype=torch.long)
+            if item_title_tokens is not None:
+                if len(item_title_tokens) != n_items + 1:
+                    raise ValueError("item_title_tokens needs n_items + 1 rows (row 0 = padding item)")
+                for row, toks in enumerate(item_title_tokens):
+                    toks = [int(t) for t in toks][:title_len]
+                    if toks and (min(toks) < 0 or max(toks) > title_buckets):
+                        raise ValueError(f"item_title_tokens row {row}: token ids must be in 0..{title_buckets}")
+                    tokens[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            self.register_buffer("item_title", tokens)
+        # Recency (off by default): a learned weight per history position, most recent first,
+        # started at a 0.9 decay. Measured on the shop: it learns to look at the last item only
+        # (next-event targets sit in the current session) and recall@10 over the next week drops
+        # from 0.295 to 0.241, so the plain mean stays the default.
+        if recency:
+            self.pos_logit = nn.Parameter(torch.arange(history_len, dtype=torch.float32) * float(np.log(0.9)))
+
         self.dense_mlp = nn.Sequential(nn.Linear(n_dense, dense_dim), nn.ReLU())
         self.user_mlp = _mlp(dim + cat_dim + dense_dim, 2 * dim, dim)
-        self.item_mlp = _mlp(dim + cat_dim + price_dim, 2 * dim, dim)
+        self.item_mlp = _mlp(dim + cat_dim + price_dim + title_dim, 2 * dim, dim)
 
     def config(self) -> dict:
         """Constructor kwargs (JSON-serialisable): ``TwoTowerModel(**m.config())`` rebuilds it."""
@@ -294,16 +386,22 @@ class TwoTowerModel(nn.Module):
         """[B, dim] L2-normalised query vectors from history indices [B, L] and dense [B, n_dense]."""
         hist = hist.long()
         mask = (hist > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)  # [B, L, 1]
+        if self._config["recency"]:
+            mask = mask * torch.exp(self.pos_logit[: hist.shape[1]]).view(1, -1, 1)
         feats = self._item_features(hist)  # [B, L, D]
-        pooled = (feats * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # zeros for an empty history
+        pooled = (feats * mask).sum(1) / mask.sum(1).clamp(min=1e-6)  # zeros for an empty history
         x = torch.cat([pooled, self.dense_mlp(dense.to(pooled.dtype))], dim=-1)
         return F.normalize(self.user_mlp(x), dim=-1)
 
     def item_embedding(self, item_idx: Tensor) -> Tensor:
         """[B, dim] L2-normalised item vectors (what the vector index stores)."""
         item_idx = item_idx.long()
-        x = torch.cat([self._item_features(item_idx), self.price_emb(self.item_price_bucket[item_idx])], dim=-1)
-        return F.normalize(self.item_mlp(x), dim=-1)
+        parts = [self._item_features(item_idx), self.price_emb(self.item_price_bucket[item_idx])]
+        if self._config["title_buckets"] > 0:
+            shape = item_idx.shape
+            title = self.title_emb(self.item_title[item_idx.reshape(-1)])  # [N, title_dim]
+            parts.append(title.reshape(*shape, -1))
+        return F.normalize(self.item_mlp(torch.cat(parts, dim=-1)), dim=-1)
 
     def set_item_frequencies(self, counts: "np.ndarray | list[float]") -> None:
         """Enable the logQ correction from how often each item index is a training target.
@@ -333,6 +431,18 @@ class TwoTowerModel(nn.Module):
         same = item_idx.unsqueeze(0) == item_idx.unsqueeze(1)
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
+        m = self._config["uniform_negatives"]
+        if m > 0 and self.training:
+            # Mixed negatives (Yang et al., 2020): in-batch negatives are drawn by popularity and
+            # rarely include tail items, so M uniform draws are added. Each column is corrected
+            # by the log of its expected count under its own proposal: B * q(j) in-batch, M / n
+            # uniform (only differences between columns matter, so log B is added to the latter).
+            n = self._config["n_items"]
+            extra = torch.randint(1, n + 1, (m,), device=item_idx.device)
+            correction = float(np.log(m / n) - np.log(len(item_idx)))
+            extra_logits = (u @ self.item_embedding(extra).T) / self.temperature - correction
+            extra_logits = extra_logits.masked_fill(extra.unsqueeze(0) == item_idx.unsqueeze(1), float("-inf"))
+            logits = torch.cat([logits, extra_logits], dim=1)
         labels = torch.arange(len(item_idx), device=logits.device)
         return F.cross_entropy(logits, labels)
 
@@ -379,6 +489,10 @@ def load_artifact(directory: str) -> tuple[TwoTowerModel, ItemVocab]:
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d}: not a model artifact ({name} is missing)")
     config = json.loads((d / CONFIG_FILE).read_text())
+    # Artifacts written before titles and recency weighting existed: rebuild them as they were.
+    config.setdefault("title_buckets", 0)
+    config.setdefault("recency", False)
+    config.setdefault("uniform_negatives", 0)
     vocab = ItemVocab.from_dict(json.loads((d / VOCAB_FILE).read_text()))
     model = TwoTowerModel(**config)
     state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)

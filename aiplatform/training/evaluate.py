@@ -1,4 +1,8 @@
-"""Offline evaluation: a time split, ranking metrics, and a popularity baseline to beat.
+"""Offline evaluation: a time split, ranking metrics, and two baselines to beat.
+
+The baselines are the global popularity ranking and an item-to-item co-occurrence ranker: a
+model that does not beat co-occurrence is not worth the serving cost, however far it is
+ahead of popularity. Every ranker is scored on the same users with the same exclusions.
 
 Pure numpy/pandas/torch (no Ray), so the same code scores a model in a unit test, in the
 training job and in a quality gate before promotion.
@@ -9,6 +13,7 @@ the cart or bought in the hold-out window (views are too noisy to count as relev
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -16,6 +21,7 @@ import torch
 
 from aiplatform.features.definitions import COUNT_COLUMNS
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel
+from aiplatform.training.config import QualityGates
 
 EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0}
 """Popularity weight per event type; any other type counts as a view (DESIGN.md)."""
@@ -142,6 +148,136 @@ def score_users(
     return out
 
 
+def coverage(recommendations: Sequence[Sequence[str]], n_catalogue: int, k: int) -> float:
+    """Share of the catalogue's ``n_catalogue`` items found in at least one top ``k``.
+
+    A ranker that shows everyone the same ten items has a coverage of 10 / n: a low value
+    means the long tail never gets exposure, whatever the recall says.
+    """
+    if n_catalogue <= 0 or k <= 0:
+        return 0.0
+    shown = {item for recs in recommendations for item in list(recs)[:k]}
+    return len(shown) / n_catalogue
+
+
+@dataclass
+class CooccurrenceBaseline:
+    """Item-to-item co-occurrence counts, stored sparse (CSR over item codes, numpy only).
+
+    ``cooc(i, j)`` counts how often item ``j`` appears within ``window`` events of item ``i``
+    in the same user's history (optionally only less than ``session_gap_s`` seconds apart:
+    within one browsing session). On the shop data the plain history window is the stronger
+    baseline (recall@10 0.302 vs 0.294 with a 30-minute session gap), so it is the default.
+    A user's score for ``j`` is the sum of ``cooc(i, j)`` over the user's recent items ``i``;
+    popularity breaks ties, so users without co-occurring items still get the popular ones.
+    """
+
+    item_ids: np.ndarray  # code -> item id
+    indptr: np.ndarray  # [n + 1] row offsets into cols/counts
+    cols: np.ndarray
+    counts: np.ndarray
+    tie_break: np.ndarray  # [n] in [0, 1): higher = more popular; never outweighs one co-occurrence
+
+    @classmethod
+    def fit(cls, events: pd.DataFrame, popular: Sequence[str] = (), window: int = 10,
+            session_gap_s: float | None = None) -> "CooccurrenceBaseline":
+        """Count co-occurrences in ``events`` (user_id, item_id, timestamp); ``popular`` is the
+        popularity ranking used as tie-breaker (best first)."""
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        ev = events.sort_values(["user_id", "timestamp"], kind="stable")
+        codes, uniques = pd.factorize(ev["item_id"].astype(str).to_numpy(dtype=object))
+        item_ids = np.asarray(uniques, dtype=object)
+        n = len(item_ids)
+        users = pd.factorize(ev["user_id"].astype(str).to_numpy(dtype=object))[0]
+        t = pd.to_datetime(ev["timestamp"], utc=True).dt.as_unit("us").astype("int64").to_numpy()
+        gap_us = int(session_gap_s * 1_000_000) if session_gap_s is not None else np.iinfo(np.int64).max
+        keys = []
+        for d in range(1, min(window, max(len(codes) - 1, 0)) + 1):
+            a, b = codes[d:], codes[:-d]
+            ok = (users[d:] == users[:-d]) & (t[d:] - t[:-d] <= gap_us) & (a != b)
+            keys += [a[ok] * n + b[ok], b[ok] * n + a[ok]]  # symmetric
+        flat = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        uniq, counts = np.unique(flat.astype(np.int64), return_counts=True)
+        rows, cols = uniq // max(n, 1), uniq % max(n, 1)
+        indptr = np.searchsorted(rows, np.arange(n + 1), side="left").astype(np.int64)
+        rank = pd.Index(item_ids).get_indexer(list(popular)[: n]) if len(popular) else np.zeros(0, np.int64)
+        tie_break = np.zeros(n)
+        found = rank >= 0
+        tie_break[rank[found]] = 0.5 * (1.0 - np.arange(len(rank))[found] / max(len(rank), 1))
+        return cls(item_ids, indptr, cols.astype(np.int64), counts.astype(np.float64), tie_break)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def pair_count(self, a: str, b: str) -> float:
+        """``cooc(a, b)`` (0 for unknown items or pairs that never co-occurred)."""
+        index = pd.Index(self.item_ids)
+        i, j = index.get_indexer([a, b])
+        if i < 0 or j < 0:
+            return 0.0
+        row = self.cols[self.indptr[i]:self.indptr[i + 1]]
+        pos = np.searchsorted(row, j)
+        return float(self.counts[self.indptr[i] + pos]) if pos < len(row) and row[pos] == j else 0.0
+
+    def scores(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
+        """[B, n_items] scores: sum of co-occurrences with each history item, plus tie-break."""
+        n, b = self.n_items, len(histories)
+        lengths = np.fromiter((len(h) for h in histories), np.int64, count=b)
+        flat = pd.Index(self.item_ids).get_indexer([str(x) for h in histories for x in h]) if lengths.sum() \
+            else np.zeros(0, np.int64)
+        owner = np.repeat(np.arange(b), lengths)
+        owner, flat = owner[flat >= 0], flat[flat >= 0]
+        starts, stops = self.indptr[flat], self.indptr[flat + 1]
+        seg = stops - starts
+        total = int(seg.sum())
+        out = np.tile(self.tie_break, (b, 1))
+        if total:
+            # positions of every (history item, co-occurring item) entry, without a Python loop
+            pos = np.repeat(starts - np.r_[0, np.cumsum(seg)[:-1]], seg) + np.arange(total)
+            who = np.repeat(owner, seg)
+            out += np.bincount(who * n + self.cols[pos], weights=self.counts[pos],
+                               minlength=b * n).reshape(b, n)
+        return out
+
+    def recommend(self, histories: Sequence[Sequence[str]], exclude: Sequence[set[str]], k: int,
+                  batch_size: int = 512) -> list[list[str]]:
+        """Top-``k`` item ids per user, never an item of that user's ``exclude`` set."""
+        out: list[list[str]] = []
+        index = pd.Index(self.item_ids)
+        for s in range(0, len(histories), batch_size):
+            sc = self.scores(histories[s:s + batch_size])
+            for row, ex in enumerate(exclude[s:s + batch_size]):
+                idx = index.get_indexer(list(ex))
+                sc[row, idx[idx >= 0]] = -np.inf
+            k_eff = min(k, self.n_items)
+            if k_eff <= 0:
+                out += [[] for _ in range(len(sc))]
+                continue
+            top = np.argpartition(-sc, k_eff - 1, axis=1)[:, :k_eff]
+            for row, cand in enumerate(top):
+                cand = cand[np.lexsort((cand, -sc[row, cand]))]
+                out.append([self.item_ids[c] for c in cand if np.isfinite(sc[row, c])])
+        return out
+
+
+def _ranker_metrics(recs: list[list[str]], relevant: list[set[str]], k: int, k_large: int,
+                    n_catalogue: int) -> dict[str, float]:
+    return {
+        f"recall@{k}": float(np.mean([recall_at_k(r, t, k) for r, t in zip(recs, relevant, strict=True)])),
+        f"recall@{k_large}": float(np.mean([recall_at_k(r, t, k_large) for r, t in zip(recs, relevant, strict=True)])),
+        f"ndcg@{k}": float(np.mean([ndcg_at_k(r, t, k) for r, t in zip(recs, relevant, strict=True)])),
+        f"coverage@{k}": coverage(recs, n_catalogue, k),
+    }
+
+
+def beats(metrics: dict, baseline: str, k: int = 10) -> bool:
+    """The model beats ``baseline`` when both its recall@k and its NDCG@k are higher."""
+    m, b = metrics["model"], metrics[baseline]
+    return m[f"recall@{k}"] > b[f"recall@{k}"] and m[f"ndcg@{k}"] > b[f"ndcg@{k}"]
+
+
 def evaluate_model(
     model: TwoTowerModel,
     vocab: ItemVocab,
@@ -149,39 +285,94 @@ def evaluate_model(
     truth: dict[str, set[str]],
     popular: list[str],
     k: int = 10,
+    cooccurrence: CooccurrenceBaseline | None = None,
+    k_large: int = 50,
 ) -> dict:
-    """Mean recall@k and NDCG@k of the model and of the popularity baseline.
+    """Recall@k, recall@k_large, NDCG@k and coverage@k of the model and of the baselines.
 
-    Only users present in both ``context`` and ``truth`` are scored, and both rankers get the
-    same treatment (already purchased items removed), so the comparison is fair.
+    Only users present in both ``context`` and ``truth`` are scored, and every ranker gets
+    the same treatment (the user's ``purchased_items`` removed; co-occurrence uses the same
+    ``last_items`` the model sees), so the comparison is fair. ``beats_baselines`` says, per
+    baseline, whether the model is ahead on both recall@k and NDCG@k.
     """
     ctx = context.copy()
     ctx["user_id"] = ctx["user_id"].astype(str)
     ctx = ctx[ctx["user_id"].isin(truth.keys())].drop_duplicates("user_id", keep="last")
-    names = (f"recall@{k}", f"ndcg@{k}")
-    empty = {names[0]: 0.0, names[1]: 0.0}
+    rankers = ["model", "popularity"] + (["cooccurrence"] if cooccurrence is not None else [])
     if ctx.empty:
-        return {"model": dict(empty), "popularity": dict(empty), "users": 0}
+        empty = {f"recall@{k}": 0.0, f"recall@{k_large}": 0.0, f"ndcg@{k}": 0.0, f"coverage@{k}": 0.0}
+        return {**{r: dict(empty) for r in rankers}, "users": 0,
+                "beats_baselines": {r: False for r in rankers[1:]}}
 
-    model_recs = score_users(model, vocab, ctx, k)
-    m_recall, m_ndcg, p_recall, p_ndcg = [], [], [], []
+    depth = max(k, k_large)
+    relevant = [truth[u] for u in ctx["user_id"]]
     bought_col = ctx["purchased_items"] if "purchased_items" in ctx.columns else [None] * len(ctx)
-    for user, recs, bought in zip(ctx["user_id"], model_recs, bought_col, strict=True):
-        relevant = truth[user]
-        exclude = set(_as_list(bought))
-        pop = [i for i in popular if i not in exclude][:k]
-        m_recall.append(recall_at_k(recs, relevant, k))
-        m_ndcg.append(ndcg_at_k(recs, relevant, k))
-        p_recall.append(recall_at_k(pop, relevant, k))
-        p_ndcg.append(ndcg_at_k(pop, relevant, k))
-    return {
-        "model": {names[0]: float(np.mean(m_recall)), names[1]: float(np.mean(m_ndcg))},
-        "popularity": {names[0]: float(np.mean(p_recall)), names[1]: float(np.mean(p_ndcg))},
-        "users": len(ctx),
-    }
+    exclude = [set(_as_list(b)) for b in bought_col]
+    recs = {"model": score_users(model, vocab, ctx, depth)}
+    recs["popularity"] = [[i for i in popular if i not in ex][:depth] for ex in exclude]
+    if cooccurrence is not None:
+        recs["cooccurrence"] = cooccurrence.recommend([_as_list(h) for h in ctx["last_items"]], exclude, depth)
+    out: dict = {r: _ranker_metrics(recs[r], relevant, k, k_large, vocab.n_items) for r in rankers}
+    out["users"] = len(ctx)
+    out["beats_baselines"] = {r: beats(out, r, k) for r in rankers[1:]}
+    return out
+
+
+@dataclass
+class GateResult:
+    """One quality gate's verdict, with the numbers behind it (JSON-friendly via ``asdict``)."""
+
+    gate: str
+    passed: bool
+    value: float | None  # the measured lift or coverage (None: baseline recall is 0)
+    threshold: float
+    message: str
+
+
+def _lift_gate(metrics: dict, baseline: str, threshold: float, k: int) -> GateResult:
+    gate = f"min_recall_lift_over_{baseline}"
+    m, b = metrics["model"][f"recall@{k}"], metrics[baseline][f"recall@{k}"]
+    lift = m / b if b > 0 else None
+    passed = (lift >= threshold) if lift is not None else m > 0
+    shown = f"{lift:.2f}x" if lift is not None else "undefined (baseline recall 0)"
+    verdict = "passed" if passed else "FAILED"
+    return GateResult(gate, bool(passed), lift, threshold,
+                      f"gate {gate} {verdict}: recall@{k} lift over {baseline} {shown} "
+                      f"(model {m:.4f}, {baseline} {b:.4f}; need >= {threshold:.2f}x)")
+
+
+def check_gates(metrics: dict, gates: QualityGates, k: int = 10) -> list[GateResult]:
+    """Verdicts of the enabled gates (a threshold of 0 is off) on ``evaluate_model`` output.
+
+    The co-occurrence gate needs that baseline in ``metrics``; when it was not evaluated the
+    gate fails rather than passing silently, so a misconfigured job cannot promote.
+    """
+    out: list[GateResult] = []
+    if gates.min_recall_lift_over_popularity > 0:
+        out.append(_lift_gate(metrics, "popularity", gates.min_recall_lift_over_popularity, k))
+    if gates.min_recall_lift_over_cooccurrence > 0:
+        if "cooccurrence" in metrics:
+            out.append(_lift_gate(metrics, "cooccurrence", gates.min_recall_lift_over_cooccurrence, k))
+        else:
+            out.append(GateResult("min_recall_lift_over_cooccurrence", False, None,
+                                  gates.min_recall_lift_over_cooccurrence,
+                                  "gate min_recall_lift_over_cooccurrence FAILED: the co-occurrence "
+                                  "baseline was not evaluated (pass cooccurrence= to evaluate_model)"))
+    if gates.min_coverage > 0:
+        cov = float(metrics["model"][f"coverage@{k}"])
+        ok = cov >= gates.min_coverage
+        out.append(GateResult("min_coverage", ok, cov, gates.min_coverage,
+                              f"gate min_coverage {'passed' if ok else 'FAILED'}: coverage@{k} {cov:.3f} "
+                              f"(need >= {gates.min_coverage:.3f})"))
+    return out
 
 
 __all__ = [
+    "CooccurrenceBaseline",
+    "GateResult",
+    "beats",
+    "check_gates",
+    "coverage",
     "evaluate_model",
     "ndcg_at_k",
     "popularity_ranking",

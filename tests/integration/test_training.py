@@ -15,7 +15,7 @@ from aiplatform.core.schemas import EVENT_TYPES
 from aiplatform.features.definitions import COUNT_COLUMNS, HISTORY_LEN, PURCHASED_LEN
 from aiplatform.models.two_tower import load_artifact
 from aiplatform.training.config import TrainConfig
-from aiplatform.training.evaluate import evaluate_model, popularity_ranking, split_by_time
+from aiplatform.training.evaluate import CooccurrenceBaseline, evaluate_model, popularity_ranking, split_by_time
 from aiplatform.training.train import train_two_tower
 
 pytestmark = pytest.mark.integration
@@ -127,12 +127,19 @@ def test_train_two_tower_learns_and_checkpoints(ray_session, tmp_path):
     # quality: the model uses history, so it beats random and popularity on the hold-out week
     context = _context(train_events, cutoff)
     popular = popularity_ranking(train_events, days=7)
-    report = evaluate_model(result.model, result.vocab, context, truth, popular, k=K)
+    cooc = CooccurrenceBaseline.fit(train_events, popular)
+    report = evaluate_model(result.model, result.vocab, context, truth, popular, k=K, cooccurrence=cooc)
     assert report["users"] >= 100
     random_recall = K / N_ITEMS
     assert report["model"][f"recall@{K}"] > 3 * random_recall
     assert report["model"][f"recall@{K}"] > report["popularity"][f"recall@{K}"]
     assert report["model"][f"ndcg@{K}"] > report["popularity"][f"ndcg@{K}"]
+    assert report["beats_baselines"]["popularity"] is True
+    # the co-occurrence baseline also learns the categories, so it too is far above popularity,
+    # and a personalised ranking spreads over more of the catalogue than one global top-k
+    assert report["cooccurrence"][f"recall@{K}"] > report["popularity"][f"recall@{K}"]
+    assert report["model"][f"coverage@{K}"] > report["popularity"][f"coverage@{K}"]
+    assert report["model"]["recall@50"] >= report["model"][f"recall@{K}"]
 
 
 

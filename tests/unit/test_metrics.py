@@ -8,6 +8,8 @@ import torch
 from aiplatform.features.definitions import COUNT_COLUMNS
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel
 from aiplatform.training.evaluate import (
+    CooccurrenceBaseline,
+    coverage,
     evaluate_model,
     ndcg_at_k,
     popularity_ranking,
@@ -101,7 +103,9 @@ def test_evaluate_model_scores_catalogue_and_excludes_purchases():
     assert res["users"] == 2  # u9 has no truth
     # u1 bought a, b, c: the only item left for the model is d; popularity's top is d too
     # u2: popularity recommends d (miss); the model's top-1 is whatever it scores highest
-    assert set(res) == {"model", "popularity", "users"}
+    assert set(res) == {"model", "popularity", "users", "beats_baselines"}
+    assert set(res["beats_baselines"]) == {"popularity"}  # co-occurrence was not asked for
+    assert set(res["model"]) == {"recall@1", "recall@50", "ndcg@1", "coverage@1"}
     assert res["popularity"]["recall@1"] == pytest.approx((1.0 + 0.0) / 2)
     assert res["model"]["recall@1"] >= 0.5
     assert 0.0 <= res["model"]["ndcg@1"] <= 1.0
@@ -120,3 +124,82 @@ def test_evaluate_model_with_no_overlap_returns_zero_users():
     ctx = pd.DataFrame({"user_id": ["u1"], "last_items": [["a"]], "purchased_items": [[]],
                         **{c: [0.0] for c in COUNT_COLUMNS}})
     assert evaluate_model(model, vocab, ctx, {"other": {"a"}}, ["a"], k=10)["users"] == 0
+
+
+def test_coverage_hand_computed():
+    recs = [["a", "b", "c"], ["b", "d"], []]
+    assert coverage(recs, n_catalogue=10, k=2) == pytest.approx(3 / 10)  # a, b, d
+    assert coverage(recs, n_catalogue=10, k=3) == pytest.approx(4 / 10)
+    assert coverage([], n_catalogue=10, k=3) == 0.0
+    assert coverage(recs, n_catalogue=0, k=3) == 0.0
+
+
+def _cooc_events() -> pd.DataFrame:
+    # u1: a b c within minutes, then x a day later; u2: a b; u3: c d
+    return _events(
+        [
+            ("u1", "a", "view", "2026-01-01 10:00"),
+            ("u1", "b", "view", "2026-01-01 10:01"),
+            ("u1", "c", "click", "2026-01-01 10:02"),
+            ("u1", "x", "view", "2026-01-02 10:00"),
+            ("u2", "a", "view", "2026-01-01 11:00"),
+            ("u2", "b", "purchase", "2026-01-01 11:05"),
+            ("u2", "b", "view", "2026-01-01 11:06"),  # the same item again is not a pair
+            ("u3", "c", "view", "2026-01-01 12:00"),
+            ("u3", "d", "view", "2026-01-01 12:01"),
+        ]
+    )
+
+
+def test_cooccurrence_counts_are_symmetric_windowed_and_gapped():
+    ev = _cooc_events()
+    full = CooccurrenceBaseline.fit(ev, window=10)
+    assert full.pair_count("a", "b") == full.pair_count("b", "a") == 3  # u1 once, u2 twice (b, b)
+    assert full.pair_count("a", "c") == 1 and full.pair_count("c", "d") == 1
+    assert full.pair_count("c", "x") == 1  # no session gap by default
+    assert full.pair_count("a", "a") == 0 and full.pair_count("a", "zzz") == 0
+    assert full.pair_count("a", "d") == 0  # different users never co-occur
+    near = CooccurrenceBaseline.fit(ev, window=1)
+    assert near.pair_count("a", "c") == 0 and near.pair_count("b", "c") == 1
+    session = CooccurrenceBaseline.fit(ev, window=10, session_gap_s=3600)
+    assert session.pair_count("c", "x") == 0 and session.pair_count("a", "c") == 1
+    with pytest.raises(ValueError, match="window"):
+        CooccurrenceBaseline.fit(ev, window=0)
+
+
+def test_cooccurrence_scores_rank_and_exclude():
+    base = CooccurrenceBaseline.fit(_cooc_events(), popular=["d", "x", "c", "b", "a"], window=10)
+    # history [a]: b (3) > c (1) > x (1 via u1's a..x, window 10) ... ties broken by popularity
+    scores = base.scores([["a"], ["a", "c"], [], ["unknown"]])
+    index = {item: i for i, item in enumerate(base.item_ids)}
+    assert scores[0, index["b"]] == pytest.approx(3 + base.tie_break[index["b"]])
+    # the user's score is the sum over history items: cooc(a, b) + cooc(c, b) = 3 + 1
+    assert scores[1, index["b"]] - base.tie_break[index["b"]] == pytest.approx(4.0)
+    recs = base.recommend([["a"], [], ["a"]], [set(), set(), {"b"}], k=3)
+    assert recs[0] == ["b", "x", "c"]  # c and x both co-occur once with a: x is more popular
+    assert recs[1] == ["d", "x", "c"]  # no history: the popularity order
+    assert recs[2][0] == "x" and "b" not in recs[2]  # excluded items never come back
+    assert base.recommend([["a"]], [set()], k=50)[0][-1] in base.item_ids  # k beyond the catalogue
+
+
+def test_evaluate_model_compares_all_rankers_on_the_same_users():
+    items = pd.DataFrame({"item_id": ["a", "b", "c", "d", "x"], "category": ["k"] * 5, "price": [1.0] * 5})
+    vocab = ItemVocab.from_items(items)
+    torch.manual_seed(0)
+    model = TwoTowerModel(**vocab.model_kwargs(), dim=8)
+    cooc = CooccurrenceBaseline.fit(_cooc_events(), popular=["d", "x", "c", "b", "a"])
+    zeros = {c: [0.0, 0.0] for c in COUNT_COLUMNS}
+    ctx = pd.DataFrame({"user_id": ["u1", "u2"], "last_items": [["a"], ["c"]],
+                        "purchased_items": [["b"], []], **zeros})
+    truth = {"u1": {"b", "c"}, "u2": {"d"}}
+    res = evaluate_model(model, vocab, ctx, truth, ["d", "x", "c", "b", "a"], k=1,
+                         cooccurrence=cooc, k_large=2)
+    assert res["users"] == 2 and set(res["beats_baselines"]) == {"popularity", "cooccurrence"}
+    # co-occurrence: u1 (a; b bought) -> [x or c...]: cooc(a, c) = cooc(a, x) = 1, x more popular
+    #   top-1 x (miss), top-2 x, c (1 of 2); u2 (c) -> d (cooc 1 with c, most popular) hit
+    assert res["cooccurrence"]["recall@1"] == pytest.approx((0 + 1) / 2)
+    assert res["cooccurrence"]["recall@2"] == pytest.approx((0.5 + 1) / 2)
+    assert res["cooccurrence"]["coverage@1"] == pytest.approx(2 / 5)  # x and d
+    # popularity: u1 -> d (miss), u2 -> d (hit); top-2 d, x: same
+    assert res["popularity"]["recall@2"] == pytest.approx(0.5)
+    assert res["popularity"]["coverage@1"] == pytest.approx(1 / 5)

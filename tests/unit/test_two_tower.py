@@ -262,3 +262,100 @@ def test_logq_correction_changes_the_loss_and_checks_its_input():
     assert torch.isfinite(model.log_q).all()
     with pytest.raises(ValueError, match="counts"):
         model.set_item_frequencies(np.ones(3))
+
+
+def test_title_hashing_is_stable_lowercased_and_bounded():
+    from aiplatform.models.two_tower import hash_title
+
+    a = hash_title("Eco Shoe 12", 64)
+    assert a == hash_title("eco  SHOE 12", 64)  # case and spacing do not matter
+    assert len(a) == 3 and all(1 <= t <= 64 for t in a)
+    assert hash_title("shoe shoe shoe", 64) == hash_title("shoe", 64)  # distinct words only
+    assert hash_title(None, 64) == [] and hash_title(float("nan"), 64) == [] and hash_title(pd.NA, 64) == []
+    assert hash_title("anything", 0) == []
+    assert len(hash_title(" ".join(f"w{i}" for i in range(30)), 10_000)) == 8  # capped
+    # crc32, not the per-process salted hash(): the same bucket in every process, every run
+    import zlib
+    assert hash_title("eco", 1000) == [1 + zlib.crc32(b"eco") % 1000]
+
+
+def test_vocab_title_tokens_round_trip_and_old_vocab_loads(items):
+    vocab = ItemVocab.from_items(items, title_buckets=32)
+    assert vocab.title_buckets == 32 and len(vocab.item_title_tokens) == vocab.n_items + 1
+    assert vocab.item_title_tokens[0] == [] and vocab.item_title_tokens[4] == []  # padding; i4 has no title
+    assert vocab.item_title_tokens[1] == vocab.item_title_tokens[1][:1] != []  # "a": one word
+    matrix = vocab.title_token_matrix()
+    assert matrix.shape == (vocab.n_items + 1, 8) and matrix[4].tolist() == [0] * 8
+    assert ItemVocab.from_dict(json.loads(json.dumps(vocab.to_dict()))) == vocab
+    old = vocab.to_dict()
+    del old["title_buckets"], old["item_title_tokens"]
+    legacy = ItemVocab.from_dict(old)
+    assert legacy.title_buckets == 0 and "title_buckets" not in legacy.model_kwargs()
+    off = ItemVocab.from_items(items, title_buckets=0)
+    assert off.item_title_tokens == [[]] * (off.n_items + 1)
+    with pytest.raises(ValueError, match="title_buckets"):
+        ItemVocab.from_items(items, title_buckets=-1)
+
+
+def test_item_tower_uses_titles_and_old_artifacts_still_load(items, tmp_path):
+    vocab = ItemVocab.from_items(items, title_buckets=32)
+    model = _model(vocab, dim=8)
+    assert model.config()["title_buckets"] == 32 and "item_title_tokens" not in model.config()
+    idx = torch.arange(vocab.n_items + 1)
+    with torch.no_grad():
+        before = model.item_embedding(idx)
+        model.item_title[2, 0] = (model.item_title[2, 0] % 32) + 1  # another word for item 2
+        after = model.item_embedding(idx)
+    assert not torch.allclose(before[2], after[2]) and torch.allclose(before[1], after[1])
+    # the token table travels in the state_dict: a reloaded model has the edited title
+    save_artifact(model, vocab, str(tmp_path / "t"))
+    loaded, _ = load_artifact(str(tmp_path / "t"))
+    assert torch.equal(loaded.item_title, model.item_title)
+    assert torch.allclose(loaded.item_embedding(idx), after, atol=1e-6)
+
+    # an artifact written before titles/recency existed (config without those keys) loads as it was
+    plain_vocab = ItemVocab.from_items(items, title_buckets=0)
+    plain = _model(plain_vocab, dim=8)
+    save_artifact(plain, plain_vocab, str(tmp_path / "old"))
+    cfg_path = tmp_path / "old" / "model_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("title_buckets", "title_len", "recency"):
+        cfg.pop(key)
+    cfg_path.write_text(json.dumps(cfg))
+    old, _ = load_artifact(str(tmp_path / "old"))
+    assert old.config()["title_buckets"] == 0 and not old.config()["recency"]
+    assert torch.equal(old.item_embedding(idx), plain.item_embedding(idx))
+
+
+def test_recency_weighting_favours_recent_history(items):
+    vocab = ItemVocab.from_items(items)
+    model = _model(vocab, dim=8, recency=True)
+    d = torch.zeros(2, len(COUNT_COLUMNS))
+    h = torch.zeros(2, HISTORY_LEN, dtype=torch.long)
+    h[0, :2] = torch.tensor([1, 3])  # i1 most recent
+    h[1, :2] = torch.tensor([3, 1])  # i3 most recent
+    with torch.no_grad():
+        u = model.user_embedding(h, d)
+        ref = model.user_embedding(torch.tensor([[1] + [0] * (HISTORY_LEN - 1)]), d[:1])
+    assert not torch.allclose(u[0], u[1])  # order matters with recency weights
+    assert (u[0] @ ref[0]) > (u[1] @ ref[0])  # closer to the item seen last
+    assert "pos_logit" in dict(model.named_parameters())
+
+
+def test_uniform_negatives_only_in_training_and_never_the_positive():
+    kw = dict(n_items=3, n_categories=1, n_price_buckets=1, item_category=[0, 1, 1, 1],
+              item_price_bucket=[0, 1, 1, 1], dim=8)
+    torch.manual_seed(0)
+    plain = TwoTowerModel(**kw)
+    torch.manual_seed(0)
+    mixed = TwoTowerModel(**kw, uniform_negatives=64)
+    hist = torch.tensor([[1] + [0] * (HISTORY_LEN - 1), [2] + [0] * (HISTORY_LEN - 1)])
+    dense = torch.zeros(2, len(COUNT_COLUMNS))
+    target = torch.tensor([3, 3])  # one positive item, so in-batch there is no negative at all
+    assert plain.loss(hist, dense, target).item() == pytest.approx(0.0, abs=1e-6)
+    # the uniform draws bring negatives (items 1 and 2); draws of item 3 itself are masked
+    torch.manual_seed(1)
+    assert mixed.loss(hist, dense, target).item() > 0.1
+    mixed.eval()  # evaluation losses stay comparable with the in-batch one
+    assert mixed.loss(hist, dense, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert mixed.config()["uniform_negatives"] == 64
