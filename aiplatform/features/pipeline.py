@@ -182,19 +182,76 @@ def _lake_replaced_since(layout: Layout, view, state: dict | None) -> bool:
     return source.stat().st_mtime > pd.Timestamp(state["updated_at"]).timestamp()
 
 
+def update_offline(layout: Layout, service: "FeatureService", *, full: bool = False) -> list:
+    """Bring the service's views' offline tables up to date (incremental unless the lake was
+    re-imported since, or ``full``); returns the runs' summaries."""
+    from aiplatform.features.offline import read_state, run_view
+
+    return [run_view(layout, v, full=full or _lake_replaced_since(layout, v, read_state(layout, v)))
+            for v in service.views]
+
+
 def run_service_pipeline(layout: Layout, settings: Settings, *, full: bool = False) -> int:
     """Bring the served service's views up to date (Ray Data -> Lance) and materialize them
     into the online store; returns the entities written online."""
     from aiplatform.features.materialize import materialize as materialize_service
-    from aiplatform.features.offline import read_state, run_view
     from aiplatform.features.server import open_store
 
     service = served_service(settings)
-    runs = [run_view(layout, v, full=full or _lake_replaced_since(layout, v, read_state(layout, v)))
-            for v in service.views]
+    runs = update_offline(layout, service, full=full)
     store = open_store(settings, layout)
     return materialize_service(layout, service, store, full=full or any(r.mode == "full" for r in runs)
                                ).entities_written
+
+
+def _fill_missing(batch, *, counts: list[str], lists: list[str]):
+    """Users without a feature row at the label time (status missing/expired): zero counts and
+    empty lists, exactly what serving sends the model for a user with no recent activity."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for name in counts:
+        i = batch.schema.get_field_index(name)
+        batch = batch.set_column(i, name, pc.fill_null(batch.column(name), 0))
+    for name in lists:
+        i = batch.schema.get_field_index(name)
+        col = batch.column(name)
+        empty = pa.scalar([], col.type)
+        batch = batch.set_column(i, name, pc.if_else(pc.is_null(col), empty, col))
+    return batch
+
+
+def service_frame(layout: Layout, settings: Settings, labels: pd.DataFrame) -> "ray.data.Dataset":
+    """``labels`` (user_id, ``event_timestamp``, anything else) joined point-in-time with the
+    served feature service (``features.pit.get_training_frame``): each row gets the user's
+    feature row as of its timestamp, exactly as serving would have read it then."""
+    from aiplatform.features.definitions import COUNT_COLUMNS
+    from aiplatform.features.pit import get_training_frame
+
+    service = served_service(settings)
+    update_offline(layout, service)
+    frame = get_training_frame(labels, service, layout, label_ts="event_timestamp")
+    lists = [n for n, t in service.stored_dtypes.items() if t.startswith("list")]
+    counts = [c for c in COUNT_COLUMNS if c in service.stored_dtypes]
+    return frame.map_batches(_fill_missing, fn_kwargs={"counts": counts, "lists": lists},
+                             batch_format="pyarrow", batch_size=None)
+
+
+def training_labels(events: pd.DataFrame, end: pd.Timestamp, target_types: tuple[str, ...]) -> pd.DataFrame:
+    """One label per target event before ``end``: (user, item, type, time) and the lookup time
+    ``event_timestamp`` one microsecond earlier, so the features exclude the event itself.
+    An event on the item the same user touched just before is skipped: the model should learn
+    what comes next, not to repeat the item on screen."""
+    ev = events.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    users = ev["user_id"].to_numpy(dtype=object)
+    items = ev["item_id"].to_numpy(dtype=object)
+    same_prev = np.zeros(len(ev), bool)
+    same_prev[1:] = (users[1:] == users[:-1]) & (items[1:] == items[:-1])
+    ts = pd.to_datetime(ev["timestamp"], utc=True)
+    sel = (ts < utc(end)).to_numpy() & ev["event_type"].isin(target_types).to_numpy() & ~same_prev
+    out = ev.loc[sel, ["user_id", "item_id", "event_type", "timestamp"]].reset_index(drop=True)
+    out["event_timestamp"] = pd.to_datetime(out["timestamp"], utc=True) - pd.Timedelta(microseconds=1)
+    return out
 
 
 def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None,
@@ -223,4 +280,5 @@ def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None,
 
 
 __all__ = ["FeatureRunSummary", "build_training_examples", "materialize", "read_events",
-           "run_feature_pipeline", "run_service_pipeline", "served_service", "user_features_dataset"]
+           "run_feature_pipeline", "run_service_pipeline", "served_service", "service_frame",
+           "training_labels", "update_offline", "user_features_dataset"]

@@ -31,9 +31,8 @@ from aiplatform.core.errors import AIPlatformError, UserInputError
 from aiplatform.core.runtime import ensure_ray
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
-from aiplatform.data import lake
+from aiplatform.data import eventlog, lake
 from aiplatform.features import pipeline as features
-from aiplatform.features.compute import user_features_at
 from aiplatform.registry.registry import ModelRegistry, ModelVersion
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import (
@@ -85,7 +84,8 @@ class TrainingReport:
 
 
 def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tower",
-                 always_promote: bool = False, promote: bool = False) -> TrainingReport:
+                 always_promote: bool = False, promote: bool = False,
+                 settings: Settings | None = None) -> TrainingReport:
     """Train, evaluate on a time-based split against two baselines, register, apply the gates.
 
     Aliases: ``challenger`` when every gate passes; ``champion`` as well when none exists yet
@@ -95,7 +95,8 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
         raise UserInputError(
             f"no data in the lake at {layout.lake}: import some first "
             "(aiplatform data import --events E --items I) or run aiplatform quickstart")
-    events_pd = lake.read_events(layout)
+    settings = settings or Settings.load()
+    events_pd = eventlog.read_events(layout).to_pandas()  # the lake plus events pushed since
     items = lake.read_items(layout)
     cutoff, train_events, truth = split_by_time(events_pd, config.holdout_days)
     if not truth:
@@ -104,10 +105,11 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
             f"{cutoff} ({config.holdout_days} held-out days): bring more days of events or "
             "lower holdout_days")
     boundary = cutoff + pd.Timedelta(microseconds=1)  # events at the cutoff are training data
-    events = features.read_events(layout)
-    start = features.utc(events_pd["timestamp"].min())
     allowed = TARGET_TYPES[TARGET_TYPES.index(config.min_event_type):]
-    examples = features.build_training_examples(events, start, boundary, allowed).materialize()
+    # Training frames come from the feature store's point-in-time join: each example gets the
+    # user's feature row as of just before its event, the row serving would have read then.
+    labels = features.training_labels(events_pd, boundary, allowed)
+    examples = features.service_frame(layout, settings, labels).materialize()
     n_examples = examples.count()
     if n_examples == 0:
         raise UserInputError("no training examples before the cutoff: bring more events")
@@ -116,9 +118,9 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     result = train_two_tower(examples, items, config, layout.runs, run_name)
 
     eval_started = time.perf_counter()
-    # The validation users' features at the cutoff: the same function the pipeline runs on
-    # Ray Data, here on the driver's copy of the events (small next to the training set).
-    context = user_features_at(train_events[train_events["user_id"].isin(truth)], boundary)
+    # The validation users' features at the cutoff, from the same point-in-time join.
+    at_cutoff = pd.DataFrame({"user_id": sorted(truth), "event_timestamp": features.utc(cutoff)})
+    context = features.service_frame(layout, settings, at_cutoff).to_pandas()
     popular = popularity_ranking(train_events)
     cooc = CooccurrenceBaseline.fit(train_events, popular)
     metrics = evaluate_model(result.model, result.vocab, context, truth, popular, k=config.eval_k,
