@@ -165,13 +165,18 @@ def train(
     config: Optional[Path] = typer.Option(None, help="Training config YAML."),
     epochs: Optional[int] = typer.Option(None, min=1),
     workers: Optional[int] = typer.Option(None, min=1),
+    promote: bool = typer.Option(False, "--promote", help="Make it champion if it passes the gates."),
+    fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="Exit 3 when a quality gate fails."),
+    resume: Optional[str] = typer.Option(None, help="Continue this run (name under <home>/runs)."),
     home: Optional[str] = HomeOpt,
 ) -> None:
-    """Train, evaluate and register a model (the same code `ray job submit` runs)."""
+    """Train, evaluate against two baselines, apply the quality gates and register a model
+    (the same code `ray job submit` runs)."""
     from aiplatform.jobs.train import main
 
     extra = (["--config", str(config)] if config else []) + (["--epochs", str(epochs)] if epochs else []) \
-        + (["--num-workers", str(workers)] if workers else [])
+        + (["--num-workers", str(workers)] if workers else []) + (["--promote"] if promote else []) \
+        + (["--fail-on-gate"] if fail_on_gate else []) + (["--resume", resume] if resume else [])
     _run_job(main, home, extra)
 
 

@@ -33,6 +33,7 @@ from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.data import eventlog, lake
 from aiplatform.features import pipeline as features
+from aiplatform.features.compute import item_counts_at
 from aiplatform.registry.registry import ModelRegistry, ModelVersion
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import (
@@ -42,6 +43,7 @@ from aiplatform.training.evaluate import (
     popularity_ranking,
     split_by_time,
 )
+from aiplatform.training.ranker import RankerConfig, attach_ranker, evaluate_ranker, train_ranker
 from aiplatform.training.train import train_two_tower
 
 log = logging.getLogger("aiplatform.jobs.train")
@@ -85,7 +87,7 @@ class TrainingReport:
 
 def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tower",
                  always_promote: bool = False, promote: bool = False,
-                 settings: Settings | None = None) -> TrainingReport:
+                 settings: Settings | None = None, resume: str | None = None) -> TrainingReport:
     """Train, evaluate on a time-based split against two baselines, register, apply the gates.
 
     Aliases: ``challenger`` when every gate passes; ``champion`` as well when none exists yet
@@ -114,8 +116,9 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     if n_examples == 0:
         raise UserInputError("no training examples before the cutoff: bring more events")
     log.info("%d training examples before %s; %d validation users", n_examples, cutoff, len(truth))
-    run_name = f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = train_two_tower(examples, items, config, layout.runs, run_name)
+    # A run whose driver died continues from its latest checkpoint (Ray Train V2 resumes by name).
+    run_name = resume or f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = train_two_tower(examples, items, config, layout.runs, run_name, require_existing=resume is not None)
 
     eval_started = time.perf_counter()
     # The validation users' features at the cutoff, from the same point-in-time join.
@@ -125,6 +128,18 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     cooc = CooccurrenceBaseline.fit(train_events, popular)
     metrics = evaluate_model(result.model, result.vocab, context, truth, popular, k=config.eval_k,
                              cooccurrence=cooc, k_large=config.eval_k_large)
+    if config.ranker:
+        # Retrieve-then-rank: the ranker re-orders the two-tower's top candidates; it travels
+        # inside the same artifact (``ranker/``), so one registry version carries both.
+        ranker = train_ranker(examples, items, result.vocab, RankerConfig(), layout.runs, run_name + "-ranker",
+                              retrieval_model=result.model, item_counts=item_counts_at(train_events, boundary))
+        metrics["ranker"] = evaluate_ranker(ranker.model, result.model, result.vocab, context, truth,
+                                            k=config.eval_k)
+        attach_ranker(ranker.path, result.checkpoint_path)
+        r, k = metrics["ranker"], config.eval_k
+        log.info("ranker: NDCG@%d %.4f in retrieval order -> %.4f ranked; recall@%d %.4f -> %.4f",
+                 k, r["retrieval"][f"ndcg@{k}"], r["ranked"][f"ndcg@{k}"],
+                 k, r["retrieval"][f"recall@{k}"], r["ranked"][f"recall@{k}"])
     gates = [asdict(g) for g in check_gates(metrics, config.gates, config.eval_k)]
     metrics["gates"] = gates
     eval_seconds = time.perf_counter() - eval_started
@@ -214,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-on-gate", action="store_true",
                         help=f"exit with code {EXIT_GATE_FAILED} when the model fails a quality gate")
     parser.add_argument("--report", help="also write the report as JSON to this path")
+    parser.add_argument("--resume", metavar="RUN_NAME",
+                        help="continue this run (under <home>/runs) from its latest checkpoint, e.g. after the driver died")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -225,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         layout = Layout.at(settings.home)
         ensure_ray(settings, quiet=False)
         log.info("training %s on %s with %s", args.model_name, layout.root, config.model_dump())
-        report = run_training(layout, config, args.model_name, args.always_promote, args.promote)
+        report = run_training(layout, config, args.model_name, args.always_promote, args.promote,
+                              settings=settings, resume=args.resume)
     except AIPlatformError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,13 +5,31 @@ refused, so a typo in a YAML file is an error that names the key instead of a si
 """
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aiplatform.core.errors import ConfigError
 from aiplatform.core.schemas import EVENT_TYPES
+
+
+class QualityGates(BaseModel):
+    """What a new model must reach on the held-out days to become ``challenger``.
+
+    Lifts are ratios of recall@eval_k (model / baseline): 1.0 means "at least as good as the
+    baseline", 0 turns a gate off. A model that fails a gate is still registered (its metrics
+    are worth keeping) but gets no alias.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    min_recall_lift_over_popularity: float = Field(
+        1.0, ge=0, description="recall@k of the model / recall@k of the popularity ranking, at least")
+    min_recall_lift_over_cooccurrence: float = Field(
+        0.95, ge=0, description="recall@k of the model / recall@k of item-to-item co-occurrence, at least")
+    min_coverage: float = Field(
+        0.0, ge=0, le=1.0, description="share of the catalogue in at least one validation user's top k, at least")
 
 
 class TrainConfig(BaseModel):
@@ -25,7 +43,8 @@ class TrainConfig(BaseModel):
     lr: float = Field(3e-3, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0)
     dim: int = Field(64, ge=4, le=1024, description="Embedding size of both towers")
-    temperature: float = Field(0.05, gt=0, le=10.0, description="Softmax temperature on cosine logits")
+    temperature: float = Field(0.1, gt=0, le=10.0, description="Softmax temperature on cosine logits "
+                               "(0.1: recall@10 0.298/0.299 on two seeds vs 0.295 at 0.05, shop scale 1)")
     logq_correction: bool = Field(True, description="Subtract log item frequency from in-batch logits (Yi et al., 2019)")
     price_buckets: int = Field(10, ge=1, le=1000, description="Quantile buckets of item price")
     seed: int = Field(0, ge=0)
@@ -38,6 +57,26 @@ class TrainConfig(BaseModel):
     shuffle_buffer: int = Field(4096, ge=0, description="Per-worker local shuffle buffer (rows); 0 = off")
     max_failures: int = Field(0, ge=-1, description="Worker-failure restarts from the last checkpoint")
     eval_k: int = Field(10, ge=1, description="k of recall@k / ndcg@k")
+    # ---- quality (model inputs, evaluation depth, promotion gates) ----
+    title_buckets: int = Field(512, ge=0, le=1 << 20, description="Hash buckets of item-title words; 0 = no titles")
+    eval_k_large: int = Field(50, ge=1, description="the larger k of recall@k (candidate-generation depth)")
+    gates: QualityGates = Field(default_factory=QualityGates, description="What a model needs to become challenger")
+    ranker: bool = Field(True, description="Also train the ranker that re-orders retrieved candidates (served with the model)")
+    # ---- reliability (checkpoints, validation, precision) ----
+    checkpoints_to_keep: int = Field(
+        2, ge=1, description="Checkpoints kept per run: the best by checkpoint_metric (the latest is always kept too)"
+    )
+    validation_fraction: float = Field(
+        0.05, ge=0.0, le=0.5, description="Share of the encoded examples held out for the per-epoch "
+                                          "validation metric; 0 = none (keep and return the latest checkpoints)"
+    )
+    checkpoint_metric: Literal["val_loss", "val_recall"] = Field(
+        "val_loss", description="Validation metric that ranks checkpoints: val_loss (full-catalogue softmax "
+                                "cross-entropy, lower is better) or val_recall (recall@eval_k, higher is better)"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU; bf16/fp32 force one"
+    )
 
     def __init__(self, **values: Any) -> None:
         # Construction from code, YAML or a dict all fail the same way: a ConfigError naming the field.
@@ -82,6 +121,8 @@ def _describe(exc: ValidationError) -> str:
         field = ".".join(str(x) for x in err.get("loc", ())) or "(config)"
         msg = err.get("msg", "invalid value")
         if err.get("type") == "extra_forbidden":
-            msg = "unknown setting; valid ones are " + ", ".join(TrainConfig.model_fields)
+            nested = err.get("loc", ())[:1] == ("gates",)
+            msg = "unknown setting; valid ones are " + ", ".join(
+                (QualityGates if nested else TrainConfig).model_fields)
         parts.append(f"training config field '{field}': {msg} (got {err.get('input')!r})")
     return "; ".join(parts)

@@ -8,6 +8,19 @@ artifact (``save_artifact``), so the registry can publish a checkpoint without c
 
 The run lives under ``RunConfig(storage_path=runs_dir, name=run_name)``; a restarted worker
 group (``max_failures``) resumes from the last checkpoint, optimizer state included.
+
+Reliability (why each piece exists):
+
+- a ``validation`` slice (``validation_fraction`` of the encoded rows, not split between workers)
+  is scored by rank 0 after every epoch against the *whole* catalogue (``val_loss``,
+  ``val_recall``); checkpoints are ranked by ``checkpoint_metric`` and ``train_two_tower``
+  returns the best one, so a late epoch that overfits never becomes the published model;
+- every rank writes a tiny progress file (steps since its last checkpoint) under
+  ``<run>/progress/``; after a worker failure the driver adds up the steps the dead attempt
+  threw away (``TrainResult.steps_redone``), which is the real cost of a restart;
+- ``precision``: bf16 autocast for forward+loss on CUDA, fp32 on CPU (``auto``).
+
+Those pieces live in ``reliability.py``; this module is the data path, the loop and the driver.
 """
 
 import contextlib
@@ -16,7 +29,8 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from aiplatform.core.errors import ConfigError, DataValidationError
+from aiplatform.core.errors import ConfigError, DataValidationError, NotFoundError
 from aiplatform.core.schemas import EVENT_TYPES
 from aiplatform.core.storage import is_uri
 from aiplatform.features.definitions import COUNT_COLUMNS
@@ -37,6 +51,17 @@ from aiplatform.models.two_tower import (
     save_artifact,
 )
 from aiplatform.training.config import TrainConfig
+from aiplatform.training.reliability import (
+    METRIC_ORDER,
+    FaultInjection,
+    ProgressMarks,
+    autocast,
+    best_checkpoint,
+    collect_progress,
+    maybe_inject_fault,
+    use_bf16,
+    validate,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -53,12 +78,26 @@ ENCODE_BATCH_SIZE = 4096
 
 @dataclass
 class TrainResult:
+    """What a training call produced.
+
+    ``model``/``checkpoint_path`` are the run's *best* checkpoint by ``config.checkpoint_metric``
+    (the latest one when there is no validation slice, or when no earlier checkpoint beats it by
+    more than one standard error); ``history`` has every epoch of the run,
+    earlier calls' epochs included when the run was resumed. ``steps_redone``: optimizer steps
+    (per worker) that were trained and then lost to worker failures, ``restarts``: how many
+    times the worker group was restarted during this call.
+    """
+
     model: TwoTowerModel
     vocab: ItemVocab
     checkpoint_path: str
     history: list[dict]
     params: dict
     duration_s: float
+    best_epoch: int = 0
+    latest_checkpoint_path: str = ""
+    steps_redone: int = 0
+    restarts: int = 0
 
 
 # ---- data: examples -> model inputs ------------------------------------------------------------
@@ -114,6 +153,37 @@ def encode_examples(
         # reseed_after_execution derives that execution's seed from config.seed.
         return ds.random_shuffle(seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
     return ds.random_shuffle(seed=config.seed).materialize()
+
+
+def training_datasets(
+    examples: "ray.data.Dataset", vocab: ItemVocab, config: TrainConfig
+) -> dict[str, "ray.data.Dataset"]:
+    """``{"train": ..., "validation": ...}``: the encoded rows, shuffled once (seeded) and
+    materialized, split ``1 - validation_fraction`` / ``validation_fraction``.
+
+    The validation slice is held out from training on every epoch, so its metric measures
+    generalisation, not memorisation; it is absent when the fraction is 0 or rounds to no
+    row. ``global_shuffle=True`` re-shuffles the training part every epoch.
+    """
+    import ray.data
+
+    encoded = examples.map_batches(
+        ExampleEncoder(vocab, config.min_event_type),
+        batch_format="numpy",
+        batch_size=ENCODE_BATCH_SIZE,
+        compute=ray.data.TaskPoolStrategy(),
+    ).random_shuffle(seed=config.seed).materialize()
+    datasets: dict[str, ray.data.Dataset] = {"train": encoded}
+    if config.validation_fraction > 0:
+        n = encoded.count()
+        n_val = int(n * config.validation_fraction)
+        if n_val >= 1 and n - n_val >= 2:
+            train, val = encoded.split_at_indices([n - n_val])
+            datasets = {"train": train, "validation": val}
+    if config.global_shuffle:
+        datasets["train"] = datasets["train"].random_shuffle(
+            seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
+    return datasets
 
 
 class _TargetCounter:
@@ -201,23 +271,32 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     _seed_everything(cfg.seed)
 
     model = TwoTowerModel(**vocab.model_kwargs(), dim=cfg.dim, temperature=cfg.temperature)
-    if loop_config.get("item_counts_ref") is not None:
-        model.set_item_frequencies(ray.get(loop_config["item_counts_ref"]))
     optimizer_state = None
-    start_epoch, history = 0, []
+    start_epoch, history, global_step = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            # Continue the same model: its vocabulary, not one rebuilt from today's catalogue.
+            # Continue the same model: its vocabulary and shape, not ones rebuilt from today's
+            # catalogue or config (the driver encoded the examples with this vocabulary).
             model, vocab = load_artifact(d)
             extra = read_extra(d)
             start_epoch, history = int(extra.get("epoch", 0)), list(extra.get("history", []))
+            global_step = int(extra.get("global_step", 0))
             opt_path = Path(d) / OPTIMIZER_FILE
             if opt_path.is_file():
                 optimizer_state = torch.load(opt_path, map_location="cpu", weights_only=True)
-        wlog.info("resuming from epoch %d", start_epoch)
+        wlog.info("rank %d resuming from epoch %d (step %d)", rank, start_epoch, global_step)
+    if loop_config.get("item_counts_ref") is not None:
+        # Training-only state, not in the artifact: set after a restore too.
+        model.set_item_frequencies(ray.get(loop_config["item_counts_ref"]))
+    progress = ProgressMarks(loop_config["run_uri"], loop_config["call_id"], rank, start_epoch)
+    fault = loop_config.get("fault")
 
-    # The lookup buffers never change: broadcasting them every step would be pure overhead.
+    device = ray.train.torch.get_device()
+    device = device[0] if isinstance(device, list) else device
+    bf16 = use_bf16(cfg.precision, device)
+    # prepare_model moves to the device and wraps in DDP only when world > 1. The lookup
+    # buffers never change: broadcasting them every step would be pure overhead.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=_no_buffer_sync_kwargs())
     base = model.module if isinstance(model, DistributedDataParallel) else model
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -225,34 +304,42 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
         optimizer.load_state_dict(optimizer_state)
 
     shard = ray.train.get_dataset_shard("train")
-    device = ray.train.torch.get_device()
-    device = device[0] if isinstance(device, list) else device
+    val_shard = ray.train.get_dataset_shard("validation") if loop_config.get("validate") else None
+    dtypes = {"hist": torch.long, "dense": torch.float32, "item": torch.long}
     for epoch in range(start_epoch, cfg.epochs):
         _seed_everything(cfg.seed + 1000 * epoch + rank)
         model.train()
         started = time.perf_counter()
-        loss_sum, n_rows, steps = 0.0, 0, 0
-        batches = shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            dtypes={"hist": torch.long, "dense": torch.float32, "item": torch.long},
+        loss_sum, n_rows, steps, wait = 0.0, 0, 0, 0.0
+        batches = iter(shard.iter_torch_batches(
+            batch_size=cfg.batch_size, dtypes=dtypes, device=device,
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed + 1000 * epoch + rank) if cfg.shuffle_buffer else None,
-        )
+        ))
         # Join lets ranks with fewer batches finish without hanging the others' all-reduces.
         joined = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
         with joined:
-            for batch in batches:
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                wait += time.perf_counter() - t0
+                if batch is None:
+                    break
                 size = len(batch["item"])
                 if size < 2:  # a single row has no in-batch negative
                     continue
-                loss = model(batch["hist"], batch["dense"], batch["item"])
+                with autocast(bf16, device):
+                    loss = model(batch["hist"], batch["dense"], batch["item"])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 loss_sum += float(loss.detach()) * size
                 n_rows += size
                 steps += 1
+                progress.step()
+                maybe_inject_fault(fault, rank, epoch + 1, steps, progress, wlog)
         elapsed = time.perf_counter() - started
+        global_step += steps
         # On the training device: NCCL (GPU training) cannot all-reduce CPU tensors.
         totals = torch.tensor([loss_sum, float(n_rows)], dtype=torch.float64, device=device)
         if world > 1 and dist.is_available() and dist.is_initialized():
@@ -264,24 +351,38 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
             "samples": total_rows,
             "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0,
             "steps_per_worker": steps,
+            "global_step": global_step,
             "epoch_s": elapsed,
+            "data_wait_s": wait,
+            "data_wait_share": wait / elapsed if elapsed > 0 else 0.0,
+            "precision": "bf16" if bf16 else "fp32",
         }
-        history.append(metrics)
         dir_name = f"epoch_{epoch + 1:04d}"
         if rank == 0:
+            if val_shard is not None:
+                t_val = time.perf_counter()
+                metrics.update(validate(base, val_shard.iter_torch_batches(
+                    batch_size=cfg.batch_size, dtypes=dtypes, device=device), cfg.eval_k, bf16))
+                metrics["val_s"] = time.perf_counter() - t_val
+            history.append(metrics)
             wlog.info(
-                "epoch %d/%d loss=%.4f samples=%d samples/s=%.0f",
-                epoch + 1, cfg.epochs, metrics["loss"], total_rows, metrics["samples_per_s"],
+                "epoch %d/%d loss=%.4f %s samples=%d samples/s=%.0f data wait=%.0f%%",
+                epoch + 1, cfg.epochs, metrics["loss"],
+                " ".join(f"{k}={metrics[k]:.4f}" for k in ("val_loss", "val_recall") if k in metrics),
+                total_rows, metrics["samples_per_s"], 100 * metrics["data_wait_share"],
             )
             with tempfile.TemporaryDirectory() as tmp:
-                save_artifact(base, vocab, tmp, extra={"epoch": epoch + 1, "metrics": metrics, "history": history})
+                save_artifact(base, vocab, tmp, extra={"epoch": epoch + 1, "global_step": global_step,
+                                                       "metrics": metrics, "history": history})
                 torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
                 ray.train.report(
                     metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name
                 )
         else:
+            history.append(metrics)
             # report() is a barrier: every rank calls it, only rank 0 brings a checkpoint.
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=dir_name)
+        progress.checkpointed(epoch + 2)
     return history
 
 
@@ -295,15 +396,31 @@ def _resolve_use_gpu(config: TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= config.num_workers
 
 
-def _vocab_of_existing_run(storage_path: str, run_name: str) -> ItemVocab | None:
-    """The vocabulary of the latest checkpoint of ``run_name``, if that run exists."""
+def _previous_result(storage_path: str, run_name: str) -> "ray.train.Result | None":
     import ray.train
 
     try:
         previous = ray.train.Result.from_path(storage_path.rstrip("/") + "/" + run_name)
     except RuntimeError:  # no such run (or never checkpointed): a fresh start
         return None
-    if previous.checkpoint is None:
+    return previous if previous.checkpoint is not None else None
+
+
+def latest_epoch_of_run(runs_dir: str, run_name: str) -> int | None:
+    """The last checkpointed epoch of ``<runs_dir>/<run_name>``, or None when there is no such
+    run. For a ``--resume RUN_NAME`` flag: check the run exists before starting a job."""
+    storage_path = runs_dir if is_uri(runs_dir) else str(Path(runs_dir).expanduser().resolve())
+    previous = _previous_result(storage_path, run_name)
+    if previous is None:
+        return None
+    with previous.checkpoint.as_directory() as d:
+        return int(read_extra(d).get("epoch", 0))
+
+
+def _vocab_of_existing_run(storage_path: str, run_name: str) -> ItemVocab | None:
+    """The vocabulary of the latest checkpoint of ``run_name``, if that run exists."""
+    previous = _previous_result(storage_path, run_name)
+    if previous is None:
         return None
     with previous.checkpoint.as_directory() as d:
         _, vocab = load_artifact(d)
@@ -317,13 +434,26 @@ def train_two_tower(
     config: TrainConfig,
     runs_dir: str,
     run_name: str,
+    *,
+    require_existing: bool = False,
+    fault: FaultInjection | None = None,
 ) -> TrainResult:
-    """Train the two-tower model on ``examples`` and return the final checkpoint's model.
+    """Train the two-tower model on ``examples`` and return the run's best checkpoint's model.
 
-    ``runs_dir`` is the Ray Train storage path (local or ``s3://``/``gs://``); checkpoints go to
-    ``<runs_dir>/<run_name>/epoch_NNNN`` and the two most recent are kept. Calling again with
-    an existing ``run_name`` *resumes* that run from its latest checkpoint (Ray Train V2
-    behaviour), up to ``config.epochs``; pass a new ``run_name`` for a fresh model.
+    ``runs_dir`` is the Ray Train storage path (local or ``s3://``/``gs://``); a checkpoint is
+    written every epoch to ``<runs_dir>/<run_name>/epoch_NNNN``. ``validation_fraction`` of the
+    rows is held out and scored every epoch; the ``checkpoints_to_keep`` best checkpoints by
+    ``checkpoint_metric`` (plus the latest, needed to resume) are kept, and the best is what
+    this returns (``result.checkpoint_path``; ``latest_checkpoint_path`` is the last epoch's);
+    the latest counts as best when no earlier checkpoint beats it by more than one standard
+    error of the validation metric (a noise-level "improvement" is not worth lost training).
+
+    Failures: a worker that dies is replaced and the group restarts from the latest checkpoint,
+    up to ``config.max_failures`` times (``steps_redone``/``restarts`` say what it cost). A
+    driver that died is recovered by calling again with the same ``run_name``: the run
+    *resumes* from its latest checkpoint (Ray Train V2 behaviour) up to ``config.epochs``;
+    ``require_existing=True`` makes a missing run a ``NotFoundError`` instead of a fresh start.
+    ``fault`` is for tests only (see ``FaultInjection``).
 
     Raises ``DataValidationError`` when no example can be trained on (no target item in the
     catalogue at ``min_event_type`` or above) and ``ray.train.TrainingFailedError`` when a
@@ -338,15 +468,21 @@ def train_two_tower(
         raise ConfigError("RAY_TRAIN_V2_ENABLED=0 is not supported: unset it to use Ray Train V2")
     started = time.perf_counter()
     storage_path = runs_dir if is_uri(runs_dir) else str(Path(runs_dir).expanduser().resolve())
+    run_uri = storage_path.rstrip("/") + "/" + run_name
     # A resumed run keeps its vocabulary, so examples are encoded as its weights expect.
-    vocab = _vocab_of_existing_run(storage_path, run_name) or ItemVocab.from_items(
-        items, n_price_buckets=config.price_buckets
-    )
+    previous_vocab = _vocab_of_existing_run(storage_path, run_name)
+    if previous_vocab is None and require_existing:
+        raise NotFoundError(f"no training run '{run_name}' with a checkpoint under {storage_path}: "
+                            "check the run name (aiplatform keeps runs under <home>/runs/) or start a new run")
+    vocab = previous_vocab or ItemVocab.from_items(items, n_price_buckets=config.price_buckets)
     if vocab.n_items < 2:
         raise DataValidationError("items", f"{vocab.n_items} item(s) in the catalogue", column="item_id",
                                   expected="at least 2 distinct item ids")
     _check_examples(examples)
     use_gpu = _resolve_use_gpu(config)
+    datasets = training_datasets(examples, vocab, config)
+    metric = config.checkpoint_metric if "validation" in datasets else None
+    call_id = uuid.uuid4().hex[:12]
 
     trainer = TorchTrainer(
         _train_loop_per_worker,
@@ -354,6 +490,10 @@ def train_two_tower(
             "train_config": config.model_dump(),
             "vocab_ref": ray.put(vocab.to_dict()),
             "item_counts_ref": ray.put(item_frequencies(examples, vocab, config)) if config.logq_correction else None,
+            "validate": "validation" in datasets,
+            "run_uri": run_uri,
+            "call_id": call_id,
+            "fault": asdict(fault) if fault is not None else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
@@ -363,21 +503,32 @@ def train_two_tower(
         run_config=ray.train.RunConfig(
             storage_path=storage_path,
             name=run_name,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.checkpoints_to_keep,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=METRIC_ORDER[metric] if metric else "max",
+            ),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
-        datasets={"train": encode_examples(examples, vocab, config)},
+        datasets=datasets,
+        # Every worker sees the whole validation slice (only rank 0 scores it).
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    log.info("training %s: %d workers, gpu=%s, %d epochs, %d items", run_name, config.num_workers,
-             use_gpu, config.epochs, vocab.n_items)
+    log.info("training %s: %d workers, gpu=%s, precision=%s, %d epochs, %d items, checkpoints ranked by %s",
+             run_name, config.num_workers, use_gpu, config.precision, config.epochs, vocab.n_items,
+             metric or "recency")
     result = trainer.fit()
+    steps_redone, restarts = collect_progress(run_uri, call_id)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint (no epoch completed)")
 
     with result.checkpoint.as_directory() as d:
+        latest_extra = read_extra(d)
+    best = best_checkpoint(result, metric, latest_extra.get("metrics") or {})
+    with best.as_directory() as d:
         model, vocab = load_artifact(d)
-        extra = read_extra(d)
-    history = result.return_value or extra.get("history") or []
+        best_epoch = int(read_extra(d).get("epoch", 0))
+    history = result.return_value or latest_extra.get("history") or []
     if history and all(h["samples"] == 0 for h in history):
         raise DataValidationError(
             "training examples",
@@ -387,11 +538,17 @@ def train_two_tower(
             hint="Check that the items file covers the events' item ids, or lower min_event_type",
         )
     for m in history:
-        log.info("epoch %d loss=%.4f samples/s=%.0f", m["epoch"], m["loss"], m["samples_per_s"])
+        log.info("epoch %d loss=%.4f val_loss=%s val_recall=%s samples/s=%.0f", m["epoch"], m["loss"],
+                 m.get("val_loss"), m.get("val_recall"), m["samples_per_s"])
+    if restarts or steps_redone:
+        log.warning("run %s: %d worker-group restart(s), %d step(s) per worker redone", run_name,
+                    restarts, steps_redone)
+    log.info("run %s: best epoch %d by %s (of %d)", run_name, best_epoch, metric or "recency", len(history))
     params = {
         **config.model_dump(),
         "use_gpu": use_gpu,
         "run_name": run_name,
+        "best_epoch": best_epoch,
         "n_items": vocab.n_items,
         "n_categories": vocab.n_categories,
         "n_price_buckets": vocab.n_price_buckets,
@@ -400,8 +557,12 @@ def train_two_tower(
     return TrainResult(
         model=model,
         vocab=vocab,
-        checkpoint_path=result.checkpoint.path,
+        checkpoint_path=best.path,
         history=list(history),
         params=params,
         duration_s=time.perf_counter() - started,
+        best_epoch=best_epoch,
+        latest_checkpoint_path=result.checkpoint.path,
+        steps_redone=steps_redone,
+        restarts=restarts,
     )

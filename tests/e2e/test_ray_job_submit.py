@@ -143,15 +143,24 @@ def test_train_job_runs_under_ray_job_submit(ray_cluster, tmp_path):
     # The job's own log (streamed by `ray job submit`) shows the metrics table and the verdict.
     assert "recall@10" in out and "ndcg@10" in out, out[-3000:]
     lines = out.splitlines()
-    assert any(line.split()[:1] == ["model"] and len(line.split()) == 3 for line in lines), out[-3000:]
-    assert any(line.split()[:1] == ["popularity"] and len(line.split()) == 3 for line in lines), out[-3000:]
+    # rows: model, popularity, cooccurrence; columns: recall@10, recall@50, ndcg@10, coverage@10
+    for ranker in ("model", "popularity", "cooccurrence"):
+        assert any(line.split()[:1] == [ranker] and len(line.split()) == 5 for line in lines), out[-3000:]
     assert "model two_tower v1" in out and "promoted to champion" in out, out[-3000:]
 
     registry = ModelRegistry(Layout.at(str(home)))
     versions = registry.list_versions("two_tower")
     assert [v.version for v in versions] == [1]
-    assert registry.aliases("two_tower") == {"champion": 1}
+    # challenger too when the one-epoch model passes the quality gates; champion is forced
+    assert registry.aliases("two_tower")["champion"] == 1
     mv = registry.get_by_alias("two_tower", "champion")
     assert Path(mv.artifact_uri).exists() and any(Path(mv.artifact_uri).iterdir())
     assert {"model", "popularity"} <= set(mv.metrics)
     assert mv.lineage["events"] > 0
+    # the registered model is the run's best checkpoint, and it loads as a working model
+    from aiplatform.models.two_tower import load_artifact
+
+    assert mv.params["best_epoch"] == 1 and mv.params["epochs"] == 1
+    assert Path(mv.checkpoint_uri).name == "epoch_0001"
+    model, vocab = load_artifact(mv.artifact_uri)
+    assert vocab.n_items == 60 and model.all_item_embeddings().shape[0] == 61
