@@ -111,7 +111,9 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
     has_champion = "champion" in registry.aliases(settings.model_name)
     report = stages.run(
         "train", f"training the two-tower model with Ray Train ({config.num_workers} workers)",
-        lambda: run_training(layout, config, settings.model_name, always_promote=not has_champion))
+        # A first model is always served; a later one takes over when it passes the quality gates.
+        lambda: run_training(layout, config, settings.model_name, always_promote=not has_champion,
+                             promote=True, settings=settings))
     result.metrics, result.model_version = report.metrics, report.version
     console.print("  " + format_metrics(report.metrics).replace("\n", "\n  "))
     verdict = "[green]beats[/]" if report.beats_baseline() else "[red]does not beat[/]"
