@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["quickstart_stages.py", "training.py"]
+BENCHMARKS = ["quickstart_stages.py", "training.py", "features.py"]
 
 if __name__ == "__main__":
     for name in BENCHMARKS:
