@@ -54,7 +54,9 @@ class TrainConfig(BaseModel):
         False, description="Re-shuffle all examples every epoch (slow on small clusters); "
                            "False: shuffle once, then a local buffer per worker each epoch"
     )
-    shuffle_buffer: int = Field(4096, ge=0, description="Per-worker local shuffle buffer (rows); 0 = off")
+    shuffle_buffer: int = Field(0, ge=0, description="Per-worker local shuffle buffer (rows); 0 = off. The examples "
+                                                     "are shuffled once globally; a buffer re-mixes every epoch but cost "
+                                                     "15% of samples/s with 1 worker for no recall gain on the shop data")
     max_failures: int = Field(0, ge=-1, description="Worker-failure restarts from the last checkpoint")
     eval_k: int = Field(10, ge=1, description="k of recall@k / ndcg@k")
     # ---- quality (model inputs, evaluation depth, promotion gates) ----
