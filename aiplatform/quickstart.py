@@ -97,9 +97,9 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
 
     from aiplatform.jobs.features import run_features
 
-    feats = stages.run("features", "computing features with Ray Data", lambda: run_features(layout))
-    console.print(f"  {feats.users:,} users and {feats.items:,} items as of {feats.as_of:%Y-%m-%d %H:%M}; "
-                  f"offline versions {feats.offline_versions}; {feats.online_rows:,} rows online")
+    feats = stages.run("features", "computing features with Ray Data", lambda: run_features(layout, settings))
+    console.print(f"  feature service '{settings.feature_service}': {feats.users:,} user rows online; "
+                  f"popularity of {feats.items:,} items as of {feats.as_of:%Y-%m-%d %H:%M}")
 
     from aiplatform.jobs.train import format_metrics, run_training
     from aiplatform.registry.registry import ModelRegistry
@@ -152,9 +152,10 @@ def _quiet_ray_logs() -> None:
 
 
 def _demo(layout: Layout, url: str, console: Console) -> dict[str, Any]:
-    from aiplatform.features.online import open_online_store
+    from aiplatform.data import lake
 
-    user_id = open_online_store(layout.online_sqlite).most_active_user() or "anonymous"
+    users = lake.read_events(layout, columns=["user_id"])["user_id"]
+    user_id = str(users.value_counts().idxmax()) if len(users) else "anonymous"  # the most active user
     body = {"user_id": user_id, "k": 5}
     resp = httpx.post(f"{url}/v1/recommendations", json=body, timeout=60)
     resp.raise_for_status()

@@ -74,5 +74,5 @@ def read_items(layout: Layout) -> pd.DataFrame:
     return pq.read_table(layout.lake_table("items")).to_pandas()
 
 
-def read_events(layout: Layout) -> pd.DataFrame:
-    return pq.read_table(layout.lake_table("events")).to_pandas()
+def read_events(layout: Layout, columns: list[str] | None = None) -> pd.DataFrame:
+    return pq.read_table(layout.lake_table("events"), columns=columns).to_pandas()

@@ -1,8 +1,10 @@
 """Batch feature pipeline on Ray Data: lake events -> offline store (Lance) -> online store.
 
-Each user's (or item's) events are grouped on Ray Data and handed to the pure functions in
-``features.compute``, so the cluster does the shuffle and the per-entity work in parallel, and
-the same code gives training examples, evaluation context and serving features.
+User features come from the declared views of the served feature service
+(``apps/shop/features.py``): ``run_service_pipeline`` brings their offline tables up to date
+and materializes them, and serving reads them back through ``get_online_features``. The one
+thing left to this module's own code is the catalogue-wide popular-items list (the fallback
+for users without history), computed from the item counts at ``as_of``.
 """
 
 import time
@@ -25,20 +27,20 @@ if TYPE_CHECKING:  # Ray is imported where it runs, so importing this module sta
     from aiplatform.features.definitions import FeatureService
 
 POPULAR_ITEMS_KEPT = 200
-USER_VIEW, ITEM_VIEW = "user_activity", "item_popularity"
-"""Table names of the quickstart pipeline (the declared views of apps/shop/features.py replace it)."""
+ITEM_VIEW = "popular_items"
+"""Lance table of the item counts behind the popular-items list (one version per run)."""
 
 
 @dataclass
 class FeatureRunSummary:
     users: int
+    """Users whose feature-service row was written to the online store by this run."""
     items: int
     as_of: pd.Timestamp
     offline_versions: dict[str, int]
+    """Lance version per offline table written by this run."""
     online_rows: int
     duration_s: float
-    service_entities: int = 0
-    """Entities of the served feature service written to the online store by this run."""
 
 
 def read_events(layout: Layout) -> "ray.data.Dataset":
@@ -93,23 +95,10 @@ def _drop_bucket_then(fn):
     return call
 
 
-def _user_rows(events: pd.DataFrame, as_of_us: int) -> pd.DataFrame:
-    return compute.user_features_at(events, pd.Timestamp(as_of_us, unit="us", tz="UTC"))
-
-
 def _item_rows(events: pd.DataFrame, as_of_us: int) -> pd.DataFrame:
     out = compute.item_counts_at(events, pd.Timestamp(as_of_us, unit="us", tz="UTC"))
     out["as_of"] = pd.Timestamp(as_of_us, unit="us", tz="UTC")
     return out
-
-
-def user_features_dataset(events: "ray.data.Dataset", as_of: pd.Timestamp,
-                          users: list[str] | None = None) -> "ray.data.Dataset":
-    """Per-user features at ``as_of`` (from events strictly before it), optionally for some users."""
-    if users is not None:
-        wanted = set(users)
-        events = events.filter(lambda r: r["user_id"] in wanted)
-    return _group_by_entity(events, "user_id", _user_rows, as_of_us=_to_us(as_of))
 
 
 def build_training_examples(events: "ray.data.Dataset", start: pd.Timestamp, end: pd.Timestamp,
@@ -140,21 +129,17 @@ def _write_lance(ds: "ray.data.Dataset", path: str) -> int:
     return lance.write_dataset(reader, path, mode=mode).version
 
 
-def materialize(layout: Layout, batch_size: int = 10_000) -> int:
-    """Stream the latest offline user features into the online store, one transaction per
-    batch; rows are upserts, so running it twice gives the same store."""
+def materialize_popular_items(layout: Layout) -> int:
+    """Write the top items of the latest popularity table to the online store (one
+    transaction); returns how many were written."""
     import lance
 
     store = open_online_store(layout.online_sqlite)
-    dataset = lance.dataset(layout.feature_table(USER_VIEW))
-    written = 0
-    for batch in dataset.to_batches(batch_size=batch_size):
-        written += store.write_user_features(batch.to_pandas())
     items = lance.dataset(layout.feature_table(ITEM_VIEW)).to_table().to_pandas()
     popular = compute.popularity_scores(items).head(POPULAR_ITEMS_KEPT)
     store.write_popular_items(zip(popular["item_id"], popular["score"]))
     store.set_meta("as_of", str(items["as_of"].iloc[0]) if len(items) else "")
-    return written
+    return len(popular)
 
 
 def served_service(settings: Settings) -> "FeatureService":
@@ -256,29 +241,23 @@ def training_labels(events: pd.DataFrame, end: pd.Timestamp, target_types: tuple
 
 def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None,
                          settings: Settings | None = None) -> FeatureRunSummary:
-    """Compute user_activity and item_popularity at ``as_of`` (default: just after the last
-    event), write them to the offline store and materialize them online; then bring the
-    declared views of the served feature service up to date and materialize it (what serving
-    reads through ``get_online_features``)."""
+    """Bring the served feature service's views up to date and materialize them (what serving
+    reads through ``get_online_features``), then the popular-items list at ``as_of``
+    (default: just after the last event)."""
     started = time.perf_counter()
+    settings = settings or Settings.load()
     events = read_events(layout).materialize()
     if as_of is None:
         as_of = utc(events.max("timestamp")) + pd.Timedelta(microseconds=1)
-    as_of_us = _to_us(as_of)
     Path(layout.features).mkdir(parents=True, exist_ok=True)
-    users = user_features_dataset(events, as_of).materialize()
-    items = _group_by_entity(events, "item_id", _item_rows, as_of_us=as_of_us).materialize()
-    versions = {
-        USER_VIEW: _write_lance(users, layout.feature_table(USER_VIEW)),
-        ITEM_VIEW: _write_lance(items, layout.feature_table(ITEM_VIEW)),
-    }
-    online_rows = materialize(layout)
-    service_entities = run_service_pipeline(layout, settings or Settings.load())
-    return FeatureRunSummary(users=users.count(), items=items.count(), as_of=utc(as_of),
-                             offline_versions=versions, online_rows=online_rows,
-                             duration_s=time.perf_counter() - started, service_entities=service_entities)
+    users = run_service_pipeline(layout, settings)
+    items = _group_by_entity(events, "item_id", _item_rows, as_of_us=_to_us(as_of)).materialize()
+    versions = {ITEM_VIEW: _write_lance(items, layout.feature_table(ITEM_VIEW))}
+    materialize_popular_items(layout)
+    return FeatureRunSummary(users=users, items=items.count(), as_of=utc(as_of), offline_versions=versions,
+                             online_rows=users, duration_s=time.perf_counter() - started)
 
 
-__all__ = ["FeatureRunSummary", "build_training_examples", "materialize", "read_events",
+__all__ = ["FeatureRunSummary", "build_training_examples", "materialize_popular_items", "read_events",
            "run_feature_pipeline", "run_service_pipeline", "served_service", "service_frame",
-           "training_labels", "update_offline", "user_features_dataset"]
+           "training_labels", "update_offline"]

@@ -3,8 +3,9 @@
     python -m aiplatform.jobs.features --home H
     python -m aiplatform.jobs.features --home H --views apps.shop.features [--full]
 
-With ``--views`` it runs the declared views of that module into their versioned offline tables
-(incremental unless ``--full``) instead of the quickstart pipeline.
+Without ``--views`` it runs the served feature service's views (incremental), materializes them
+online and refreshes the popular-items list. With ``--views`` it runs the declared views of
+that module into their versioned offline tables (incremental unless ``--full``), nothing else.
 """
 
 import argparse
@@ -20,10 +21,10 @@ from aiplatform.data import lake
 from aiplatform.features.pipeline import FeatureRunSummary, run_feature_pipeline
 
 
-def run_features(layout: Layout) -> FeatureRunSummary:
+def run_features(layout: Layout, settings: Settings | None = None) -> FeatureRunSummary:
     if not lake.has_data(layout):
         raise UserInputError(f"no data in the lake at {layout.lake}: run `aiplatform data import` first")
-    return run_feature_pipeline(layout)
+    return run_feature_pipeline(layout, settings=settings)
 
 
 def _run_declared(layout: Layout, module: str, full: bool, settings: Settings) -> int:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.views:
             return _run_declared(Layout.at(settings.home), args.views, args.full, settings)
         ensure_ray(settings, quiet=False)
-        summary = run_features(Layout.at(settings.home))
+        summary = run_features(Layout.at(settings.home), settings)
     except AIPlatformError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """The batch feature pipeline on Ray Data against the pure-pandas reference.
 
-Small generated shop -> lake -> ``run_feature_pipeline`` (Ray Data groupby, Lance offline
-tables, SQLite online store). What serving reads must equal what ``features.compute`` gives
-for the same events in plain pandas: one definition, no training/serving skew.
+Small generated shop -> lake -> ``run_feature_pipeline`` (the served feature service's views on
+Ray Data into Lance, materialized into SQLite; the popular-items list). What serving reads
+through ``get_online_features`` must equal what ``features.compute`` gives for the same events
+in plain pandas at each user's last event: two independent implementations, one answer.
 """
 
 import lance
@@ -15,8 +16,10 @@ from aiplatform.data import lake
 from aiplatform.features import compute
 from aiplatform.features import pipeline
 from aiplatform.features.definitions import COUNT_COLUMNS
-from aiplatform.features.pipeline import ITEM_VIEW, USER_VIEW
+from aiplatform.core.settings import Settings
+from aiplatform.features.pipeline import ITEM_VIEW
 from aiplatform.features.online import open_online_store
+from aiplatform.features.server import FeatureServer, open_store
 from apps.shop.generate import ShopSize, generate, write
 
 pytestmark = pytest.mark.integration
@@ -28,7 +31,7 @@ def shop_home(tmp_path_factory, ray_session):
     paths = write(generate(ShopSize(users=150, items=80), seed=11), str(root / "data"))
     layout = Layout.at(str(root / "home"))
     lake.import_files(layout, paths["events"], paths["items"], paths["users"])
-    summary = pipeline.run_feature_pipeline(layout)
+    summary = pipeline.run_feature_pipeline(layout, settings=Settings.load(home=layout.root))
     return layout, summary
 
 
@@ -45,37 +48,35 @@ def test_summary_describes_the_run(shop_home, lake_events):
     assert summary.online_rows == summary.users
     # Default as_of: just after the last event, so every event is history.
     assert summary.as_of == lake_events["timestamp"].max() + pd.Timedelta(microseconds=1)
-    assert set(summary.offline_versions) == {USER_VIEW, ITEM_VIEW}
+    assert set(summary.offline_versions) == {ITEM_VIEW}
 
 
-def test_online_rows_equal_the_pandas_reference(shop_home, lake_events):
-    layout, summary = shop_home
-    expected = compute.user_features_at(lake_events, summary.as_of).set_index("user_id")
-    store = open_online_store(layout.online_sqlite)
-    assert store.count_users() == len(expected)
-    for uid, row in expected.iterrows():
-        got = store.get_user_features(uid)
-        assert got is not None, uid
-        assert got.last_items == list(row["last_items"]), uid
-        assert got.purchased_items == list(row["purchased_items"]), uid
-        assert np.array_equal(got.counts, row[COUNT_COLUMNS].to_numpy(np.float32)), uid
-        assert pd.Timestamp(got.as_of) == summary.as_of
-    assert store.get_user_features("nobody") is None
+def test_served_rows_equal_the_pandas_reference(shop_home, lake_events):
+    # The service row of a user is its feature values at the user's last event: the counts
+    # equal the legacy pandas function's one microsecond later, the item lists a plain pandas
+    # reading of the declared windows.
+    layout, _ = shop_home
+    settings = Settings.load(home=layout.root)
+    server = FeatureServer(open_store(settings, layout), pipeline.served_service(settings))
+    last = lake_events.groupby("user_id")["timestamp"].max()
+    users = last.index.astype(str).tolist()
+    at_us = compute.as_micros(last) + 1
+    expected = compute.context_at(lake_events, users, at_us)
+    got = server.get(users + ["nobody"])
+    assert list(got.status) == ["ok"] * len(users) + ["missing"]
+    for i, uid in enumerate(users):
+        mine = lake_events[lake_events["user_id"] == uid].sort_values("timestamp", kind="stable")
+        recent = mine[mine["timestamp"] > last[uid] - pd.Timedelta(days=30)]
+        bought = mine[(mine["event_type"] == "purchase") & (mine["timestamp"] > last[uid] - pd.Timedelta(days=90))]
+        # most recent first, distinct (the declared last_n aggregations of apps/shop/features.py)
+        assert list(got.columns["last_items"][i]) == list(pd.unique(recent["item_id"][::-1]))[:20], uid
+        assert list(got.columns["purchased_items"][i]) == list(pd.unique(bought["item_id"][::-1]))[:50], uid
+    counts = np.stack([np.asarray(got.columns[c][: len(users)], dtype=np.float32) for c in COUNT_COLUMNS], 1)
+    assert np.array_equal(counts, expected[COUNT_COLUMNS].to_numpy(np.float32))
     # The data is rich enough for the comparison to mean something.
     assert expected["last_items"].map(len).max() > 5
     assert expected["purchased_items"].map(len).max() > 0
     assert expected["purchase_30d"].sum() > 0 and expected["view_1d"].sum() > 0
-
-
-def test_offline_table_holds_the_same_values(shop_home, lake_events):
-    layout, summary = shop_home
-    offline = lance.dataset(layout.feature_table(USER_VIEW)).to_table().to_pandas()
-    expected = compute.user_features_at(lake_events, summary.as_of).set_index("user_id")
-    offline = offline.set_index("user_id").loc[expected.index]
-    assert len(offline) == len(expected)
-    assert [list(x) for x in offline["last_items"]] == [list(x) for x in expected["last_items"]]
-    assert [list(x) for x in offline["purchased_items"]] == [list(x) for x in expected["purchased_items"]]
-    assert np.array_equal(offline[COUNT_COLUMNS].to_numpy(np.float32), expected[COUNT_COLUMNS].to_numpy(np.float32))
 
 
 def test_popular_items_are_stored_in_popularity_order(shop_home, lake_events):
@@ -118,25 +119,22 @@ def test_training_examples_only_have_targets_in_range(shop_home, lake_events):
 
 
 def test_offline_version_increments_on_a_second_run(shop_home, lake_events):
-    # Runs last in this module: it moves the shared home's features to a later as_of.
+    # Runs last in this module: it moves the shared home's popularity to a later as_of.
     layout, first = shop_home
-    path = layout.feature_table(USER_VIEW)
+    path = layout.feature_table(ITEM_VIEW)
     before = lance.dataset(path).version
-    assert before == first.offline_versions[USER_VIEW]
+    assert before == first.offline_versions[ITEM_VIEW]
     later = lake_events["timestamp"].max() + pd.Timedelta(days=2)
-    second = pipeline.run_feature_pipeline(layout, as_of=later)
-    for view in (USER_VIEW, ITEM_VIEW):
-        assert second.offline_versions[view] > first.offline_versions[view]
+    second = pipeline.run_feature_pipeline(layout, as_of=later, settings=Settings.load(home=layout.root))
+    assert second.offline_versions[ITEM_VIEW] > first.offline_versions[ITEM_VIEW]
+    assert second.users == 0  # nothing new happened: the service's rows were already current
     ds = lance.dataset(path)
-    assert ds.version == second.offline_versions[USER_VIEW]
-    # Overwritten, not appended: one row per user; the old version stays readable.
-    assert ds.count_rows() == first.users
+    assert ds.version == second.offline_versions[ITEM_VIEW]
+    # Overwritten, not appended: one row per item; the old version stays readable.
+    assert ds.count_rows() == first.items
     old = lance.dataset(path, version=before).to_table().to_pandas()
-    assert len(old) == first.users
+    assert len(old) == first.items
     assert (pd.to_datetime(old["as_of"], utc=True) == first.as_of).all()
     new = ds.to_table().to_pandas()
     assert (pd.to_datetime(new["as_of"], utc=True) == later).all()
-    # The 1-day windows are empty two days after the last event; 30-day ones are not.
-    assert new["view_1d"].sum() == 0 and new["view_30d"].sum() > 0
-    got = open_online_store(layout.online_sqlite).get_user_features(new["user_id"].iloc[0])
-    assert pd.Timestamp(got.as_of) == later
+    assert pd.Timestamp(open_online_store(layout.online_sqlite).get_meta("as_of")) == later
