@@ -50,4 +50,4 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*[_fmt(v) for v in row])
-    Console().print(table)
+    Console(width=max(Console().width, 140)).print(table)

@@ -46,9 +46,46 @@ class ShopSize:
         )
 
 
+@dataclass(frozen=True)
+class Latent:
+    """The generator's hidden truth: what no model can see, kept to measure how far from the
+    best possible ranking a model is (benchmarks/quality_ceiling.py), not for training."""
+
+    start: pd.Timestamp
+    categories: list[str]  # category code -> name
+    item_cat: np.ndarray  # [items] category code
+    pop_weight: np.ndarray  # [items] Zipf weight within the item's category
+    prefs: np.ndarray  # [users, 3] preferred category codes
+    pref_w: np.ndarray  # [users, 3] session share of each preference
+    drift_day: np.ndarray  # [users] day from which preference 0 becomes drift_to
+    drift_to: np.ndarray  # [users]
+    explore: float = 0.1  # share of sessions in a uniformly random category
+
+    def category_probabilities(self, days: "np.ndarray | range") -> np.ndarray:
+        """[users, categories]: each user's expected share of sessions per category over
+        ``days`` (day indices from ``start``), with the drift as it happens on each day."""
+        users, n_cat = len(self.prefs), len(self.categories)
+        out = np.zeros((users, n_cat))
+        rows = np.arange(users)
+        for d in days:
+            for slot in range(3):
+                cat = self.prefs[:, slot]
+                if slot == 0:
+                    cat = np.where(d >= self.drift_day, self.drift_to, cat)
+                np.add.at(out, (rows, cat), (1 - self.explore) * self.pref_w[:, slot])
+            out += self.explore / n_cat
+        return out / max(len(days), 1)
+
+
 def generate(size: ShopSize = ShopSize(), seed: int = 42,
              end: str = "2026-11-01") -> dict[str, pd.DataFrame]:
     """Return {'users', 'items', 'events'} frames in DESIGN.md's schema."""
+    return generate_with_latent(size, seed, end)[0]
+
+
+def generate_with_latent(size: ShopSize = ShopSize(), seed: int = 42,
+                         end: str = "2026-11-01") -> tuple[dict[str, pd.DataFrame], Latent]:
+    """``generate``'s frames and the hidden parameters they were drawn from."""
     rng = np.random.default_rng(seed)
     n_cat = min(size.categories, len(CATEGORIES))
     end_ts = pd.Timestamp(end, tz="UTC")
@@ -98,7 +135,7 @@ def generate(size: ShopSize = ShopSize(), seed: int = 42,
     s_cat = prefs[s_user, slot]
     drifted = (s_day >= drift_day[s_user]) & (slot == 0)
     s_cat = np.where(drifted, drift_to[s_user], s_cat)
-    explore = rng.random(len(s_user)) < 0.1
+    explore = rng.random(len(s_user)) < Latent.explore
     s_cat = np.where(explore, rng.integers(0, n_cat, len(s_user)), s_cat)
 
     # ---- views within a session: items of the session's category by popularity ----
@@ -139,7 +176,9 @@ def generate(size: ShopSize = ShopSize(), seed: int = 42,
         "event_id": np.char.add("e", np.arange(len(etype)).astype(str)),
     })
     events = events[events["timestamp"] < end_ts].reset_index(drop=True)
-    return {"users": users, "items": items, "events": events}
+    latent = Latent(start=start_ts, categories=CATEGORIES[:n_cat], item_cat=item_cat, pop_weight=pop_weight,
+                    prefs=prefs, pref_w=pref_w, drift_day=drift_day, drift_to=drift_to)
+    return {"users": users, "items": items, "events": events}, latent
 
 
 def write(frames: dict[str, pd.DataFrame], out_dir: str) -> dict[str, str]:

@@ -164,3 +164,20 @@ def test_cli_generate_is_deterministic_and_scales(tmp_path):
     assert pq.read_table(tmp_path / "c" / "users.parquet").num_rows == 200
     assert pq.read_table(tmp_path / "a" / "users.parquet").num_rows == 100
     assert c.num_rows > 1.5 * a.num_rows
+
+
+def test_latent_parameters_match_the_frames(shop):
+    from apps.shop.generate import generate_with_latent
+
+    frames, latent = generate_with_latent(SIZE, seed=7)
+    for name in shop:
+        pd.testing.assert_frame_equal(frames[name], shop[name])
+    names = np.array(latent.categories)[latent.item_cat]
+    assert (names == shop["items"]["category"].to_numpy()).all()
+    probs = latent.category_probabilities(range(SIZE.days))
+    assert probs.shape == (SIZE.users, len(latent.categories))
+    assert np.allclose(probs.sum(axis=1), 1.0)
+    # every user's top category is one of its preferences (or where preference 0 drifted to)
+    top = probs.argmax(axis=1)
+    allowed = np.column_stack([latent.prefs, latent.drift_to])
+    assert (allowed == top[:, None]).any(axis=1).all()
