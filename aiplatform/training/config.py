@@ -5,13 +5,23 @@ refused, so a typo in a YAML file is an error that names the key instead of a si
 """
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from aiplatform.core.errors import ConfigError
 from aiplatform.core.schemas import EVENT_TYPES
+
+
+def _known_event_type(v: str) -> str:
+    if v not in EVENT_TYPES:
+        raise ValueError(f"must be one of {', '.join(EVENT_TYPES)}")
+    return v
+
+
+EventTypeName = Annotated[str, AfterValidator(_known_event_type)]
+"""An event type of DESIGN.md's schema (view, click, add_to_cart, purchase)."""
 
 
 class QualityGates(BaseModel):
@@ -49,7 +59,7 @@ class TrainConfig(BaseModel):
     price_buckets: int = Field(10, ge=1, le=1000, description="Quantile buckets of item price")
     seed: int = Field(0, ge=0)
     holdout_days: int = Field(7, ge=1, description="Days at the end of the event log held out for evaluation")
-    min_event_type: str = Field("view", description="Weakest event type that becomes a training target")
+    min_event_type: EventTypeName = Field("view", description="Weakest event type that becomes a training target")
     global_shuffle: bool = Field(
         False, description="Re-shuffle all examples every epoch (slow on small clusters); "
                            "False: shuffle once, then a local buffer per worker each epoch"
@@ -85,14 +95,7 @@ class TrainConfig(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc)) from exc
-
-    @field_validator("min_event_type")
-    @classmethod
-    def _known_event_type(cls, v: str) -> str:
-        if v not in EVENT_TYPES:
-            raise ValueError(f"must be one of {', '.join(EVENT_TYPES)}")
-        return v
+            raise ConfigError(_describe(exc, TrainConfig, "training config")) from exc
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "TrainConfig":
@@ -117,14 +120,53 @@ class TrainConfig(BaseModel):
             raise ConfigError(f"{path}: {exc}") from exc
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, model: type[BaseModel], what: str) -> str:
+    """One sentence per bad field: which one, what is wrong, what was given; for an unknown
+    key, the valid ones (a typo in YAML is the usual cause)."""
     parts = []
     for err in exc.errors():
         field = ".".join(str(x) for x in err.get("loc", ())) or "(config)"
         msg = err.get("msg", "invalid value")
         if err.get("type") == "extra_forbidden":
-            nested = err.get("loc", ())[:1] == ("gates",)
-            msg = "unknown setting; valid ones are " + ", ".join(
-                (QualityGates if nested else TrainConfig).model_fields)
-        parts.append(f"training config field '{field}': {msg} (got {err.get('input')!r})")
+            nested = err.get("loc", ())[:1] == ("gates",) and model is TrainConfig
+            msg = "unknown setting; valid ones are " + ", ".join((QualityGates if nested else model).model_fields)
+        parts.append(f"{what} field '{field}': {msg} (got {err.get('input')!r})")
     return "; ".join(parts)
+
+
+class RankerConfig(BaseModel):
+    """Hyper-parameters of the ranker; unknown keys are refused (a typo is an error)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_workers: int = Field(1, ge=1, le=64, description="Ray Train workers")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = Field(False)
+    epochs: int = Field(2, ge=1, description="2 measured best on the shop data (3 overfits: see the T3 report)")
+    batch_size: int = Field(256, ge=1, description="Lists (examples) per step per worker")
+    lr: float = Field(2e-3, gt=0, le=1.0)
+    weight_decay: float = Field(1e-6, ge=0)
+    dim: int = Field(32, ge=4, le=512, description="Item-id embedding size")
+    hidden: int = Field(128, ge=4, le=4096, description="Width of the MLP's first layer")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    n_hard: int = Field(10, ge=0, le=500, description="Hard negatives per list (from retrieval)")
+    hard_pool: int = Field(100, ge=1, le=2000, description="Hard negatives are drawn from this top-n of retrieval")
+    retrieved_positives_only: bool = Field(
+        True, description="Train only on examples whose item is in the retrieval top hard_pool (what "
+                          "the ranker will see at serving time); needs the retrieval model")
+    n_random: int = Field(10, ge=0, le=500, description="Uniform random negatives per list")
+    use_retrieval_score: bool = Field(True, description="Feed the two-tower score as a feature (needs the model)")
+    min_event_type: EventTypeName = Field("view", description="Weakest event type that becomes a positive")
+    negative_horizon_days: float = Field(
+        7.0, ge=0, description="Items the user touches within this many days after an example are "
+                               "never its negatives (they are future positives); 0 = off")
+    shuffle_buffer: int = Field(2048, ge=0)
+    seed: int = Field(0, ge=0)
+    max_failures: int = Field(0, ge=-1)
+    eval_candidates: int = Field(100, ge=1, le=5000, description="Retrieved candidates the ranker reorders")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, RankerConfig, "ranker config")) from exc

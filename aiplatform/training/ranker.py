@@ -38,9 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from aiplatform.core.errors import ConfigError, DataValidationError, UserInputError
+from aiplatform.core.errors import DataValidationError, UserInputError
 from aiplatform.core.schemas import EVENT_TYPES
 from aiplatform.core.storage import is_uri
 from aiplatform.features.definitions import COUNT_COLUMNS
@@ -53,6 +52,7 @@ from aiplatform.models.ranker import (
     save_ranker,
 )
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, encode_counts
+from aiplatform.training.config import RankerConfig
 from aiplatform.training.evaluate import ndcg_at_k, recall_at_k
 
 if TYPE_CHECKING:
@@ -62,58 +62,6 @@ log = logging.getLogger(__name__)
 
 ENCODE_BATCH_SIZE = 2048
 EXAMPLE_COLUMNS: tuple[str, ...] = ("item_id", "event_type", "last_items", *COUNT_COLUMNS)
-
-
-class RankerConfig(BaseModel):
-    """Hyper-parameters of the ranker; unknown keys are refused (a typo is an error)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    num_workers: int = Field(1, ge=1, le=64, description="Ray Train workers")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = Field(False)
-    epochs: int = Field(2, ge=1, description="2 measured best on the shop data (3 overfits: see the T3 report)")
-    batch_size: int = Field(256, ge=1, description="Lists (examples) per step per worker")
-    lr: float = Field(2e-3, gt=0, le=1.0)
-    weight_decay: float = Field(1e-6, ge=0)
-    dim: int = Field(32, ge=4, le=512, description="Item-id embedding size")
-    hidden: int = Field(128, ge=4, le=4096, description="Width of the MLP's first layer")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    n_hard: int = Field(10, ge=0, le=500, description="Hard negatives per list (from retrieval)")
-    hard_pool: int = Field(100, ge=1, le=2000, description="Hard negatives are drawn from this top-n of retrieval")
-    retrieved_positives_only: bool = Field(
-        True, description="Train only on examples whose item is in the retrieval top hard_pool (what "
-                          "the ranker will see at serving time); needs the retrieval model")
-    n_random: int = Field(10, ge=0, le=500, description="Uniform random negatives per list")
-    use_retrieval_score: bool = Field(True, description="Feed the two-tower score as a feature (needs the model)")
-    min_event_type: str = Field("view", description="Weakest event type that becomes a positive")
-    negative_horizon_days: float = Field(
-        7.0, ge=0, description="Items the user touches within this many days after an example are "
-                               "never its negatives (they are future positives); 0 = off")
-    shuffle_buffer: int = Field(2048, ge=0)
-    seed: int = Field(0, ge=0)
-    max_failures: int = Field(0, ge=-1)
-    eval_candidates: int = Field(100, ge=1, le=5000, description="Retrieved candidates the ranker reorders")
-
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            parts = []
-            for err in exc.errors():
-                field = ".".join(str(x) for x in err.get("loc", ())) or "(config)"
-                msg = err.get("msg", "invalid value")
-                if err.get("type") == "extra_forbidden":
-                    msg = "unknown setting; valid ones are " + ", ".join(RankerConfig.model_fields)
-                parts.append(f"ranker config field '{field}': {msg} (got {err.get('input')!r})")
-            raise ConfigError("; ".join(parts)) from exc
-
-    @field_validator("min_event_type")
-    @classmethod
-    def _known_event_type(cls, v: str) -> str:
-        if v not in EVENT_TYPES:
-            raise ValueError(f"must be one of {', '.join(EVENT_TYPES)}")
-        return v
 
 
 @dataclass
