@@ -41,6 +41,7 @@ from aiplatform.training.evaluate import (
     check_gates,
     evaluate_model,
     popularity_ranking,
+    ranker_verdict,
     split_by_time,
 )
 from aiplatform.training.ranker import RankerConfig, attach_ranker, evaluate_ranker, train_ranker
@@ -135,11 +136,15 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
                               retrieval_model=result.model, item_counts=item_counts_at(train_events, boundary))
         metrics["ranker"] = evaluate_ranker(ranker.model, result.model, result.vocab, context, truth,
                                             k=config.eval_k)
-        attach_ranker(ranker.path, result.checkpoint_path)
         r, k = metrics["ranker"], config.eval_k
         log.info("ranker: NDCG@%d %.4f in retrieval order -> %.4f ranked; recall@%d %.4f -> %.4f",
                  k, r["retrieval"][f"ndcg@{k}"], r["ranked"][f"ndcg@{k}"],
                  k, r["retrieval"][f"recall@{k}"], r["ranked"][f"recall@{k}"])
+        # Only a ranker that improves the held-out order is served (ranker_min_ndcg_gain).
+        r["attached"], r["verdict"] = ranker_verdict(r, k, config.ranker_min_ndcg_gain)
+        (log.info if r["attached"] else log.warning)(r["verdict"])
+        if r["attached"]:
+            attach_ranker(ranker.path, result.checkpoint_path)
     gates = [asdict(g) for g in check_gates(metrics, config.gates, config.eval_k)]
     metrics["gates"] = gates
     eval_seconds = time.perf_counter() - eval_started
@@ -211,6 +216,9 @@ def format_metrics(metrics: dict) -> str:
     rows = [f"{'':12s} " + " ".join(f"{c:>11s}" for c in cols)]
     for name in rankers:
         rows.append(f"{name:12s} " + " ".join(f"{metrics[name].get(c, float('nan')):11.4f}" for c in cols))
+    ranker = metrics.get("ranker")
+    if isinstance(ranker, dict) and "verdict" in ranker:
+        rows.append(ranker["verdict"])
     return "\n".join(rows)
 
 

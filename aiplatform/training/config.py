@@ -74,6 +74,10 @@ class TrainConfig(BaseModel):
     eval_k_large: int = Field(50, ge=1, description="the larger k of recall@k (candidate-generation depth)")
     gates: QualityGates = Field(default_factory=QualityGates, description="What a model needs to become challenger")
     ranker: bool = Field(True, description="Also train the ranker that re-orders retrieved candidates (served with the model)")
+    ranker_min_ndcg_gain: float = Field(
+        0.0, ge=-1.0, le=10.0, description="The ranker travels with the model (and serving re-ranks) only when "
+                                           "retrieve-then-rank beats retrieval order on NDCG@eval_k of the validation "
+                                           "users by more than this share: 0 = any gain, -1 = always")
     # ---- reliability (checkpoints, validation, precision) ----
     checkpoints_to_keep: int = Field(
         2, ge=1, description="Checkpoints kept per run: the best by checkpoint_metric (the latest is always kept too)"

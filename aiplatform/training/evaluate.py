@@ -367,6 +367,19 @@ def check_gates(metrics: dict, gates: QualityGates, k: int = 10) -> list[GateRes
     return out
 
 
+def ranker_verdict(ranker_metrics: dict, k: int, min_gain: float) -> tuple[bool, str]:
+    """(attach?, why) from ``evaluate_ranker`` output: a ranker is served only when it improves
+    the order the retrieval model already gives, measured on the held-out users; a ranker that
+    makes recommendations worse must not ship just because it was trained."""
+    before = float(ranker_metrics["retrieval"][f"ndcg@{k}"])
+    after = float(ranker_metrics["ranked"][f"ndcg@{k}"])
+    need = before * (1.0 + min_gain)
+    ok = min_gain <= -1.0 or after > need
+    verb = "attached" if ok else "NOT attached (serving keeps the retrieval order)"
+    return ok, (f"ranker {verb}: NDCG@{k} {before:.4f} in retrieval order -> {after:.4f} ranked "
+                f"(needs > {need:.4f}, ranker_min_ndcg_gain {min_gain:g})")
+
+
 __all__ = [
     "CooccurrenceBaseline",
     "GateResult",
@@ -376,6 +389,7 @@ __all__ = [
     "evaluate_model",
     "ndcg_at_k",
     "popularity_ranking",
+    "ranker_verdict",
     "recall_at_k",
     "score_users",
     "split_by_time",

@@ -130,3 +130,17 @@ def test_aliases_follow_the_gates(registry_with_versions):
     v6 = new_version()
     assert apply_aliases(registry, "m", v6, gates_passed=False, always_promote=True) == ["champion"]
     assert registry.aliases("m") == {"challenger": v5, "champion": v6}
+
+
+def test_a_ranker_that_worsens_the_held_out_order_is_not_attached():
+    from aiplatform.training.evaluate import ranker_verdict
+
+    worse = {"retrieval": {"ndcg@10": 0.25}, "ranked": {"ndcg@10": 0.22}}
+    ok, why = ranker_verdict(worse, 10, 0.0)
+    assert not ok and "NOT attached" in why and "0.2500" in why and "0.2200" in why
+    assert ranker_verdict(worse, 10, -1.0)[0]  # -1: always attach
+    better = {"retrieval": {"ndcg@10": 0.20}, "ranked": {"ndcg@10": 0.21}}
+    assert ranker_verdict(better, 10, 0.0)[0]
+    assert not ranker_verdict(better, 10, 0.10)[0]  # +5% is not the +10% asked for
+    same = {"retrieval": {"ndcg@10": 0.2}, "ranked": {"ndcg@10": 0.2}}
+    assert not ranker_verdict(same, 10, 0.0)[0]  # no gain, no extra serving cost
