@@ -225,7 +225,8 @@ def main() -> None:
             "uses": "history only" + ("" if same_split else " (DIFFERENT split: not comparable)"),
             f"recall@{k}": metrics["model"][f"recall@{k}"], f"ndcg@{k}": metrics["model"][f"ndcg@{k}"]}
         if "ranker" in metrics:
-            results["two-tower + ranker (aiplatform quickstart)"] = {
+            served = metrics["ranker"].get("attached", True)
+            results["two-tower + ranker (aiplatform quickstart)" + ("" if served else ", not served")] = {
                 "uses": "history only", f"recall@{k}": metrics["ranker"]["ranked"][f"recall@{k}"],
                 f"ndcg@{k}": metrics["ranker"]["ranked"][f"ndcg@{k}"]}
     rows = [[name, r["uses"], r[f"recall@{k}"], r[f"ndcg@{k}"], f"{r[f'recall@{k}'] / pop:.2f}x"]
