@@ -1,7 +1,7 @@
 """The Redis online store: the same rows and interface as SQLite, for many serving replicas.
 
 One key per entity, ``<prefix>:<service>__<version>:<entity id>``, holding the binary row of
-``online.RowCodec`` (its first 8 bytes are the event timestamp). A read is ONE ``MGET``; a write
+``online_codec.RowCodec`` (its first 8 bytes are the event timestamp). A read is ONE ``MGET``; a write
 is ONE Lua script that compares each row's timestamp with the stored one and keeps the newer
 (ties: the new row), so a call is atomic and idempotent and replicas never see half a batch.
 Meta values (materialization watermarks) live in the hash ``<prefix>:meta``.
@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from aiplatform.core.errors import ConfigError, UserInputError
 from aiplatform.features.definitions import FeatureService
-from aiplatform.features.online import CodecCache, OnlineFeatures, meta_prefix
+from aiplatform.features.online import meta_prefix
+from aiplatform.features.online_codec import CodecCache, OnlineFeatures
 
 _UPSERT_NEWER = """
 local applied = 0

@@ -250,3 +250,21 @@ def test_a_missing_redis_server_says_how_to_install_it(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="apt-get install -y redis-server"):
         with helper.redis_server(tmp_path):
             pass
+
+
+def test_sqlite_reads_keep_request_order_across_statement_chunks(tmp_path):
+    """More ids than one SQL statement binds: rows still line up with the request (generic rows,
+    missing ones in between and at both sides of the 30,000-id chunk boundary)."""
+    store = open_online_store(str(tmp_path / "online.sqlite"))
+    present = ["a", "b", "c", "d"]
+    store.write_features(SERVICE, _table(present, [1, 2, 3, 4], n=[10, 11, 12, 13]))
+    asked = [f"q{i}" for i in range(30_005)]
+    positions = [3, 29_999, 30_000, 30_004]
+    for pos, k in zip(positions, present):
+        asked[pos] = k
+    got = store.get_online_features(SERVICE, asked)
+    assert np.flatnonzero(got.status == "ok").tolist() == positions
+    assert got.columns["n"][positions].tolist() == [10, 11, 12, 13]
+    assert got.columns["city"][positions].tolist() == [f"city-{v}-é" for v in (10, 11, 12, 13)]
+    assert got.columns["tags"][30_004] == ["t13", ""] and got.columns["tags"][30_000] == []
+    assert got.columns["city"][0] is None and not got.valid["city"][0]
