@@ -16,6 +16,11 @@ the ttl (else null) and the first feature must equal pandas' on every row.
 
     python benchmarks/features_pit.py                         # 1M labels x 10M rows (several GB)
     python benchmarks/features_pit.py --labels 100_000 --rows 1_000_000 --entities 10_000
+    python benchmarks/features_pit.py --scaling 1M:10M,3M:10M,1M:30M   # memory as the data grows
+
+Scaling mode: one Lance table grown by chunked appends between points (the generator holds one
+chunk), ours and DuckDB (scanning that same Lance table, under ``--duckdb-memory``) per point;
+exactness is ours == DuckDB and ours == pandas ``merge_asof`` on every label of 3 buckets.
 """
 
 import argparse
@@ -219,6 +224,254 @@ def same(a: pa.Table, b: pa.Table) -> bool:
     return bool(np.array_equal(ta, tb, equal_nan=True) and np.array_equal(fa, fb, equal_nan=True))
 
 
+# ---- scaling mode: the same join as the data grows ------------------------------------------------
+def parse_count(text: str) -> int:
+    """``10M`` / ``500k`` / ``2_000_000`` -> int."""
+    t = text.strip().lower().replace("_", "")
+    mult = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(t[-1:], 1)
+    return int(float(t[:-1] if mult > 1 else t) * mult)
+
+
+def parse_points(spec: str) -> list[tuple[int, int]]:
+    """``1M:10M,3M:10M,1M:30M`` -> [(labels, feature rows), ...] sorted by rows then labels."""
+    points = []
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        if ":" not in item:
+            raise SystemExit(f"--scaling point {item!r}: write LABELS:ROWS, e.g. 1M:10M")
+        lab, rows = item.split(":", 1)
+        points.append((parse_count(lab), parse_count(rows)))
+    return sorted(set(points), key=lambda p: (p[1], p[0]))
+
+
+def append_features(path: str, start: int, stop: int, n_entities: int, n_features: int, *,
+                    chunk: int = 2_000_000, seed: int = 0) -> None:
+    """Grow the offline table from ``start`` to ``stop`` rows, ``chunk`` rows at a time (each
+    chunk generated, clustered by ``_bucket`` and appended as its own Lance version), so the
+    generator never holds more than one chunk; the ``_bucket`` index is rebuilt at the end.
+    Rows ``[0, n)`` are the same whatever ``stop`` is, so a bigger point is a superset."""
+    import lance
+
+    from aiplatform.features.partition import BUCKET_COLUMN, TIMESTAMP_COLUMN, entity_bucket
+
+    names = np.array([f"e{i:08d}" for i in range(n_entities)], dtype=object)
+    bucket_of = entity_bucket(names)
+    active = max(1, n_entities - n_entities // 100)  # the last 1% never appear in the feature table
+    for lo in range(start, stop, chunk):
+        n = min(chunk, stop - lo)
+        rng = np.random.default_rng([seed, lo])
+        codes = np.minimum((rng.pareto(1.5, n) * active / 20).astype(np.int64), active - 1)
+        codes = codes[np.argsort(bucket_of[codes], kind="stable")]  # cluster by bucket (times are iid)
+        cols = {"entity_id": pa.array(names[codes], pa.string()),
+                TIMESTAMP_COLUMN: pa.array(T0_US + rng.integers(0, 365 * DAY_US, n)).cast(UTC_US),
+                BUCKET_COLUMN: pa.array(bucket_of[codes], pa.int32())}
+        for i in range(n_features):
+            cols[f"f{i}"] = pa.array(rng.standard_normal(n))
+        ds = lance.write_dataset(pa.table(cols), path, mode="append" if (lo or start) else "create",
+                                 max_rows_per_file=4_000_000)
+        del cols
+    ds.create_scalar_index(BUCKET_COLUMN, "BTREE", replace=True)
+
+
+def make_labels(n_labels: int, n_entities: int, seed: int = 0) -> pa.Table:
+    from aiplatform.features.partition import TIMESTAMP_COLUMN
+
+    rng = np.random.default_rng([seed, 1 << 40])
+    names = np.array([f"e{i:08d}" for i in range(n_entities)], dtype=object)
+    return pa.table({"label_id": pa.array(np.arange(n_labels)),
+                     "entity_id": pa.array(names[rng.integers(0, n_entities, n_labels)], pa.string()),
+                     TIMESTAMP_COLUMN: pa.array(T0_US + rng.integers(0, 395 * DAY_US, n_labels)).cast(UTC_US),
+                     "target": pa.array(rng.integers(0, 2, n_labels))})
+
+
+def run_duckdb_lance(labels: pa.Table, path: str, ttl_us: int, n_features: int, threads: int,
+                     memory_limit: str, spill_dir: str) -> tuple[float, float, pa.Table]:
+    """DuckDB's ASOF JOIN scanning the same Lance table (a pyarrow Dataset: projection pushed
+    down) instead of an in-memory copy, so the scan is timed as ours is and its memory counted,
+    under ``memory_limit`` (DuckDB spills past it where it can)."""
+    import duckdb
+    import lance
+
+    con = duckdb.connect()
+    con.execute(f"SET threads={threads}")
+    con.execute(f"SET memory_limit='{memory_limit}'")
+    con.execute(f"SET temp_directory='{spill_dir}'")
+    con.register("labels", labels)
+    con.register("features", lance.dataset(path))
+    ok = f"epoch_us(l.event_timestamp) - epoch_us(f.event_timestamp) <= {ttl_us}"
+    cols = ", ".join(f"CASE WHEN {ok} THEN f.f{i} END AS f{i}" for i in range(n_features))
+    sql = (f"SELECT l.*, {cols}, CASE WHEN {ok} THEN f.event_timestamp END AS ts "
+           "FROM labels l ASOF LEFT JOIN features f "
+           "ON l.entity_id = f.entity_id AND l.event_timestamp >= f.event_timestamp")
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        out = con.sql(sql).to_arrow_table()
+        seconds = time.perf_counter() - t
+    result = out.select(["label_id", "ts", "f0"])
+    del out
+    con.close()
+    return seconds, mem.delta_gb, result
+
+
+def sampled_pandas_check(ours: pa.Table, labels: pa.Table, path: str, ttl_us: int, buckets: list[int]) -> bool:
+    """Ours against pandas ``merge_asof`` on every label of a few buckets (the bucket's feature
+    rows read in write order, so pandas breaks (key, time) ties as the offline store does)."""
+    import lance
+    import pyarrow.compute as pc
+
+    from aiplatform.features.partition import entity_bucket
+
+    lab_b = entity_bucket(labels.column("entity_id"))
+    sub = labels.filter(pa.array(np.isin(lab_b, buckets)))
+    cond = f"_bucket IN ({', '.join(map(str, buckets))})"
+    rows = lance.dataset(path).to_table(columns=["entity_id", "event_timestamp", "f0"], filter=cond,
+                                        with_row_address=True)
+    rows = rows.take(np.argsort(rows.column("_rowaddr").to_numpy(), kind="stable")).drop_columns(["_rowaddr"])
+    ref = run_pandas(sub.to_pandas(), rows.to_pandas(), ttl_us)[2]
+    mine = ours.filter(pc.is_in(ours.column("label_id"), sub.column("label_id")))
+    return mine.num_rows == sub.num_rows and same(mine, ref)
+
+
+def start_ray(args: argparse.Namespace) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=args.cpus, object_store_memory=2 * 2**30, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.from_items([1]).materialize()
+
+
+def run_ours_point(args: argparse.Namespace, labels: pa.Table, layout, view, batch_rows: int, warm_layout
+                   ) -> dict[str, Any]:
+    """Ours on a fresh Ray, warmed by the same job on a tiny table (``warm_layout``): every worker
+    is started and has imported Lance, but no worker heap has grown to this table's buckets yet
+    (warming on the real table, or reusing workers of an earlier point, hides that growth)."""
+    import ray
+
+    from aiplatform.features.pit import point_in_time_join
+
+    start_ray(args)
+    step = -(-labels.num_rows // 4)
+    blocks = [labels.slice(i, step) for i in range(0, labels.num_rows, step)]
+    warm = [b.slice(0, 50_000) for b in blocks]  # same shape of job: starts every worker the join uses
+    for _ in range(2):
+        point_in_time_join(ray.data.from_arrow(warm), warm_layout, view, batch_rows=batch_rows).materialize()
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        ds = point_in_time_join(ray.data.from_arrow(blocks), layout, view, batch_rows=batch_rows).materialize()
+        seconds = time.perf_counter() - t
+    out = pa.concat_tables([ray.get(r) for r in ds.to_arrow_refs()])
+    ok = pc_equal(out.column(f"{view.name}__status"), "ok")
+    result = pa.table({"label_id": out.column("label_id"),
+                       "ts": _where(ok, out.column(f"{view.name}__event_timestamp")), "f0": out.column("f0")})
+    del ds, out
+    assert result.num_rows == labels.num_rows
+    return {"seconds": seconds, "peak_memory_gb": mem.delta_gb, "tree_rss_peak_gb": mem.peak / 2**30,
+            "result": result}
+
+
+def scaling(args: argparse.Namespace) -> None:
+    """Ours (and DuckDB, scanning the same Lance table) at each (labels, rows) point, the table
+    grown by appending between points; pandas only as a sampled check on a few buckets."""
+    import ray
+
+    from aiplatform.core.storage import Layout
+
+    points = parse_points(args.scaling)
+    skip = set(filter(None, args.skip.split(",")))
+    ttl_us = args.ttl_days * DAY_US
+    workdir = tempfile.mkdtemp(prefix="features_pit_scaling_", dir=args.workdir)
+    layout = Layout.at(workdir)
+    view = view_for(args.features, args.ttl_days)
+    path = layout.feature_table(view.table_name)
+    from aiplatform.features.pit import BUCKET_BATCH_ROWS
+
+    variants = {"ours": BUCKET_BATCH_ROWS}
+    if args.whole_bucket:
+        variants["ours, whole bucket at once"] = 2**62
+    duck_max = parse_count(args.duckdb_max_rows)
+    warm_layout = Layout.at(os.path.join(workdir, "warm"))
+    append_features(warm_layout.feature_table(view.table_name), 0, 20_000, args.entities, args.features)
+    table_rows, rows_out, payload = 0, [], []
+    try:
+        for n_labels, n_rows in points:
+            if n_rows > table_rows:
+                t = time.perf_counter()
+                append_features(path, table_rows, n_rows, args.entities, args.features, chunk=args.chunk)
+                print(f"feature table grown {table_rows:,} -> {n_rows:,} rows in {time.perf_counter() - t:.1f}s",
+                      flush=True)
+                table_rows = n_rows
+            labels = make_labels(n_labels, args.entities)
+            point: dict[str, Any] = {"labels": n_labels, "feature_rows": n_rows, "load_before": os.getloadavg()}
+            res: dict[str, dict[str, Any]] = {}
+            if "ours" not in skip:
+                for name, batch_rows in variants.items():
+                    res[name] = run_ours_point(args, labels, layout, view, batch_rows, warm_layout)
+                ray.shutdown()
+            if "duckdb" not in skip and n_rows <= duck_max:
+                try:
+                    seconds, gb, table = run_duckdb_lance(labels, path, ttl_us, args.features, args.cpus,
+                                                          args.duckdb_memory, workdir)
+                    res["DuckDB ASOF JOIN"] = {"seconds": seconds, "peak_memory_gb": gb, "result": table}
+                except Exception as exc:  # out of memory under the limit: record it, keep going
+                    point["duckdb_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            elif "duckdb" not in skip:
+                point["duckdb_error"] = f"skipped: more than --duckdb-max-rows {args.duckdb_max_rows} rows"
+            gc.collect()
+            duck = res.get("DuckDB ASOF JOIN")
+            for name, r in res.items():
+                checks = {}
+                if name != "DuckDB ASOF JOIN":
+                    checks["equals_pandas_on_3_buckets"] = sampled_pandas_check(r["result"], labels, path,
+                                                                                ttl_us, [0, 17, 42])
+                    if duck is not None:
+                        checks["equals_duckdb"] = same(r["result"], duck["result"])
+                point[name] = {**{k: v for k, v in r.items() if k != "result"}, **checks,
+                               "labels_per_s": n_labels / r["seconds"], "feature_rows_per_s": n_rows / r["seconds"]}
+                p = point[name]
+                exact = "reference" if not checks else \
+                    " / ".join(f"{'yes' if v else 'NO'} ({k.replace('equals_', 'vs ').replace('_', ' ')})"
+                               for k, v in checks.items())
+                rows_out.append([name, f"{n_labels:,}", f"{n_rows:,}", f"{p['seconds']:.1f}",
+                                 f"{p['peak_memory_gb']:.2f}", f"{p['labels_per_s'] / 1e3:,.0f}k",
+                                 f"{p['feature_rows_per_s'] / 1e6:.2f}M", exact, f"{point['load_before'][0]:.1f}"])
+            if "duckdb_error" in point:
+                rows_out.append(["DuckDB ASOF JOIN", f"{n_labels:,}", f"{n_rows:,}", "-", "-", "-", "-",
+                                 point["duckdb_error"][:70], f"{point['load_before'][0]:.1f}"])
+            point["load_after"] = os.getloadavg()
+            payload.append(point)
+            print(f"point {n_labels:,} x {n_rows:,}: {point}", flush=True)
+            del res, labels
+            gc.collect()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    cols = ["contender", "labels", "feature rows", "seconds", "peak memory GB", "labels/s", "feature rows/s",
+            "exact", "load (1 min)"]
+    print(f"\nPoint-in-time join scaling, {args.features} features, {args.entities:,} entities, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    for r in rows_out:
+        print("| " + " | ".join(str(v) for v in r) + " |")
+    body = {"params": vars(args), "points": payload}
+    if args.out:
+        from common import machine
+        import json
+
+        path_out = Path(args.out)
+        path_out.write_text(json.dumps({"machine": machine(), **body}, indent=2, default=str))
+    else:
+        path_out = save("features_pit_scaling", body)
+    print(f"saved {path_out}")
+    checks = [v for p in payload for r in p.values() if isinstance(r, dict)
+              for k, v in r.items() if k.startswith("equals_")]
+    if not all(checks):
+        sys.exit(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--labels", type=int, default=1_000_000)
@@ -232,8 +485,21 @@ def main() -> None:
                          "on one small machine the sort shuffle avoids the hash shuffle's aggregator actors")
     ap.add_argument("--no-index", action="store_true", help="no Lance scalar index on _bucket")
     ap.add_argument("--skip", default="", help="comma list of contenders to skip: ours,duckdb,pandas")
-    ap.add_argument("--out", default=str(RESULTS / "features_pit.json"))
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/features_pit[_scaling].json)")
+    ap.add_argument("--scaling", default="",
+                    help="scaling mode: comma list of LABELS:ROWS points, e.g. 1M:10M,3M:10M,1M:30M; the Lance "
+                         "table grows by appending between points; pandas only as a sampled exactness check")
+    ap.add_argument("--chunk", type=int, default=2_000_000, help="scaling mode: rows generated per append")
+    ap.add_argument("--duckdb-memory", default="8GB", help="scaling mode: DuckDB memory_limit")
+    ap.add_argument("--duckdb-max-rows", default="30M", help="scaling mode: skip DuckDB above this many rows")
+    ap.add_argument("--whole-bucket", action="store_true",
+                    help="scaling mode: also run ours reading each bucket whole (before bounded batches)")
+    ap.add_argument("--workdir", default=None, help="where the Lance table goes (default: system temp)")
     args = ap.parse_args()
+    if args.scaling:
+        scaling(args)
+        return
+    args.out = args.out or str(RESULTS / "features_pit.json")
     skip = set(filter(None, args.skip.split(",")))
     ttl_us = args.ttl_days * DAY_US
 

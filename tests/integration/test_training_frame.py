@@ -17,7 +17,7 @@ from aiplatform.core.errors import UserInputError
 from aiplatform.core.storage import Layout
 from aiplatform.features.definitions import FeatureService, OnDemandFeatureView, arrow_type
 from aiplatform.features.partition import BUCKET_COLUMN, TIMESTAMP_COLUMN, entity_bucket
-from aiplatform.features.pit import asof_join, get_training_frame, point_in_time_join
+from aiplatform.features.pit import BUCKET_BATCH_ROWS, asof_join, get_training_frame, point_in_time_join
 from apps.shop.features import recommender_user, user_activity
 
 pytestmark = pytest.mark.integration
@@ -88,11 +88,14 @@ def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values("label_id", kind="stable").reset_index(drop=True)
 
 
-def test_point_in_time_join_on_ray_equals_the_core(offline, ray_session):
+# 37 rows a batch: every bucket (~60 rows over two Lance versions) is joined in several batches,
+# so the best-so-far merge across batches (and across versions) is exercised on real Lance scans
+@pytest.mark.parametrize("batch_rows", [BUCKET_BATCH_ROWS, 37])
+def test_point_in_time_join_on_ray_equals_the_core(offline, ray_session, batch_rows):
     layout, table, labels = offline
     wanted = ["view_7d", "purchase_30d", "last_items"]
     ds = ray_session.data.from_pandas([labels.iloc[:1000], labels.iloc[1000:]])
-    got = _sorted(point_in_time_join(ds, layout, user_activity, wanted).to_pandas())
+    got = _sorted(point_in_time_join(ds, layout, user_activity, wanted, batch_rows=batch_rows).to_pandas())
     ttl_us = int(user_activity.ttl.total_seconds() * 1e6)
     ref = _sorted(asof_join(labels, table, key="user_id", label_ts=TIMESTAMP_COLUMN, ttl_us=ttl_us,
                             feature_columns=wanted, prefix_status="user_activity").to_pandas())
@@ -107,14 +110,15 @@ def test_point_in_time_join_on_ray_equals_the_core(offline, ray_session):
     assert (got.loc[got["user_id"] == "stranger", "user_activity__status"] == "missing").all()
 
 
-def test_later_version_wins_on_duplicate_user_time(offline, ray_session):
+@pytest.mark.parametrize("batch_rows", [BUCKET_BATCH_ROWS, 7])
+def test_later_version_wins_on_duplicate_user_time(offline, ray_session, batch_rows):
     layout, table, _ = offline
     first = table.slice(0, 3_000).to_pandas()
     dup = first.iloc[:200]
     labels = pd.DataFrame({"label_id": np.arange(len(dup)), "user_id": dup["user_id"].to_numpy(),
                            TIMESTAMP_COLUMN: dup[TIMESTAMP_COLUMN].to_numpy()})
     got = _sorted(point_in_time_join(ray_session.data.from_pandas([labels]), layout, user_activity,
-                                     ["view_7d"]).to_pandas())
+                                     ["view_7d"], batch_rows=batch_rows).to_pandas())
     second_values = table.slice(table.num_rows - 200).column("view_7d").to_numpy()
     assert (got["user_activity__status"] == "ok").all()
     assert (got["view_7d"].to_numpy() == second_values).all()
@@ -158,6 +162,8 @@ def test_missing_columns_are_named(offline, ray_session):
         get_training_frame(labels, service, layout)
     frame = get_training_frame(labels.assign(basket_value=1.5), service, layout).to_pandas()
     assert (frame["basket_ratio"] == 3.0).all()
+    with pytest.raises(UserInputError, match="batch_rows"):
+        point_in_time_join(ray_session.data.from_pandas([labels]), layout, user_activity, batch_rows=0)
     with pytest.raises(UserInputError, match="no offline table"):
         point_in_time_join(ray_session.data.from_pandas([labels]), layout,
                            user_activity.__class__(**{**user_activity.__dict__, "ttl": timedelta(days=1)}))
