@@ -183,6 +183,12 @@ def run_duckdb(labels: pa.Table, features: pa.Table, ttl_us: int, n_features: in
     con.execute(f"SET threads={threads}")
     con.register("labels", labels)
     con.register("features", features)
+    return _timed_asof(con, ttl_us, n_features)
+
+
+def _timed_asof(con, ttl_us: int, n_features: int) -> tuple[float, float, pa.Table]:
+    """Run the ASOF JOIN of the registered ``labels`` and ``features`` on ``con`` (then close
+    it): (seconds, peak memory GB, the columns compared with ours)."""
     ok = f"epoch_us(l.event_timestamp) - epoch_us(f.event_timestamp) <= {ttl_us}"
     cols = ", ".join(f"CASE WHEN {ok} THEN f.f{i} END AS f{i}" for i in range(n_features))
     sql = (f"SELECT l.*, {cols}, CASE WHEN {ok} THEN f.event_timestamp END AS ts "
@@ -190,7 +196,7 @@ def run_duckdb(labels: pa.Table, features: pa.Table, ttl_us: int, n_features: in
            "ON l.entity_id = f.entity_id AND l.event_timestamp >= f.event_timestamp")
     with PeakRSS() as mem:
         t = time.perf_counter()
-        out = con.execute(sql).to_arrow_table()
+        out = con.sql(sql).to_arrow_table()
         seconds = time.perf_counter() - t
     result = out.select(["label_id", "ts", "f0"])
     del out
@@ -297,19 +303,7 @@ def run_duckdb_lance(labels: pa.Table, path: str, ttl_us: int, n_features: int, 
     con.execute(f"SET temp_directory='{spill_dir}'")
     con.register("labels", labels)
     con.register("features", lance.dataset(path))
-    ok = f"epoch_us(l.event_timestamp) - epoch_us(f.event_timestamp) <= {ttl_us}"
-    cols = ", ".join(f"CASE WHEN {ok} THEN f.f{i} END AS f{i}" for i in range(n_features))
-    sql = (f"SELECT l.*, {cols}, CASE WHEN {ok} THEN f.event_timestamp END AS ts "
-           "FROM labels l ASOF LEFT JOIN features f "
-           "ON l.entity_id = f.entity_id AND l.event_timestamp >= f.event_timestamp")
-    with PeakRSS() as mem:
-        t = time.perf_counter()
-        out = con.sql(sql).to_arrow_table()
-        seconds = time.perf_counter() - t
-    result = out.select(["label_id", "ts", "f0"])
-    del out
-    con.close()
-    return seconds, mem.delta_gb, result
+    return _timed_asof(con, ttl_us, n_features)
 
 
 def sampled_pandas_check(ours: pa.Table, labels: pa.Table, path: str, ttl_us: int, buckets: list[int]) -> bool:
@@ -380,6 +374,8 @@ def scaling(args: argparse.Namespace) -> None:
     points = parse_points(args.scaling)
     skip = set(filter(None, args.skip.split(",")))
     ttl_us = args.ttl_days * DAY_US
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="features_pit_scaling_", dir=args.workdir)
     layout = Layout.at(workdir)
     view = view_for(args.features, args.ttl_days)

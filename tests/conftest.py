@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.redis_server import redis_url  # noqa: E402,F401  (session fixture: a real redis-server)
+from tests.redis_server import online_store, redis_url  # noqa: E402,F401  (fixtures: a real redis-server)
 
 
 @pytest.fixture()

@@ -79,3 +79,21 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         pytest.fail(INSTALL_HINT, pytrace=False)
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def online_store(request, tmp_path):
+    """An empty online store of each kind: a SQLite file (opened by ``sqlite:///`` URI) and a
+    flushed database of the session's real redis-server."""
+    from aiplatform.features.online import open_online_store
+
+    if request.param == "sqlite":
+        s = open_online_store(f"sqlite:///{tmp_path / 'online.sqlite'}")
+    else:
+        import redis
+
+        url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(url).flushdb()
+        s = open_online_store(url)
+    yield s
+    s.close()

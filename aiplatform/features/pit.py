@@ -81,6 +81,18 @@ def _key_codes(label_keys: pa.ChunkedArray, feature_keys: pa.ChunkedArray) -> tu
     return codes[:n], codes[n:]
 
 
+def _check_no_clash(labels: pa.Table, feature_columns: Sequence[str], prefix_status: str) -> None:
+    added = [*feature_columns, prefix_status + TIMESTAMP_SUFFIX, prefix_status + STATUS_SUFFIX]
+    clash = [c for c in added if c in labels.column_names]
+    if clash:
+        raise UserInputError(f"labels already have column(s) {clash} that the join adds; rename or drop them")
+
+
+def _within_ttl(has: np.ndarray, lab_t: np.ndarray, matched_t: np.ndarray, ttl_us: int | None) -> np.ndarray:
+    """Labels whose matched row is at most ``ttl_us`` old (all matched ones when there is no ttl)."""
+    return has & ((lab_t - matched_t) <= int(ttl_us)) if ttl_us is not None else has.copy()
+
+
 def asof_join(labels: pa.Table | pd.DataFrame, features: pa.Table | pd.DataFrame, *, key: str, label_ts: str,
               ttl_us: int | None, feature_columns: list[str], prefix_status: str,
               feature_ts: str = TIMESTAMP_COLUMN) -> pa.Table:
@@ -92,10 +104,7 @@ def asof_join(labels: pa.Table | pd.DataFrame, features: pa.Table | pd.DataFrame
     or times are ``missing``; feature rows with a null key or time are ignored.
     """
     labels, features = _as_table(labels), _as_table(features)
-    ts_name, status_name = prefix_status + TIMESTAMP_SUFFIX, prefix_status + STATUS_SUFFIX
-    clash = [c for c in [*feature_columns, ts_name, status_name] if c in labels.column_names]
-    if clash:
-        raise UserInputError(f"labels already have column(s) {clash} that the join adds; rename or drop them")
+    _check_no_clash(labels, feature_columns, prefix_status)
     for c in feature_columns:
         _column(features, c, "feature rows")
 
@@ -103,10 +112,7 @@ def asof_join(labels: pa.Table | pd.DataFrame, features: pa.Table | pd.DataFrame
     match, matched_t = _match(_column(labels, key, "labels"), lab_t, lab_valid,
                               _column(features, key, "feature rows"), features, feature_ts)
     has = match >= 0
-    ok = has.copy()
-    if ttl_us is not None:
-        ok &= (lab_t - matched_t) <= int(ttl_us)
-
+    ok = _within_ttl(has, lab_t, matched_t, ttl_us)
     take = pa.array(np.where(ok, match, 0), pa.int64(), mask=~ok)
     gathered = features.select(feature_columns).take(take) if feature_columns else None
     return _assemble(labels, feature_columns, [features.schema.field(c) for c in feature_columns],
@@ -204,10 +210,7 @@ def asof_join_batches(labels: pa.Table, batches: Iterable[pa.Table], *, key: str
     at most one per label. ``fields`` are the feature columns' types (for labels with no match
     in any batch). Exactly equal to ``asof_join(labels, <all rows in write order>, ...)``.
     """
-    added = [*feature_columns, prefix_status + TIMESTAMP_SUFFIX, prefix_status + STATUS_SUFFIX]
-    clash = [c for c in added if c in labels.column_names]
-    if clash:
-        raise UserInputError(f"labels already have column(s) {clash} that the join adds; rename or drop them")
+    _check_no_clash(labels, feature_columns, prefix_status)
     n = labels.num_rows
     label_keys = _column(labels, key, "labels")
     lab_t, lab_valid = _micros(_column(labels, label_ts, "labels"), label_ts)
@@ -239,9 +242,7 @@ def asof_join_batches(labels: pa.Table, batches: Iterable[pa.Table], *, key: str
             piece = batch.select(feature_columns).take(pa.array(match[fresh])) \
                 .append_column("__pit_label__", pa.array(fresh, pa.int64()))
             kept = piece if kept is None else pa.concat_tables([kept, piece])
-    ok = has.copy()
-    if ttl_us is not None:
-        ok &= (lab_t - best_t) <= int(ttl_us)
+    ok = _within_ttl(has, lab_t, best_t, ttl_us)
     gathered = None
     if feature_columns:
         if kept is None or kept.num_rows == 0:

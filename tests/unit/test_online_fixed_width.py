@@ -36,18 +36,9 @@ def _table(ids, ts=None, **over) -> pa.Table:
     return pa.table(data, schema=schema)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = open_online_store(str(tmp_path / "online.sqlite"))
-    else:
-        import redis
-
-        url = request.getfixturevalue("redis_url")
-        redis.Redis.from_url(url).flushdb()
-        s = open_online_store(url)
-    yield s
-    s.close()
+@pytest.fixture()
+def store(online_store):
+    return online_store  # SQLite and a real redis-server (tests/redis_server.py)
 
 
 def _expected(table: pa.Table, ids: list[str]) -> pa.Table:

@@ -87,19 +87,11 @@ def _table(ids, ts, n=None, **over):
     return pa.table(data, schema=schema)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = open_online_store(f"sqlite:///{tmp_path / 'online.sqlite'}")
-        assert isinstance(s, SQLiteOnlineStore)
-    else:
-        import redis
-
-        url = request.getfixturevalue("redis_url")
-        redis.Redis.from_url(url).flushdb()
-        s = open_online_store(url)
-    yield s
-    s.close()
+@pytest.fixture()
+def store(online_store):
+    # SQLite (by sqlite:/// URI) and a real redis-server (tests/redis_server.py)
+    assert isinstance(online_store, SQLiteOnlineStore) or online_store.__class__.__name__ == "RedisOnlineStore"
+    return online_store
 
 
 def test_typed_columnar_round_trip(store):
