@@ -8,6 +8,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.redis_server import online_store, redis_url  # noqa: E402,F401  (fixtures: a real redis-server)
+from tests.s3_server import s3_env, s3_root, s3_server  # noqa: E402,F401  (fixtures: a real S3-compatible server)
 
 
 @pytest.fixture()

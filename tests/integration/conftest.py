@@ -6,10 +6,15 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
     import ray
 
+    from tests.s3_server import s3_environment
+
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray's workers inherit the environment of ray.init: the S3 test server's endpoint and
+    # credentials must be there first, so that tasks can read an s3:// storage root.
+    os.environ.update(s3_environment(s3_server))
     if not ray.is_initialized():
         ray.init(
             address="local",
