@@ -1,28 +1,26 @@
 """The event log: events received in real time (``POST /v1/events``, ``features.push``).
 
 Each accepted batch is validated exactly like an imported events file (same schema, same
-errors) and written as one Parquet file under ``<home>/eventlog`` by a temp-file rename, so a
-batch is either wholly there or not at all, and a refused batch leaves nothing behind.
+errors) and written as one Parquet file under ``<root>/eventlog`` with ``storage.write_bytes``
+(one PUT on an object store, a temp-file rename on a local disk), so a batch is either wholly
+there or not at all, and a refused batch leaves nothing behind.
 
 The lake's events plus the event log are "all events": the batch feature pipeline reads both,
 so a value pushed online is the value a later batch run computes from the same events.
 A new ``aiplatform data import`` replaces the lake and clears the log (it belonged to the old data).
 """
 
-import os
 import time
 import uuid
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from aiplatform.core import schemas
+from aiplatform.core import schemas, storage
 from aiplatform.core.storage import Layout
-from aiplatform.data import validate
+from aiplatform.data import lake, validate
 
 
 def validate_pushed(events: "pa.Table | pd.DataFrame | list[dict]") -> pa.Table:
@@ -41,28 +39,23 @@ def validate_pushed(events: "pa.Table | pd.DataFrame | list[dict]") -> pa.Table:
 
 
 def append(layout: Layout, events: pa.Table) -> str:
-    """Write one validated batch atomically; returns the file's path."""
-    folder = Path(layout.eventlog)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write one validated batch atomically; returns the file's path (or URI)."""
     name = f"events-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(events.cast(schemas.EVENTS), tmp)
-    os.replace(tmp, folder / name)
-    return str(folder / name)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(events.cast(schemas.EVENTS), buffer)
+    path = storage.join(layout.eventlog, name)
+    storage.write_bytes(path, buffer.getvalue().to_pybytes())
+    return path
 
 
 def files(layout: Layout) -> list[str]:
     """The log's committed files, oldest first (temp files of a batch in flight are skipped)."""
-    folder = Path(layout.eventlog)
-    if not folder.exists():
-        return []
-    return sorted(str(p) for p in folder.glob("events-*.parquet"))
+    return storage.list_files(layout.eventlog, suffix=".parquet", prefix="events-")
 
 
 def event_paths(layout: Layout) -> list[str]:
     """Every Parquet file of all events: the lake's, then the log's."""
-    lake = sorted(str(p) for p in Path(layout.lake_table("events")).glob("*.parquet"))
-    return lake + files(layout)
+    return lake.table_files(layout, "events") + files(layout)
 
 
 def read_events(layout: Layout, *, key: str | None = None, keys=None, since_us: int | None = None,
@@ -74,7 +67,7 @@ def read_events(layout: Layout, *, key: str | None = None, keys=None, since_us: 
     paths = event_paths(layout)
     if not paths:
         return schemas.EVENTS.empty_table()
-    dataset = pads.dataset(paths, schema=schemas.EVENTS, format="parquet")
+    dataset = lake.parquet_dataset(paths, schema=schemas.EVENTS)
     flt = None
     if keys is not None:
         flt = pc.field(key).isin(pa.array(list(keys), pa.string()))
@@ -87,4 +80,4 @@ def read_events(layout: Layout, *, key: str | None = None, keys=None, since_us: 
 def clear(layout: Layout) -> None:
     """Remove the log (a new import replaces the data it belonged to)."""
     for path in files(layout):
-        Path(path).unlink(missing_ok=True)
+        storage.delete_file(path)

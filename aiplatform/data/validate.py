@@ -4,48 +4,57 @@ Every refusal names the file, the column, how many rows failed and what was expe
 person who brought the data can fix it without reading code.
 """
 
-from pathlib import Path
+import csv
+import io
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from aiplatform.core import schemas
 from aiplatform.core.errors import DataValidationError
+from aiplatform.core.storage import filesystem_for
 
 
 def read_file(path: str) -> pa.Table:
-    """Read Parquet or CSV (by extension) with no type guessing we cannot control."""
-    p = Path(path)
-    if not p.exists():
+    """Read Parquet or CSV (by extension) with no type guessing we cannot control.
+
+    ``path`` is a local path or an object-store URI (``s3://bucket/events.parquet``): the data
+    may be imported from where it already lives."""
+    fs, inside = filesystem_for(path)
+    info = fs.get_file_info(inside)
+    if info.type == pafs.FileType.NotFound:
         raise DataValidationError(path, "file not found", hint="Check the path and try again")
-    if p.is_file() and p.stat().st_size == 0:
+    is_dir = info.type == pafs.FileType.Directory
+    if not is_dir and info.size == 0:
         raise DataValidationError(path, "file is empty", expected="a Parquet or CSV file with a header row")
-    suffix = p.suffix.lower()
+    suffix = PurePosixPath(inside).suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
-            import csv
-
             delimiter = "\t" if suffix == ".tsv" else ","
-            with open(p, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f, delimiter=delimiter), None)
+            with fs.open_input_stream(inside) as raw:
+                header = next(csv.reader(io.TextIOWrapper(raw, encoding="utf-8", newline=""),
+                                         delimiter=delimiter), None)
             if not header:
                 raise DataValidationError(path, "has no header row", expected="a CSV header naming the columns")
             opts = pacsv.ParseOptions(delimiter=delimiter)
             # Read every column as text: we convert ourselves, so failures can be counted per column.
             conv = pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
                                         strings_can_be_null=True)
-            table = pacsv.read_csv(p, parse_options=opts, convert_options=conv)
-        elif suffix in (".parquet", ".pq") or p.is_dir():
-            table = pq.read_table(p)
+            with fs.open_input_stream(inside) as raw:
+                table = pacsv.read_csv(raw, parse_options=opts, convert_options=conv)
+        elif suffix in (".parquet", ".pq") or is_dir:
+            table = pq.read_table(inside, filesystem=fs)
         else:
             raise DataValidationError(path, f"unsupported file type '{suffix}'",
                                       expected="a .parquet or .csv file")
     except DataValidationError:
         raise
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise DataValidationError(path, f"cannot be read: {exc}", expected="a valid Parquet or CSV file") from exc
     if table.num_rows == 0:
         raise DataValidationError(path, "has no rows", expected="at least one data row")

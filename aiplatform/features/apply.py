@@ -12,17 +12,17 @@ unchanged definition changes nothing (the file is not rewritten); a changed one 
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 
+from aiplatform.core import storage
 from aiplatform.core.errors import ConfigError, UserInputError
-from aiplatform.core.storage import Layout, atomic_write_json
+from aiplatform.core.storage import Layout
+from aiplatform.data import lake
 from aiplatform.features.definitions import (
     AGG_FUNCTIONS,
     DTYPES,
@@ -63,19 +63,15 @@ def registry_path(layout: Layout) -> str:
 
 
 def read_registry(layout: Layout) -> dict[str, Any]:
-    path = Path(registry_path(layout))
-    if not path.exists():
-        return {"views": {}, "on_demand": {}, "services": {}}
-    return json.loads(path.read_text())
+    registry = storage.read_json(registry_path(layout))
+    return {"views": {}, "on_demand": {}, "services": {}} if registry is None else registry
 
 
 # --- schema checks ----------------------------------------------------------------------------
 def _lake_schema(layout: Layout, table: str, cache: dict[str, pa.Schema | None]) -> pa.Schema | None:
     if table not in cache:
-        import pyarrow.dataset as pads
-
-        path = Path(layout.lake_table(table))
-        cache[table] = pads.dataset(str(path), format="parquet").schema if path.exists() else None
+        dataset = lake.table_dataset(layout, table)
+        cache[table] = None if dataset is None else dataset.schema
     return cache[table]
 
 
@@ -268,7 +264,7 @@ def apply(layout: Layout, views: Sequence[FeatureView], services: Sequence[Featu
                 if isinstance(obj, FeatureService) else list(obj.features)
             report.entries.append(ApplyEntry(kind, obj.name, obj.version, status, previous, feats))
     if report.changed:
-        atomic_write_json(registry_path(layout), registry)
+        storage.write_json(registry_path(layout), registry)
     return report
 
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aiplatform.core.errors import NotFoundError
-from aiplatform.core.storage import Layout
+from aiplatform.core.storage import Layout, storage_options
 from aiplatform.features.definitions import FeatureService, FeatureView, arrow_type
 from aiplatform.features.online import OnlineStore, meta_prefix
 from aiplatform.features.partition import BUCKET_COLUMN, TIMESTAMP_COLUMN
@@ -52,7 +52,7 @@ def _dataset(layout: Layout, view: FeatureView):
 
     path = layout.feature_table(view.table_name)
     try:
-        return lance.dataset(path)
+        return lance.dataset(path, storage_options=storage_options(path))
     except (ValueError, FileNotFoundError, OSError) as e:
         raise NotFoundError(f"offline table of view {view.name!r} (version {view.version}) not found at {path}; "
                             "run the feature pipeline (`aiplatform features run`) first") from e

@@ -15,9 +15,10 @@ Runs:
 - static views (no timestamp field) are always recomputed in full, unless the source files
   are unchanged since the last run (``noop``).
 
-The state (watermark, Lance version) is a small JSON file under ``<home>/features/_state``,
-written atomically *after* the Lance commit. If a run dies between the two, the table is ahead
-of its state; the next run restores the recorded Lance version first, so no row is written twice.
+The state (watermark, Lance version, the lake generation read) is a small JSON file under
+``<root>/features/_state``, written atomically *after* the Lance commit. If a run dies between
+the two, the table is ahead of its state; the next run restores the recorded Lance version
+first, so no row is written twice.
 
 A scalar BITMAP index on ``_bucket`` is (re)built after each write (64 distinct values: cheap),
 because the point-in-time join and materialization read one bucket at a time
@@ -26,6 +27,9 @@ because the point-in-time join and materialization read one bucket at a time
 Limitation: events that arrive later with a timestamp at or before the watermark (late data)
 are not seen by an incremental run, and rows of other entities whose windows they would fall
 in are not recomputed. A full run (``--full``) fixes both.
+
+The root may be an object store: sources are read through ``lake.table_files`` and the
+root's pyarrow filesystem, every Lance call gets ``storage_options`` of its path.
 """
 
 from __future__ import annotations
@@ -33,15 +37,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import pyarrow as pa
 
+from aiplatform.core import storage
 from aiplatform.core.errors import ConfigError, NotFoundError
-from aiplatform.core.storage import Layout, atomic_write_json
-from aiplatform.data import eventlog
+from aiplatform.core.storage import Layout, storage_options
+from aiplatform.data import eventlog, lake
 from aiplatform.features.definitions import FeatureView
 from aiplatform.features.engine import compute_view_rows, output_schema, source_columns
 from aiplatform.features.partition import BUCKET_COLUMN, TIMESTAMP_COLUMN, entity_bucket
@@ -74,10 +78,7 @@ def state_path(layout: Layout, view: FeatureView) -> str:
 
 
 def read_state(layout: Layout, view: FeatureView) -> dict[str, Any] | None:
-    import json
-
-    path = Path(state_path(layout, view))
-    return json.loads(path.read_text()) if path.exists() else None
+    return storage.read_json(state_path(layout, view))
 
 
 def watermark(layout: Layout, view: FeatureView) -> int | None:
@@ -91,23 +92,23 @@ def read_view(layout: Layout, view: FeatureView):
     import lance
 
     path = offline_table_path(layout, view)
-    if not Path(path).exists():
+    if not storage.exists(path):
         raise NotFoundError(f"view {view.name!r} (version {view.version}) has no offline table yet: "
                             "run `aiplatform features run`")
-    return lance.dataset(path)
+    return lance.dataset(path, storage_options=storage_options(path))
 
 
 # --- source inspection on the driver (one column, pushed-down filter) ---------------------------
 def _source_path(layout: Layout, view: FeatureView) -> list[str]:
     """The source's Parquet files; for ``events``, the lake's plus the event log's (events
     pushed in real time), so batch values equal what ``push`` computed online."""
-    path = layout.lake_table(view.source.table)
-    if not Path(path).exists():
+    files = lake.table_files(layout, view.source.table)
+    if not files:
         raise NotFoundError(f"view {view.name!r}: source table {view.source.table!r} is not in the lake "
-                            f"({path}): import it with `aiplatform data import`")
+                            f"({layout.lake_table(view.source.table)}): import it with `aiplatform data import`")
     if view.source.table == "events":
-        return eventlog.event_paths(layout)
-    return sorted(str(p) for p in Path(path).glob("*.parquet"))
+        return files + eventlog.files(layout)
+    return files
 
 
 def _ts_scalar(us: int) -> pa.Scalar:
@@ -117,9 +118,8 @@ def _ts_scalar(us: int) -> pa.Scalar:
 def _max_source_ts(path: list[str], ts_field: str, after_us: int | None) -> int | None:
     """Latest timestamp of the source (of rows after ``after_us``), reading one column only."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
-    dataset = pads.dataset(path, format="parquet")
+    dataset = lake.parquet_dataset(path)
     filt = None if after_us is None else pc.field(ts_field) > _ts_scalar(after_us)
     column = dataset.to_table(columns=[ts_field], filter=filt).column(ts_field)
     top = pc.max(column.cast(pa.timestamp("us", tz="UTC"))).as_py()
@@ -127,7 +127,10 @@ def _max_source_ts(path: list[str], ts_field: str, after_us: int | None) -> int 
 
 
 def _source_fingerprint(paths: list[str]) -> list[list[Any]]:
-    return sorted([str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in map(Path, paths))
+    """(path, size, mtime) of each source file: equal fingerprints mean unchanged sources."""
+    fs, inside = lake.on_filesystem(paths)
+    infos = fs.get_file_info(inside)
+    return sorted([p, info.size, info.mtime_ns] for p, info in zip(paths, infos))
 
 
 # --- the Ray Data pipeline ------------------------------------------------------------------------
@@ -164,7 +167,8 @@ def _rows_dataset(path: list[str], view: FeatureView, since_us: int | None,
     from ray.data.context import DataContext, ShuffleStrategy
 
     ts_field = view.source.timestamp_field
-    ds = ray.data.read_parquet(path).select_columns(source_columns(view))  # projection pushdown
+    fs, inside = lake.on_filesystem(path)
+    ds = ray.data.read_parquet(inside, filesystem=fs).select_columns(source_columns(view))  # projection pushdown
     # Task-based sort shuffle: the default (hash shuffle) starts aggregator actors per job, which
     # costs tens of seconds on a small machine; grouping few large buckets needs no more.
     context = DataContext.get_current().copy()
@@ -202,11 +206,12 @@ def _write(ds: "ray.data.Dataset | None", view: FeatureView, path: str, mode: st
             yield from table.to_batches()
 
     reader = pa.RecordBatchReader.from_batches(schema, batches())
-    if mode == "overwrite" and not Path(path).exists():
+    if mode == "overwrite" and not storage.exists(path):
         mode = "create"
-    dataset = lance.write_dataset(reader, path, schema=schema, mode=mode)
+    options = storage_options(path)
+    dataset = lance.write_dataset(reader, path, schema=schema, mode=mode, storage_options=options)
     _index_buckets(dataset)
-    return lance.dataset(path).version, stats["rows"], stats["max"]
+    return lance.dataset(path, storage_options=options).version, stats["rows"], stats["max"]
 
 
 def _index_buckets(dataset) -> None:
@@ -222,10 +227,11 @@ def _sync_table_to_state(path: str, state: dict[str, Any]) -> None:
     """Undo a commit whose state file was never written (the run died in between)."""
     import lance
 
-    dataset = lance.dataset(path)
+    options = storage_options(path)
+    dataset = lance.dataset(path, storage_options=options)
     recorded = state.get("lance_version")
     if recorded is not None and dataset.latest_version != recorded:
-        lance.dataset(path, version=recorded).restore()
+        lance.dataset(path, version=recorded, storage_options=options).restore()
 
 
 def _ensure_ray(ray_address_ok: bool) -> None:
@@ -242,9 +248,10 @@ def run_view(layout: Layout, view: FeatureView, *, full: bool = False,
     ``ray_address_ok=False`` refuses to start Ray implicitly (Ray Data would start a local one)."""
     started = time.perf_counter()
     _ensure_ray(ray_address_ok)
+    generation = lake.table_generation(layout, view.source.table)  # read before the files it names
     source = _source_path(layout, view)
     path = offline_table_path(layout, view)
-    state = read_state(layout, view) if Path(path).exists() else None
+    state = read_state(layout, view) if storage.exists(path) else None
     ts_field = view.source.timestamp_field
     before = None if state is None else state.get("watermark_us")
 
@@ -267,25 +274,28 @@ def run_view(layout: Layout, view: FeatureView, *, full: bool = False,
                 ds = _rows_dataset(source, view, since, before)
                 version, rows, top = _write(ds, view, path, "append")
                 after = max(before, top) if top is not None else before
-                _save_state(layout, view, after, version, fingerprint, "incremental")
+                _save_state(layout, view, after, version, fingerprint, "incremental", generation)
                 return summary("incremental", rows, after, version)
-    Path(layout.features).mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(layout.features)
     if ts_field is not None and _max_source_ts(source, ts_field, None) is None:
         ds = None  # an empty source: an empty table (Ray Data's groupby wants rows)
     else:
         ds = _rows_dataset(source, view, None, None)
     version, rows, top = _write(ds, view, path, "overwrite")
     after = top if ts_field else None
-    _save_state(layout, view, after, version, fingerprint, "full")
+    _save_state(layout, view, after, version, fingerprint, "full", generation)
     return summary("full", rows, after, version)
 
 
 def _save_state(layout: Layout, view: FeatureView, watermark_us: int | None, lance_version: int,
-                fingerprint: list, mode: str) -> None:
-    atomic_write_json(state_path(layout, view), {
+                fingerprint: list, mode: str, lake_generation: str | None) -> None:
+    """``lake_generation``: the source table's lake generation this run read, so a later run can
+    tell that the lake was re-imported since (``pipeline.update_offline`` then runs in full)."""
+    storage.write_json(state_path(layout, view), {
         "view": view.name, "version": view.version, "table": view.table_name,
         "watermark_us": watermark_us, "lance_version": lance_version, "source_fingerprint": fingerprint,
-        "last_mode": mode, "updated_at": datetime.now(timezone.utc).isoformat(),
+        "lake_generation": lake_generation, "last_mode": mode,
+        "updated_at": datetime.now(timezone.utc).isoformat(),
     })
 
 

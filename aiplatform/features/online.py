@@ -60,6 +60,10 @@ class OnlineStore(Protocol):
     def delete_service(self, service: FeatureService) -> None: ...
     def set_meta(self, key: str, value: str) -> None: ...
     def get_meta(self, key: str) -> str | None: ...
+    def write_popular_items(self, items: Iterable[tuple[str, float]]) -> None:
+        """Replace the popular-items list (the fallback for unknown users) in one atomic write."""
+    def get_popular_items(self, k: int) -> list[tuple[str, float]]:
+        """The first ``k`` (item_id, score) pairs, in the order they were written."""
 
 
 def meta_prefix(service: FeatureService) -> str:
@@ -149,6 +153,7 @@ class SQLiteOnlineStore:
         return len(rows)
 
     def write_popular_items(self, items: Iterable[tuple[str, float]]) -> None:
+        """Replace the popular-items list, in the given order, in one transaction."""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -4,10 +4,13 @@ One key per entity, ``<prefix>:<service>__<version>:<entity id>``, holding the b
 ``online_codec.RowCodec`` (its first 8 bytes are the event timestamp). A read is ONE ``MGET``; a write
 is ONE Lua script that compares each row's timestamp with the stored one and keeps the newer
 (ties: the new row), so a call is atomic and idempotent and replicas never see half a batch.
-Meta values (materialization watermarks) live in the hash ``<prefix>:meta``.
+Meta values (materialization watermarks) live in the hash ``<prefix>:meta``. The popular-items
+list (the fallback for unknown users) is the Redis list ``<prefix>:popular_items``, one JSON
+``[item_id, score]`` per entry in rank order, replaced in one MULTI/EXEC transaction.
 """
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 
@@ -46,6 +49,7 @@ class RedisOnlineStore:
         self._upsert = self.client.register_script(_UPSERT_NEWER)
         self._codecs = CodecCache()
         self._meta_key = f"{prefix}:meta"
+        self._popular_key = f"{prefix}:popular_items"
 
     def _ns(self, service: FeatureService) -> tuple[object, str]:
         codec, ns = self._codecs.get(service)
@@ -87,6 +91,23 @@ class RedisOnlineStore:
         fields = [f for f, _ in self.client.hscan_iter(self._meta_key, match=_glob_escape(meta_prefix(service)) + "*")]
         if fields:
             self.client.hdel(self._meta_key, *fields)
+
+    def write_popular_items(self, items: Iterable[tuple[str, float]]) -> None:
+        """Replace the popular-items list, in the given order, atomically (readers see the old
+        list or the new one: MULTI/EXEC)."""
+        entries = [json.dumps([str(item), float(score)]) for item, score in items]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self._popular_key)
+        if entries:
+            pipe.rpush(self._popular_key, *entries)
+        pipe.execute()
+
+    def get_popular_items(self, k: int) -> list[tuple[str, float]]:
+        """The first ``k`` (item_id, score) pairs of the list (one LRANGE)."""
+        if k <= 0:
+            return []
+        entries = self.client.lrange(self._popular_key, 0, k - 1)
+        return [(item, float(score)) for item, score in map(json.loads, entries)]
 
     def set_meta(self, key: str, value: str) -> None:
         self.client.hset(self._meta_key, key, value)

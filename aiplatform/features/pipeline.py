@@ -4,22 +4,24 @@ User features come from the declared views of the served feature service
 (``apps/shop/features.py``): ``run_service_pipeline`` brings their offline tables up to date
 and materializes them, and serving reads them back through ``get_online_features``. The one
 thing left to this module's own code is the catalogue-wide popular-items list (the fallback
-for users without history), computed from the item counts at ``as_of``.
+for users without history), computed from the item counts at ``as_of`` and written to the
+configured online store (SQLite or Redis), where serving reads it.
 """
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from aiplatform.core.errors import ConfigError
+from aiplatform.core import storage
+from aiplatform.core.errors import ConfigError, NotFoundError
 from aiplatform.core.settings import Settings
-from aiplatform.core.storage import Layout
+from aiplatform.core.storage import Layout, storage_options
+from aiplatform.data import lake
 from aiplatform.features import compute
-from aiplatform.features.online import open_online_store
+from aiplatform.features.online import OnlineStore
 
 if TYPE_CHECKING:  # Ray is imported where it runs, so importing this module stays cheap
     import ray.data
@@ -44,9 +46,13 @@ class FeatureRunSummary:
 
 
 def read_events(layout: Layout) -> "ray.data.Dataset":
+    """The lake's events (the current import) as a Ray Dataset."""
     import ray.data
 
-    return ray.data.read_parquet(layout.lake_table("events"))
+    fs, paths = lake.on_filesystem(lake.table_files(layout, "events"))
+    if not paths:
+        raise NotFoundError(f"no events in the lake at {layout.lake}: import data with `aiplatform data import`")
+    return ray.data.read_parquet(paths, filesystem=fs)
 
 
 def utc(ts) -> pd.Timestamp:
@@ -125,17 +131,17 @@ def _write_lance(ds: "ray.data.Dataset", path: str) -> int:
         for b in ds.iter_batches(batch_format="pandas", batch_size=50_000)
     )
     reader = pa.RecordBatchReader.from_batches(schema, (rb for bs in batches for rb in bs))
-    mode = "overwrite" if Path(path).exists() else "create"
-    return lance.write_dataset(reader, path, mode=mode).version
+    mode = "overwrite" if storage.exists(path) else "create"
+    return lance.write_dataset(reader, path, mode=mode, storage_options=storage_options(path)).version
 
 
-def materialize_popular_items(layout: Layout) -> int:
-    """Write the top items of the latest popularity table to the online store (one
-    transaction); returns how many were written."""
+def materialize_popular_items(layout: Layout, store: OnlineStore) -> int:
+    """Write the top items of the latest popularity table to ``store`` (the configured online
+    store, ``server.open_store``; one atomic replace); returns how many were written."""
     import lance
 
-    store = open_online_store(layout.online_sqlite)
-    items = lance.dataset(layout.feature_table(ITEM_VIEW)).to_table().to_pandas()
+    path = layout.feature_table(ITEM_VIEW)
+    items = lance.dataset(path, storage_options=storage_options(path)).to_table().to_pandas()
     popular = compute.popularity_scores(items).head(POPULAR_ITEMS_KEPT)
     store.write_popular_items(zip(popular["item_id"], popular["score"]))
     store.set_meta("as_of", str(items["as_of"].iloc[0]) if len(items) else "")
@@ -158,13 +164,21 @@ def served_service(settings: Settings) -> "FeatureService":
 
 def _lake_replaced_since(layout: Layout, view, state: dict | None) -> bool:
     """True when the view's source table was re-imported after the view's last run: an import
-    replaces the data wholesale, so an incremental run (new events only) would be wrong."""
+    replaces the data wholesale, so an incremental run (new events only) would be wrong.
+
+    The lake's pointer names the generation readers see; the view's state names the one its
+    last run read (no clocks compared). States written before generations were recorded
+    compare the pointer's ``imported_at`` with the run's time instead."""
     if state is None or not state.get("updated_at"):
         return True
-    source = Path(layout.lake_table(view.source.table))
-    if not source.exists():
-        return False
-    return source.stat().st_mtime > pd.Timestamp(state["updated_at"]).timestamp()
+    generation = lake.table_generation(layout, view.source.table)
+    if generation is None:  # a lake without a pointer (written before generations): its folder's time
+        changed = storage.mtime(layout.lake_table(view.source.table))
+        return changed is not None and changed > pd.Timestamp(state["updated_at"]).timestamp()
+    if state.get("lake_generation"):
+        return state["lake_generation"] != generation
+    imported = lake.imported_at(layout)
+    return imported is not None and imported > pd.Timestamp(state["updated_at"])
 
 
 def update_offline(layout: Layout, service: "FeatureService", *, full: bool = False) -> list:
@@ -176,15 +190,16 @@ def update_offline(layout: Layout, service: "FeatureService", *, full: bool = Fa
             for v in service.views]
 
 
-def run_service_pipeline(layout: Layout, settings: Settings, *, full: bool = False) -> int:
+def run_service_pipeline(layout: Layout, settings: Settings, *, full: bool = False,
+                         store: OnlineStore | None = None) -> int:
     """Bring the served service's views up to date (Ray Data -> Lance) and materialize them
-    into the online store; returns the entities written online."""
+    into ``store`` (default: the configured online store); returns the entities written online."""
     from aiplatform.features.materialize import materialize as materialize_service
     from aiplatform.features.server import open_store
 
     service = served_service(settings)
+    store = store if store is not None else open_store(settings, layout)  # a bad setting fails first
     runs = update_offline(layout, service, full=full)
-    store = open_store(settings, layout)
     return materialize_service(layout, service, store, full=full or any(r.mode == "full" for r in runs)
                                ).entities_written
 
@@ -243,17 +258,21 @@ def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None,
                          settings: Settings | None = None) -> FeatureRunSummary:
     """Bring the served feature service's views up to date and materialize them (what serving
     reads through ``get_online_features``), then the popular-items list at ``as_of``
-    (default: just after the last event)."""
+    (default: just after the last event), all into the configured online store
+    (``settings.online_store``)."""
+    from aiplatform.features.server import open_store
+
     started = time.perf_counter()
     settings = settings or Settings.load()
+    store = open_store(settings, layout)  # before any work: an unusable store setting fails at once
     events = read_events(layout).materialize()
     if as_of is None:
         as_of = utc(events.max("timestamp")) + pd.Timedelta(microseconds=1)
-    Path(layout.features).mkdir(parents=True, exist_ok=True)
-    users = run_service_pipeline(layout, settings)
+    storage.make_dirs(layout.features)
+    users = run_service_pipeline(layout, settings, store=store)
     items = _group_by_entity(events, "item_id", _item_rows, as_of_us=_to_us(as_of)).materialize()
     versions = {ITEM_VIEW: _write_lance(items, layout.feature_table(ITEM_VIEW))}
-    materialize_popular_items(layout)
+    materialize_popular_items(layout, store)
     return FeatureRunSummary(users=users, items=items.count(), as_of=utc(as_of), offline_versions=versions,
                              online_rows=users, duration_s=time.perf_counter() - started)
 

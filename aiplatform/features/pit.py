@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 
 from aiplatform.core.errors import UserInputError
-from aiplatform.core.storage import Layout
+from aiplatform.core.storage import Layout, storage_options
 from aiplatform.features.definitions import FeatureService, FeatureView, OnDemandFeatureView, arrow_type
 from aiplatform.features.partition import BUCKET_COLUMN, NUM_BUCKETS, TIMESTAMP_COLUMN, entity_bucket
 
@@ -261,10 +261,12 @@ def _scan_bucket(path: str, columns: list[str], cond: str, batch_rows: int) -> I
     import lance
 
     # Lance's defaults read ahead up to a large I/O buffer, which on a big bucket is most of it:
-    # bound the readahead too, or batching bounds nothing
-    scanner = lance.dataset(path).scanner(columns=columns, filter=cond, with_row_address=True,
-                                          batch_size=min(batch_rows, 65_536), batch_readahead=4,
-                                          fragment_readahead=2, io_buffer_size=64 * 2**20)
+    # bound the readahead too, or batching bounds nothing. This runs in a Ray task: the options
+    # (an object store's endpoint) come from the path and the worker's inherited environment.
+    dataset = lance.dataset(path, storage_options=storage_options(path))
+    scanner = dataset.scanner(columns=columns, filter=cond, with_row_address=True,
+                              batch_size=min(batch_rows, 65_536), batch_readahead=4,
+                              fragment_readahead=2, io_buffer_size=64 * 2**20)
     pending: list[pa.RecordBatch] = []
     rows = 0
     for rb in scanner.to_batches():
@@ -308,7 +310,7 @@ def _plan(layout: Layout, views: Sequence[tuple[FeatureView, list[str]]]) -> lis
     for view, names in views:
         path = layout.feature_table(view.table_name)
         try:
-            schema = lance.dataset(path).schema
+            schema = lance.dataset(path, storage_options=storage_options(path)).schema
         except (ValueError, OSError) as exc:
             raise UserInputError(f"feature view {view.name!r} (version {view.version}) has no offline table at "
                                  f"{path}; run the feature pipeline for it first") from exc

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from aiplatform.core.errors import UserInputError
+from aiplatform.core.errors import ConfigError, UserInputError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.features.definitions import FeatureService
@@ -18,11 +18,21 @@ from aiplatform.features.online import OnlineFeatures, OnlineStore, open_online_
 
 
 def online_store_uri(settings: Settings, layout: Layout) -> str:
-    """``settings.online_store``: 'sqlite' means the file under the storage root."""
-    return layout.online_sqlite if settings.online_store == "sqlite" else settings.online_store
+    """``settings.online_store``: 'sqlite' means the file under a local storage root.
+
+    SQLite needs a file on a local disk (locking, memory-mapped reads), so with an object-store
+    root the online store must be named: Redis, or a SQLite file at a node-local path."""
+    if settings.online_store != "sqlite":
+        return settings.online_store
+    if layout.is_remote:
+        raise ConfigError(f"online store 'sqlite' keeps its file under the storage root, but the root "
+                          f"{layout.root} is an object store, where SQLite cannot live: set "
+                          "AIPLATFORM_ONLINE_STORE=redis://host:6379/0, or sqlite:////a/node-local/file.sqlite")
+    return layout.online_sqlite
 
 
 def open_store(settings: Settings, layout: Layout) -> OnlineStore:
+    """The configured online store (features, watermarks and the popular-items list)."""
     return open_online_store(online_store_uri(settings, layout))
 
 

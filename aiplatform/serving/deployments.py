@@ -23,7 +23,6 @@ import numpy as np
 from ray import serve
 
 from aiplatform.features.definitions import COUNT_COLUMNS
-from aiplatform.features.online import SQLiteOnlineStore
 from aiplatform.retrieval.index import ItemIndex
 
 
@@ -59,7 +58,6 @@ class UserFeatureReader:
         self.service = matches[0]
         self.store = open_online_store(online_store)
         self.server = FeatureServer(self.store, self.service)
-        self.popular_store = SQLiteOnlineStore(self.layout.online_sqlite)
 
     def get(self, user_id: str) -> dict[str, Any] | None:
         """{'last_items', 'purchased_items', 'counts'} of a user, or None if unknown."""
@@ -76,7 +74,7 @@ class UserFeatureReader:
     def popular(self, k: int, exclude: list[str] | None = None) -> list[tuple[str, float]]:
         """The ``k`` most popular items, leaving out ``exclude``."""
         skip = set(exclude or ())
-        return [p for p in self.popular_store.get_popular_items(k + len(skip)) if p[0] not in skip][:k]
+        return [p for p in self.store.get_popular_items(k + len(skip)) if p[0] not in skip][:k]
 
     def push(self, events: list[dict[str, Any]]) -> dict[str, Any]:
         """Append ``events`` to the event log and update the touched users' online rows.

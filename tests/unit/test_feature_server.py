@@ -46,3 +46,23 @@ def test_missing_request_field_names_it(store):
         server.get([rows.index[0]])
     got = server.get([rows.index[0]], {"device": "mobile"})
     assert got.columns["mobile_views"][0] == rows.loc[rows.index[0], "view_7d"]
+
+
+def test_sqlite_online_store_under_an_object_store_root_is_refused_with_the_fix(tmp_path):
+    from aiplatform.core.errors import ConfigError
+    from aiplatform.core.settings import Settings
+    from aiplatform.core.storage import Layout
+    from aiplatform.features.server import online_store_uri
+
+    remote = Layout.at("s3://shop-data/aiplatform")
+    with pytest.raises(ConfigError) as info:
+        online_store_uri(Settings(online_store="sqlite"), remote)
+    message = str(info.value)
+    assert "s3://shop-data/aiplatform" in message
+    assert "AIPLATFORM_ONLINE_STORE=redis://host:6379/0" in message and "sqlite:////" in message
+    # a named store is used as it is; a local root keeps its file under the root
+    node_local = f"sqlite:///{tmp_path / 'online.sqlite'}"
+    assert online_store_uri(Settings(online_store=node_local), remote) == node_local
+    assert online_store_uri(Settings(online_store="redis://cache:6379/0"), remote) == "redis://cache:6379/0"
+    local = Layout.at(str(tmp_path / "home"))
+    assert online_store_uri(Settings(online_store="sqlite"), local) == local.online_sqlite

@@ -42,12 +42,18 @@ def test_a_bad_batch_writes_nothing(tmp_path):
     assert store.count_users() == 1 and store.get_user_features("c") is None
 
 
-def test_popular_items_replace_the_previous_list(tmp_path):
-    store = open_online_store(str(tmp_path / "online.sqlite"))
+def test_popular_items_replace_the_previous_list(online_store):
+    # the same list, in rank order, on SQLite and Redis (serving reads it from the configured store)
+    store = online_store
+    assert store.get_popular_items(5) == []
     store.write_popular_items([("x", 3.0), ("y", 2.0), ("z", 1.0)])
     store.write_popular_items([("y", 5.0), ("x", 4.0)])
     assert store.get_popular_items(10) == [("y", 5.0), ("x", 4.0)]
     assert store.get_popular_items(1) == [("y", 5.0)]
+    store.write_popular_items([("b", 0.1), ("a", 0.1), ("c", 1 / 3)])  # kept in the given order, exact scores
+    assert store.get_popular_items(3) == [("b", 0.1), ("a", 0.1), ("c", 1 / 3)]
+    store.write_popular_items([])
+    assert store.get_popular_items(3) == []
 
 
 # ---- the service API: the same suite on SQLite and on a real redis-server -------------------

@@ -75,6 +75,14 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _assert_nothing_left_behind(layout: Layout) -> None:
+    """The lake holds its pointer and one generation folder per table: no staged or old data."""
+    root = Path(layout.lake)
+    assert sorted(p.name for p in root.iterdir()) == ["_current.json", "events", "items", "users"]
+    for table in ("events", "items", "users"):
+        assert [p.name for p in (root / table).iterdir()] == [lake.table_generation(layout, table)]
+
+
 @pytest.fixture()
 def layout(tmp_path) -> Layout:
     return Layout.at(str(tmp_path / "home"))
@@ -316,7 +324,7 @@ def test_null_user_id_import_is_refused_and_leaves_the_lake_clean(layout, good_f
         lake.import_files(layout, bad, items)
     _assert_names(info.value, bad, "user_id", 1, "string")
     assert _snapshot(Path(layout.lake)) == before
-    assert sorted(p.name for p in Path(layout.lake).iterdir()) == ["events", "items", "users"]
+    _assert_nothing_left_behind(layout)
 
 
 def test_nanosecond_parquet_timestamps_are_truncated_to_microseconds(tmp_path):
@@ -461,7 +469,7 @@ def test_refused_import_leaves_the_previous_lake_byte_for_byte(layout, good_file
     assert _snapshot(lake_root) == before
     pd.testing.assert_frame_equal(lake.read_events(layout), before_events)
     # No staging directories are left behind either.
-    assert sorted(p.name for p in lake_root.iterdir()) == ["events", "items", "users"]
+    _assert_nothing_left_behind(layout)
 
 
 def test_a_second_good_import_replaces_the_lake(layout, good_files, tmp_path):
@@ -472,4 +480,23 @@ def test_a_second_good_import_replaces_the_lake(layout, good_files, tmp_path):
     summary = lake.import_files(layout, p, items)
     assert summary.events == 2
     assert len(lake.read_events(layout)) == 2
-    assert sorted(p.name for p in Path(layout.lake).iterdir()) == ["events", "items", "users"]
+    _assert_nothing_left_behind(layout)
+
+
+def test_files_can_be_imported_from_an_object_store(s3_root, tmp_path):
+    # the user's files may already live in the bucket: read with the same checks, the same errors
+    from aiplatform.core import storage
+
+    events = _write_parquet(_events_frame(), tmp_path / "events.parquet")
+    storage.write_bytes(f"{s3_root}/in/events.parquet", Path(events).read_bytes())
+    storage.write_bytes(f"{s3_root}/in/items.csv", b"item_id,title,category,price\n"
+                        + b"".join(f"i{i},t,shoes,{i}.5\n".encode() for i in range(5)))
+    storage.write_bytes(f"{s3_root}/in/empty.csv", b"")
+    layout = Layout.at(str(tmp_path / "home"))
+    summary = lake.import_files(layout, f"{s3_root}/in/events.parquet", f"{s3_root}/in/items.csv")
+    assert (summary.events, summary.items) == (5, 5)
+    assert lake.read_items(layout)["price"].tolist() == [0.5, 1.5, 2.5, 3.5, 4.5]
+    for name, why in (("missing.parquet", "not found"), ("empty.csv", "empty")):
+        with pytest.raises(DataValidationError) as info:
+            validate.read_file(f"{s3_root}/in/{name}")
+        assert f"{s3_root}/in/{name}" in str(info.value) and why in str(info.value)
