@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.load(home=args.home)
+        layout = Layout.open(settings.home)  # a root that cannot be used fails here, before any work
         ensure_ray(settings, quiet=False)
-        table = run_index(Layout.at(settings.home), args.model_name, args.alias, args.version)
+        table = run_index(layout, args.model_name, args.alias, args.version)
     except AIPlatformError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,19 +18,23 @@ baselines on the held-out days and checks the config's quality ``gates``:
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 
 from aiplatform.core.errors import AIPlatformError, UserInputError
 from aiplatform.core.runtime import ensure_ray
 from aiplatform.core.settings import Settings
-from aiplatform.core.storage import Layout
+from aiplatform.core.storage import Layout, filesystem_for, is_uri
 from aiplatform.data import eventlog, lake
 from aiplatform.features import pipeline as features
 from aiplatform.features.compute import item_counts_at
@@ -129,6 +133,7 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     cooc = CooccurrenceBaseline.fit(train_events, popular)
     metrics = evaluate_model(result.model, result.vocab, context, truth, popular, k=config.eval_k,
                              cooccurrence=cooc, k_large=config.eval_k_large)
+    ranker_path = None
     if config.ranker:
         # Retrieve-then-rank: the ranker re-orders the two-tower's top candidates; it travels
         # inside the same artifact (``ranker/``), so one registry version carries both.
@@ -144,7 +149,7 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
         r["attached"], r["verdict"] = ranker_verdict(r, k, config.ranker_min_ndcg_gain)
         (log.info if r["attached"] else log.warning)(r["verdict"])
         if r["attached"]:
-            attach_ranker(ranker.path, result.checkpoint_path)
+            ranker_path = ranker.path
     gates = [asdict(g) for g in check_gates(metrics, config.gates, config.eval_k)]
     metrics["gates"] = gates
     eval_seconds = time.perf_counter() - eval_started
@@ -155,9 +160,10 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
         "events": int(len(events_pd)), "items": int(len(items)), "examples": int(n_examples),
         "cutoff": str(cutoff), "run": run_name,
     }
-    version: ModelVersion = registry.register(
-        model_name, result.checkpoint_path, metrics=metrics, params=result.params,
-        checkpoint_uri=result.checkpoint_path, lineage=lineage)
+    with artifact_to_register(result.checkpoint_path, ranker_path) as artifact_dir:
+        version: ModelVersion = registry.register(
+            model_name, artifact_dir, metrics=metrics, params=result.params,
+            checkpoint_uri=result.checkpoint_path, lineage=lineage)
     report = TrainingReport(
         model_name=model_name, version=version.version, promoted=False, metrics=metrics,
         examples=int(n_examples), validation_users=len(truth), cutoff=str(cutoff),
@@ -173,6 +179,31 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
                     else "registered without an alias")
     report.promoted = "champion" in report.aliases
     return report
+
+
+@contextlib.contextmanager
+def artifact_to_register(checkpoint: str, ranker_path: str | None = None) -> Iterator[str]:
+    """The folder to register: the run's best checkpoint, with the ranker in ``ranker/`` when
+    one is given.
+
+    A local checkpoint gets the ranker attached in place. A checkpoint in the object store is
+    never written to: it is downloaded to a temporary folder, the ranker is attached there and
+    that folder is registered (the registry uploads it to the version's own folder). Without a
+    ranker the checkpoint is registered as it is, wherever it is."""
+    if ranker_path is None:
+        yield checkpoint
+        return
+    if not is_uri(checkpoint):
+        attach_ranker(ranker_path, checkpoint)
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix="aiplatform-artifact-") as tmp:
+        local = Path(tmp) / "artifact"
+        local.mkdir()
+        fs, path = filesystem_for(checkpoint)
+        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        attach_ranker(ranker_path, str(local))
+        yield str(local)
 
 
 def apply_aliases(registry: ModelRegistry, model_name: str, version: int, gates_passed: bool,
@@ -230,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", default="two_tower")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--num-workers", type=int)
+    parser.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                        help="how Ray places the training workers (STRICT_SPREAD: one per node)")
     parser.add_argument("--promote", action="store_true",
                         help="make the new version champion (not only challenger) when it passes the gates")
     parser.add_argument("--always-promote", action="store_true",
@@ -242,12 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        overrides = {k: v for k, v in {"epochs": args.epochs, "num_workers": args.num_workers}.items()
+        overrides = {k: v for k, v in {"epochs": args.epochs, "num_workers": args.num_workers,
+                                        "placement_strategy": args.placement_strategy}.items()
                      if v is not None}
         config = (TrainConfig.from_yaml(args.config, **overrides) if args.config
                   else TrainConfig(**overrides))
         settings = Settings.load(home=args.home)
-        layout = Layout.at(settings.home)
+        layout = Layout.open(settings.home)  # a root that cannot be used fails here, before any work
         ensure_ray(settings, quiet=False)
         log.info("training %s on %s with %s", args.model_name, layout.root, config.model_dump())
         report = run_training(layout, config, args.model_name, args.always_promote, args.promote,

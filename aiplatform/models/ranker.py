@@ -28,6 +28,7 @@ and still say "this was shown and looked at", but a purchase outweighs six of th
 
 Artifact: a directory with ``ranker.pt`` (CPU state_dict) and ``ranker_config.json``; the item
 vocabulary is the two-tower artifact's (the ranker lives in ``<two-tower artifact>/ranker/``).
+Like the two-tower artifact, it may be a local folder or an object-store URI.
 """
 
 import io
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aiplatform.core.storage import atomic_write_bytes, atomic_write_json
+from aiplatform.core import storage
 from aiplatform.features.definitions import HISTORY_LEN
 from aiplatform.models.two_tower import N_DENSE, ItemVocab
 
@@ -49,7 +50,7 @@ RANKER_SUBDIR = "ranker"
 """Where a ranker lives inside a two-tower artifact directory (one registry version holds both)."""
 
 LABEL_GAINS: dict[str, float] = {"view": 0.5, "click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
-"""Gain of a positive by event type; unknown types count as views (DESIGN.md); negatives are 0."""
+"""Gain of a positive by event type; unknown types count as views (docs/architecture.md); negatives are 0."""
 
 N_CROSS = 7
 """cat_count, cat_any, cat_recency, in_recent, item_recency, history_length, retrieval_score."""
@@ -200,27 +201,35 @@ def listwise_loss(scores: Tensor, gains: Tensor, valid: Tensor | None = None) ->
 
 # ---- artifacts -----------------------------------------------------------------------------------
 def save_ranker(model: RankerModel, directory: str, extra: dict | None = None) -> str:
-    """Write ``ranker.pt`` + ``ranker_config.json`` (each atomically); returns the directory."""
+    """Write ``ranker.pt`` + ``ranker_config.json`` (each atomically) into a local folder or
+    an object-store URI; returns the directory."""
     model = getattr(model, "module", model)
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    directory = str(directory)
+    storage.make_dirs(directory)
     buf = io.BytesIO()
     torch.save({k: t.detach().cpu() for k, t in model.state_dict().items()}, buf)
-    atomic_write_bytes(str(d / RANKER_FILE), buf.getvalue())
-    atomic_write_json(str(d / RANKER_CONFIG_FILE), {"model": model.config(), "extra": extra or {}})
-    return str(d)
+    storage.write_bytes(storage.join(directory, RANKER_FILE), buf.getvalue())
+    storage.write_json(storage.join(directory, RANKER_CONFIG_FILE), {"model": model.config(), "extra": extra or {}})
+    return directory
 
 
 def is_ranker_artifact(directory: str) -> bool:
+    """Does ``directory`` (a local folder or a URI) hold a ranker? Two existence checks, no
+    download: cheap enough for a driver deciding what to deploy."""
+    directory = str(directory)
+    if storage.is_uri(directory):
+        return all(storage.exists(storage.join(directory, f)) for f in (RANKER_FILE, RANKER_CONFIG_FILE))
     d = Path(directory)
     return (d / RANKER_FILE).is_file() and (d / RANKER_CONFIG_FILE).is_file()
 
 
 def load_ranker(directory: str) -> RankerModel:
-    """The ranker (eval mode, CPU) saved by ``save_ranker``."""
-    d = Path(directory)
-    if not is_ranker_artifact(str(d)):
-        raise FileNotFoundError(f"{d}: not a ranker artifact ({RANKER_FILE} and {RANKER_CONFIG_FILE} expected)")
+    """The ranker (eval mode, CPU) saved by ``save_ranker``, from a local folder or a URI
+    (downloaded once per node: registered artifacts never change)."""
+    if not is_ranker_artifact(str(directory)):
+        raise FileNotFoundError(
+            f"{directory}: not a ranker artifact ({RANKER_FILE} and {RANKER_CONFIG_FILE} expected)")
+    d = Path(storage.local_copy(str(directory))) if storage.is_uri(str(directory)) else Path(directory)
     config = json.loads((d / RANKER_CONFIG_FILE).read_text())["model"]
     model = RankerModel(**config)
     model.load_state_dict(torch.load(d / RANKER_FILE, map_location="cpu", weights_only=True))
@@ -228,8 +237,19 @@ def load_ranker(directory: str) -> RankerModel:
     return model
 
 
+def read_ranker_extra(directory: str) -> dict:
+    """The ``extra`` saved with a ranker (epoch, history), from a local folder or a URI."""
+    data = storage.read_json(storage.join(str(directory), RANKER_CONFIG_FILE), {}) or {}
+    return dict(data.get("extra") or {})
+
+
 def ranker_dir_of(artifact_dir: str) -> str | None:
-    """``<artifact_dir>/ranker`` if that two-tower artifact carries a ranker, else None."""
+    """``<artifact_dir>/ranker`` (a path or a URI, as ``artifact_dir``) if that two-tower
+    artifact carries a ranker, else None."""
+    artifact_dir = str(artifact_dir)
+    if storage.is_uri(artifact_dir):
+        d = storage.join(artifact_dir, RANKER_SUBDIR)
+        return d if is_ranker_artifact(d) else None
     d = Path(artifact_dir) / RANKER_SUBDIR
     return str(d) if is_ranker_artifact(str(d)) else None
 
@@ -242,5 +262,6 @@ __all__ = [
     "listwise_loss",
     "load_ranker",
     "ranker_dir_of",
+    "read_ranker_extra",
     "save_ranker",
 ]

@@ -4,7 +4,9 @@ The item tower's output is what the vector index stores; the user tower's output
 Both are L2-normalised, so a dot product is a cosine similarity and the index can use it as is.
 
 This module is torch only (no Ray): training, evaluation, the index builder and serving all
-load the same artifact with ``load_artifact`` and need nothing else.
+load the same artifact with ``load_artifact`` and need nothing else. An artifact is a folder,
+local or in the object store (``s3://…/models/two_tower/3``): a URI is downloaded once per node
+(``storage.local_copy``; registered artifacts never change) and loaded from there.
 
 Index conventions (``ItemVocab``): index 0 is always "padding or unknown" for items, categories,
 price buckets and title-token buckets; real values start at 1. ``n_items``/``n_categories``/
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aiplatform.core.storage import atomic_write_bytes, atomic_write_json
+from aiplatform.core import storage
 from aiplatform.features.definitions import COUNT_COLUMNS, HISTORY_LEN
 
 N_DENSE = len(COUNT_COLUMNS)
@@ -467,27 +469,30 @@ def save_artifact(model: TwoTowerModel, vocab: ItemVocab, directory: str, extra:
     """Write a self-contained, loadable model directory (each file atomically).
 
     ``model.pt`` (CPU state_dict), ``model_config.json`` (constructor kwargs), ``vocab.json``
-    and, if given, ``extra.json`` (metrics, params, lineage: anything JSON).
+    and, if given, ``extra.json`` (metrics, params, lineage: anything JSON). ``directory`` may
+    be a local folder or an object-store URI.
     """
     model = getattr(model, "module", model)  # accept a DDP-wrapped model
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    directory = str(directory)
+    storage.make_dirs(directory)
     state = {k: t.detach().cpu() for k, t in model.state_dict().items()}
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(str(d / MODEL_FILE), buf.getvalue())
-    atomic_write_json(str(d / CONFIG_FILE), model.config())
-    atomic_write_json(str(d / VOCAB_FILE), vocab.to_dict())
+    storage.write_bytes(storage.join(directory, MODEL_FILE), buf.getvalue())
+    storage.write_json(storage.join(directory, CONFIG_FILE), model.config())
+    storage.write_json(storage.join(directory, VOCAB_FILE), vocab.to_dict())
     if extra is not None:
-        atomic_write_json(str(d / EXTRA_FILE), extra)
+        storage.write_json(storage.join(directory, EXTRA_FILE), extra)
 
 
 def load_artifact(directory: str) -> tuple[TwoTowerModel, ItemVocab]:
-    """The model (eval mode, CPU) and vocabulary saved by ``save_artifact``."""
-    d = Path(directory)
+    """The model (eval mode, CPU) and vocabulary saved by ``save_artifact``, from a local
+    folder or an object-store URI (e.g. a registered version's ``artifact_uri``)."""
+    # a URI: a node-local copy, downloaded once per node (artifacts never change)
+    d = Path(storage.local_copy(str(directory))) if storage.is_uri(str(directory)) else Path(directory)
     for name in (MODEL_FILE, CONFIG_FILE, VOCAB_FILE):
         if not (d / name).is_file():
-            raise FileNotFoundError(f"{d}: not a model artifact ({name} is missing)")
+            raise FileNotFoundError(f"{directory}: not a model artifact ({name} is missing)")
     config = json.loads((d / CONFIG_FILE).read_text())
     # Artifacts written before titles and recency weighting existed: rebuild them as they were.
     config.setdefault("title_buckets", 0)
@@ -501,7 +506,14 @@ def load_artifact(directory: str) -> tuple[TwoTowerModel, ItemVocab]:
     return model, vocab
 
 
+def load_vocab(directory: str) -> ItemVocab:
+    """Only the vocabulary of an artifact (local folder or URI): one small file read, no model."""
+    data = storage.read_json(storage.join(str(directory), VOCAB_FILE))
+    if data is None:
+        raise FileNotFoundError(f"{directory}: not a model artifact ({VOCAB_FILE} is missing)")
+    return ItemVocab.from_dict(data)
+
+
 def read_extra(directory: str) -> dict:
-    """The ``extra.json`` of an artifact, or {} when it has none."""
-    p = Path(directory) / EXTRA_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
+    """The ``extra.json`` of an artifact (local folder or URI), or {} when it has none."""
+    return storage.read_json(storage.join(str(directory), EXTRA_FILE), {}) or {}

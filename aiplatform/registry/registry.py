@@ -1,15 +1,38 @@
 """The model registry: numbered versions of a model, named aliases, and the history of both.
 
-Stored as two Lance tables under ``Layout.registry`` (so a registry on ``s3://`` works the same
+Stored as Lance tables under ``Layout.registry`` (so a registry on ``s3://`` works the same
 as one on disk) and the artifact files under ``Layout.model_dir(name, version)``:
 
 - ``model_versions``: one row per registered version (metrics, params, checkpoint and artifact
   locations, lineage). Rows are only ever appended.
 - ``aliases``: one row per alias move. The current target of an alias is its latest row, so
   the table *is* the history: who pointed ``champion`` where, when and why.
+- ``version_claims``: one row per version number handed out (see "Version numbers").
 
 Every write is one Lance commit, and the artifact is copied before its row is appended: a
 version that the registry lists always has its files in place.
+
+Version numbers: many processes (training jobs on different pods) may register versions of one
+model at the same moment, against a bucket where "is this folder free?" followed by a write is
+a race (an object store has no exclusive create of a folder). The number is therefore decided
+by Lance's commit protocol, which serialises commits (a rename on disk, a conditional PUT on an
+object store): a registration appends one claim row to ``version_claims`` (one commit, which
+creates one new table version ``V``), and the model's claims in table version ``V`` are exactly
+the claims committed before it plus its own. With ``c`` claims of the model in ``V``, its
+number is ``c``: nobody else can get it, whatever the interleaving (``V`` is the version the
+append itself returns, not the table's latest, which may already hold later claims). Only
+then is the artifact copied to ``models/<name>/<version>/`` (a folder nobody else will write)
+and the ``model_versions`` row appended (that row is what makes the version visible). Tables
+are only appended to (never compacted or deleted from), so these counts never change.
+
+A registry written by an older release has ``model_versions`` rows but no claims: a claimed
+number that such a row already uses is skipped, and the first claim appends as many claim rows
+as it takes to pass them (in one commit). A registration that fails after its claim leaves its
+number unused: versions are unique and increasing, but not always contiguous.
+
+The tables themselves are created by one commit of table version 1 that is never retried
+(``_table``): on an object store Lance turns a losing concurrent create into an overwrite,
+which could drop rows appended in between.
 """
 
 import json
@@ -24,10 +47,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import lance
 import lancedb
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from aiplatform.core import storage
 from aiplatform.core.errors import NotFoundError, UserInputError
 from aiplatform.core.storage import Layout, filesystem_for, is_uri
 
@@ -35,6 +60,8 @@ log = logging.getLogger(__name__)
 
 VERSIONS_TABLE = "model_versions"
 ALIASES_TABLE = "aliases"
+CLAIMS_TABLE = "version_claims"
+MAX_CLAIM_ROUNDS = 20
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -57,6 +84,13 @@ _ALIASES_SCHEMA = pa.schema(
         pa.field("version", pa.int64(), nullable=False),
         pa.field("set_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+_CLAIMS_SCHEMA = pa.schema(
+    [
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("claim_id", pa.string(), nullable=False),
+        pa.field("claimed_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
 
@@ -107,6 +141,48 @@ def _row_to_version(row: dict[str, Any]) -> ModelVersion:
     )
 
 
+def _nonempty_dir(path: str) -> bool:
+    """True when ``path`` (a local folder or a URI) holds at least one entry."""
+    if not is_uri(path):
+        src = Path(path)
+        return src.is_dir() and any(src.iterdir())
+    fs, inside = filesystem_for(path)
+    return bool(fs.get_file_info(pafs.FileSelector(inside, allow_not_found=True, recursive=False)))
+
+
+def _copy_artifact(src: str, dest: str) -> None:
+    """Copy the folder ``src`` to ``dest`` (each a local path or a URI).
+
+    ``dest`` belongs to this registration alone (its version number was claimed): whatever an
+    earlier, failed registration of an older release left there is replaced. A local copy is
+    staged next to the target and renamed into place, so the folder is complete or absent; on
+    an object store there is no folder rename, but the version's row, appended after the copy,
+    is what makes it visible, so a partial copy is never served.
+    """
+    src_fs, src_path = filesystem_for(src)
+    if is_uri(dest):
+        storage.delete_dir(dest)
+        dest_fs, dest_path = filesystem_for(dest)
+        pafs.copy_files(src_path, dest_path, source_filesystem=src_fs, destination_filesystem=dest_fs)
+        return
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{uuid.uuid4().hex[:8]}."))
+    try:
+        staged = tmp / "artifact"
+        if is_uri(src):
+            staged.mkdir()
+            pafs.copy_files(src_path, str(staged), source_filesystem=src_fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        else:
+            shutil.copytree(src, staged)
+        if target.exists():
+            os.rename(target, tmp / "left-over")
+        os.rename(staged, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class ModelRegistry:
     """Versions and aliases of models under one storage root.
 
@@ -116,14 +192,33 @@ class ModelRegistry:
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        if not is_uri(layout.registry):
-            Path(layout.registry).mkdir(parents=True, exist_ok=True)
-        self._db = lancedb.connect(layout.registry, read_consistency_interval=timedelta(0))
+        storage.make_dirs(layout.registry)
+        self._db = lancedb.connect(layout.registry, storage_options=storage.storage_options(layout.registry),
+                                   read_consistency_interval=timedelta(0))
 
     # ---- tables -------------------------------------------------------------------------
     def _table(self, name: str, schema: pa.Schema):
-        # exist_ok makes concurrent first use by two processes safe.
-        return self._db.create_table(name, schema=schema, mode="create", exist_ok=True)
+        """The registry table ``name``, created empty on first use.
+
+        Not ``create_table(exist_ok=True)``: when two processes create one table at once on
+        an object store, Lance turns the loser's create into an *overwrite* at the next
+        version, which would drop any row appended in between. Here the table is created by
+        a single commit of version 1 that is never retried: exactly one process wins and the
+        others open its table."""
+        try:
+            return self._db.open_table(name)
+        except ValueError:  # "Table ... was not found"
+            pass
+        uri = storage.join(self.layout.registry, f"{name}.lance")
+        try:
+            lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, []), read_version=0,
+                                      storage_options=storage.storage_options(uri) or None, max_retries=0)
+        except OSError as exc:
+            try:  # another process created it first
+                return self._db.open_table(name)
+            except ValueError:
+                raise exc from None
+        return self._db.open_table(name)
 
     def _rows(self, table: str, schema: pa.Schema, name: str) -> list[dict[str, Any]]:
         """All rows of one model. Registry tables are small (one row per version or alias
@@ -144,14 +239,14 @@ class ModelRegistry:
     ) -> ModelVersion:
         """Copy the artifact into the storage root as the next version and record it.
 
-        The files are copied first (to a temporary directory renamed into place, so a reader
-        never sees half an artifact) and the row is appended last: the row is the commit.
-        If another process claims the same version number in between, the rename fails and
-        the next number is tried.
+        ``artifact_src_dir`` is a local folder or an object-store URI (e.g. a Ray Train
+        checkpoint in the bucket). The version number is claimed first (one Lance commit, see
+        the module docstring: concurrent registrations get distinct numbers), the files are
+        copied to that version's own folder, and the row is appended last: the row is the
+        commit that makes the version visible, so a listed version always has its files.
         """
         _check_name("model name", name)
-        src = Path(artifact_src_dir)
-        if not src.is_dir() or not any(src.iterdir()):
+        if not _nonempty_dir(str(artifact_src_dir)):
             raise UserInputError(
                 f"artifact directory {artifact_src_dir!r} does not exist or is empty; "
                 "pass the directory written by save_artifact()"
@@ -163,15 +258,17 @@ class ModelRegistry:
         except (TypeError, ValueError) as exc:
             raise UserInputError(f"metrics/params/lineage must be JSON-serialisable: {exc}") from exc
 
-        existing = [r["version"] for r in self._rows(VERSIONS_TABLE, _VERSIONS_SCHEMA, name)]
-        version = max(existing, default=0) + 1
-        for _ in range(100):
-            dest = self.layout.model_dir(name, version)
-            if self._copy_artifact(src, dest):
-                break
-            version += 1
-        else:  # pragma: no cover - would need 100 concurrent registrations
-            raise RuntimeError(f"could not claim a version directory for model {name!r}")
+        version = self._claim_version(name)
+        dest = self.layout.model_dir(name, version)
+        try:
+            _copy_artifact(str(artifact_src_dir), dest)
+        except BaseException:
+            # The number is ours alone: nothing else may be left in its folder.
+            try:
+                storage.delete_dir(dest)
+            except OSError:  # pragma: no cover - best effort; the folder has no row anyway
+                log.warning("could not remove the partial artifact copy at %s", dest)
+            raise
 
         mv = ModelVersion(
             name=name,
@@ -199,33 +296,53 @@ class ModelRegistry:
         log.info("registered %s version %d at %s", name, version, dest)
         return mv
 
-    def _copy_artifact(self, src: Path, dest: str) -> bool:
-        """Copy ``src`` to ``dest``; False if ``dest`` is already taken."""
-        if is_uri(dest):
-            # Object stores have no directory rename; the registry row appended after the
-            # copy is what makes the version visible, so a partial copy is never served.
-            fs, path = filesystem_for(dest)
-            if fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-                return False
-            pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=fs)
-            return True
-        target = Path(dest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() and any(target.iterdir()):
-            return False
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{uuid.uuid4().hex[:8]}."))
-        try:
-            staged = tmp / "artifact"
-            shutil.copytree(src, staged)
-            try:
-                # Atomic on POSIX; fails if another process renamed a non-empty dir there first.
-                os.rename(staged, target)
-            except OSError:
-                return False
-            return True
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def _registered_versions(self, name: str) -> set[int]:
+        tbl = self._table(VERSIONS_TABLE, _VERSIONS_SCHEMA)
+        data = tbl.to_lance().to_table(columns=["version"], filter=f"name = '{name}'")
+        return {int(v) for v in data.column("version").to_pylist()}
+
+    def _claim_version(self, name: str) -> int:
+        """A version number of ``name`` that no other registration can get (module docstring).
+
+        One round appends ``n`` claim rows in one commit; the commit creates table version
+        ``V``, and with ``c`` claims of the model in ``V`` this registration owns the numbers
+        ``c - n + 1 .. c``. It takes the first one no ``model_versions`` row uses (rows that
+        exist without a claim were written by an older release). ``n`` is 1 except to jump
+        over such rows; the counts read before claiming are only a guess of how far to jump,
+        the numbers themselves come from the commit.
+        """
+        claims = self._table(CLAIMS_TABLE, _CLAIMS_SCHEMA)
+        taken = self._registered_versions(name)
+        n_rows = 1
+        if taken:
+            claimed = claims.count_rows(f"name = '{name}'")
+            n_rows = max(1, max(taken) - claimed + 1)
+        uri, options = claims.to_lance().uri, storage.storage_options(self.layout.registry)
+        for _ in range(MAX_CLAIM_ROUNDS):
+            claim_id = uuid.uuid4().hex
+            now = _now()
+            rows = [{"name": name, "claim_id": claim_id, "claimed_at": now}] * n_rows
+            # pylance's write returns the dataset as its own commit made it (LanceDB's add()
+            # reports the table's latest version, which may already include a later commit).
+            at_commit = lance.write_dataset(pa.Table.from_pylist(rows, schema=_CLAIMS_SCHEMA), uri,
+                                            mode="append", storage_options=options or None)
+            ids = at_commit.to_table(columns=["claim_id"], filter=f"name = '{name}'").column("claim_id").to_pylist()
+            count = len(ids)
+            if ids.count(claim_id) != n_rows:
+                raise RuntimeError(  # pragma: no cover - would be a Lance commit bug
+                    f"registry: claim {claim_id} of model {name!r} is not in table version "
+                    f"{at_commit.version} that its own commit created")
+            free = [n for n in range(count - n_rows + 1, count + 1) if n not in taken]
+            log.debug("model %s: claim %s committed as table version %d: numbers %d..%d, free %s",
+                      name, claim_id, at_commit.version, count - n_rows + 1, count, free)
+            if free:
+                if n_rows > 1:
+                    log.info("model %s: skipped versions registered without a claim (older release)", name)
+                return free[0]
+            taken = self._registered_versions(name)
+            n_rows = max(1, max(taken, default=0) - count + 1)
+        raise RuntimeError(  # pragma: no cover - every round moves past the highest taken number
+            f"could not claim a version number for model {name!r} in {MAX_CLAIM_ROUNDS} rounds")
 
     def list_versions(self, name: str) -> list[ModelVersion]:
         """All versions of ``name``, oldest first (empty if the model is unknown)."""

@@ -5,6 +5,10 @@ being served and the switch is a change of which table the serving layer opens. 
 written in one LanceDB commit (mode overwrite): a reader sees the old table or the complete
 new one, never a half-written one.
 
+The vectors folder may be local or in the object store (``s3://…/vectors``): LanceDB gets the
+same endpoint and region as every other layer (``storage.storage_options``), and the embedding
+actors load the model artifact from its URI (a node-local copy, see ``load_artifact``).
+
 Scores are cosine similarities (``1 - cosine distance``). Small catalogues are searched exactly
 (brute force is correct and, below a few thousand rows, as fast as an index); an IVF-PQ index
 is built only from ``ANN_MIN_ROWS`` rows up.
@@ -14,14 +18,13 @@ import logging
 import math
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from aiplatform.core import storage
 from aiplatform.core.errors import NotFoundError, UserInputError
-from aiplatform.core.storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class ItemEmbedder:
     """
 
     def __init__(self, artifact_dir: str) -> None:
+        """``artifact_dir``: a local folder or an object-store URI (downloaded once per node)."""
         import torch
 
         from aiplatform.models.two_tower import load_artifact
@@ -159,9 +163,8 @@ def build_item_index(
             yield from tbl.select(schema.names).cast(schema).to_batches()
 
     name = vector_table_name(model_name, version)
-    if not is_uri(vectors_dir):
-        Path(vectors_dir).mkdir(parents=True, exist_ok=True)
-    db = lancedb.connect(vectors_dir)
+    storage.make_dirs(vectors_dir)
+    db = lancedb.connect(vectors_dir, storage_options=storage.storage_options(vectors_dir))
     reader = pa.RecordBatchReader.from_batches(schema, record_batches())
     table = db.create_table(name, reader, schema=schema, mode="overwrite")
     rows = table.count_rows()
@@ -196,7 +199,8 @@ class ItemIndex:
 
         self.vectors_dir = vectors_dir
         self.table_name = table_name
-        db = lancedb.connect(vectors_dir, read_consistency_interval=timedelta(0))
+        db = lancedb.connect(vectors_dir, storage_options=storage.storage_options(vectors_dir),
+                             read_consistency_interval=timedelta(0))
         tables = list(db.list_tables().tables) if _db_exists(vectors_dir) else []
         if table_name not in tables:
             have = ", ".join(tables) or "none"
@@ -265,4 +269,6 @@ class ItemIndex:
 
 
 def _db_exists(vectors_dir: str) -> bool:
-    return is_uri(vectors_dir) or Path(vectors_dir).is_dir()
+    """A missing local folder has no tables; on an object store a missing prefix simply lists
+    none, so it is always asked."""
+    return storage.is_uri(vectors_dir) or storage.is_dir(vectors_dir)

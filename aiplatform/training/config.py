@@ -21,7 +21,7 @@ def _known_event_type(v: str) -> str:
 
 
 EventTypeName = Annotated[str, AfterValidator(_known_event_type)]
-"""An event type of DESIGN.md's schema (view, click, add_to_cart, purchase)."""
+"""An event type of docs/architecture.md's schema (view, click, add_to_cart, purchase)."""
 
 
 class QualityGates(BaseModel):
@@ -48,6 +48,9 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas)")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers: PACK fills a node first; STRICT_SPREAD puts each "
+                            "worker on its own node (fails when there are fewer nodes than workers)")
     batch_size: int = Field(512, ge=2, description="Examples per step per worker (in-batch negatives)")
     epochs: int = Field(3, ge=1)
     lr: float = Field(3e-3, gt=0, le=1.0)

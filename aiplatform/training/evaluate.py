@@ -24,7 +24,7 @@ from aiplatform.models.two_tower import ItemVocab, TwoTowerModel
 from aiplatform.training.config import QualityGates
 
 EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0}
-"""Popularity weight per event type; any other type counts as a view (DESIGN.md)."""
+"""Popularity weight per event type; any other type counts as a view (docs/architecture.md)."""
 RELEVANT_EVENTS: tuple[str, ...] = ("click", "add_to_cart", "purchase")
 
 

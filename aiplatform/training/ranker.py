@@ -39,21 +39,24 @@ import numpy as np
 import pandas as pd
 import torch
 
+from aiplatform.core import storage
 from aiplatform.core.errors import DataValidationError, UserInputError
 from aiplatform.core.schemas import EVENT_TYPES
-from aiplatform.core.storage import is_uri
 from aiplatform.features.definitions import COUNT_COLUMNS
 from aiplatform.models.ranker import (
     LABEL_GAINS,
     RANKER_SUBDIR,
     RankerModel,
+    is_ranker_artifact,
     listwise_loss,
     load_ranker,
+    read_ranker_extra,
     save_ranker,
 )
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, encode_counts
 from aiplatform.training.config import RankerConfig
 from aiplatform.training.evaluate import ndcg_at_k, recall_at_k
+from aiplatform.training.reliability import RunStorage
 
 if TYPE_CHECKING:
     import ray.data
@@ -68,7 +71,8 @@ EXAMPLE_COLUMNS: tuple[str, ...] = ("item_id", "event_type", "last_items", *COUN
 class RankerResult:
     model: RankerModel
     path: str
-    """The ranker artifact (a Ray Train checkpoint directory that ``load_ranker`` reads)."""
+    """The ranker artifact (a Ray Train checkpoint directory that ``load_ranker`` reads): a local
+    path, or a URI when the runs are in the object store."""
     metrics: dict
     duration_s: float
 
@@ -344,9 +348,7 @@ def _ranker_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             model = load_ranker(d)
-            import json
-
-            extra = json.loads((Path(d) / "ranker_config.json").read_text()).get("extra", {})
+            extra = read_ranker_extra(d)
             start_epoch, history = int(extra.get("epoch", 0)), list(extra.get("history", []))
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=_no_buffer_sync_kwargs())
     base = model.module if isinstance(model, DistributedDataParallel) else model
@@ -447,7 +449,7 @@ def train_ranker(
         raise DataValidationError("ranker examples", f"no example has an item in the catalogue and an event "
                                   f"of at least '{config.min_event_type}'", column="item_id",
                                   hint="Check that the items cover the events' item ids, or lower min_event_type")
-    storage_path = runs_dir if is_uri(runs_dir) else str(Path(runs_dir).expanduser().resolve())
+    runs = RunStorage.of(runs_dir)
     trainer = TorchTrainer(
         _ranker_loop_per_worker,
         train_loop_config={
@@ -460,7 +462,7 @@ def train_ranker(
             resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            storage_path=storage_path, name=run_name,
+            storage_path=runs.path, storage_filesystem=runs.filesystem, name=run_name,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
@@ -478,22 +480,33 @@ def train_ranker(
     metrics = {"history": list(history), "loss": history[-1]["loss"] if history else None,
                "lists": int(n_lists), "use_retrieval_score": use_rs,
                "hard_negatives": retrieval_model is not None and config.n_hard > 0}
-    return RankerResult(model=model, path=result.checkpoint.path, metrics=metrics,
+    return RankerResult(model=model, path=runs.uri_of(result.checkpoint.path), metrics=metrics,
                         duration_s=time.perf_counter() - started)
 
 
 def attach_ranker(ranker_path: str, artifact_dir: str) -> str:
     """Copy a ranker artifact into ``<artifact_dir>/ranker`` (what serving looks for), so one
     registry version carries both models. The copy is renamed into place: a reader sees the
-    old ranker or the new one. Local directories only."""
-    if is_uri(ranker_path) or is_uri(artifact_dir):
-        raise UserInputError("attach_ranker: local directories only; register from a local copy")
+    old ranker or the new one.
+
+    ``ranker_path`` may be a local folder or a URI (a ranker run in the object store);
+    ``artifact_dir`` must be a local folder: an artifact in the object store is never written to
+    (registered ones are immutable and cached by URI on every node), so attach the ranker to a
+    local copy and register that (``jobs.train`` does)."""
+    if storage.is_uri(artifact_dir):
+        raise UserInputError("attach_ranker: the artifact must be a local folder; attach the ranker to a "
+                             "local copy of it and register that")
     dest = Path(artifact_dir) / RANKER_SUBDIR
-    load_ranker(ranker_path)  # refuse to attach something serving cannot load
+    if not is_ranker_artifact(str(ranker_path)):
+        raise FileNotFoundError(f"{ranker_path}: not a ranker artifact (ranker.pt and ranker_config.json expected)")
     staged = Path(tempfile.mkdtemp(prefix=".ranker-", dir=artifact_dir))
     try:
         for f in ("ranker.pt", "ranker_config.json"):
-            shutil.copy2(Path(ranker_path) / f, staged / f)
+            data = storage.read_bytes(storage.join(str(ranker_path), f))
+            if data is None:
+                raise FileNotFoundError(f"{ranker_path}: {f} is missing")
+            (staged / f).write_bytes(data)
+        load_ranker(str(staged))  # refuse to attach something serving cannot load
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=".ranker-old-", dir=artifact_dir))
             os.replace(dest, old / "r")

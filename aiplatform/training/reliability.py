@@ -3,6 +3,7 @@ accounting, fault injection for tests, and the choice of the checkpoint to retur
 
 Kept apart from the training loop (``train.py``) so each can be read and tested alone; all of
 it is torch + pyarrow, no Ray, except ``best_checkpoint`` which reads a ``ray.train.Result``.
+``RunStorage`` says where Ray Train keeps runs (a local folder or the object store).
 """
 
 import contextlib
@@ -18,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aiplatform.core.storage import filesystem_for
+from aiplatform.core.storage import filesystem_for, is_uri
 from aiplatform.models.two_tower import TwoTowerModel
 
 if TYPE_CHECKING:
     import logging
 
+    import pyarrow.fs
     import ray.train
 
 PROGRESS_DIR = "progress"
@@ -32,6 +34,51 @@ METRIC_ORDER: dict[str, str] = {"val_loss": "min", "val_recall": "max"}
 """How each ``checkpoint_metric`` ranks checkpoints (Ray's ``checkpoint_score_order``)."""
 VAL_LOGITS_BUDGET = 1 << 24
 """Max floats in one validation logits block ([rows, n_items]): bounds memory on big catalogues."""
+
+
+@dataclass(frozen=True)
+class RunStorage:
+    """Where Ray Train keeps the runs of ``runs_dir`` (a local folder or an object-store URI).
+
+    For a URI, Ray gets the path inside the bucket and the storage root's own pyarrow
+    filesystem (``RunConfig(storage_path=path, storage_filesystem=filesystem)``), so it uses
+    the same endpoint, region and credentials as every other layer (an S3-compatible server
+    included) instead of building its own client from the URI. Ray then reports checkpoint
+    paths inside that filesystem (``bucket/prefix/runs/run/epoch_0003``); ``uri_of`` turns them
+    back into URIs, which is what the registry and every reader expect.
+    """
+
+    uri: str
+    """``runs_dir`` as an absolute local path or a URI."""
+    path: str
+    """``storage_path`` for Ray: the same local path, or the path inside ``filesystem``."""
+    filesystem: "pyarrow.fs.FileSystem | None" = None
+    """None for a local folder (Ray's default local filesystem)."""
+
+    @classmethod
+    def of(cls, runs_dir: str) -> "RunStorage":
+        if not is_uri(runs_dir):
+            path = str(Path(runs_dir).expanduser().resolve())
+            return cls(uri=path, path=path)
+        fs, inside = filesystem_for(runs_dir)
+        return cls(uri=str(runs_dir).rstrip("/"), path=inside, filesystem=fs)
+
+    def run_uri(self, run_name: str) -> str:
+        return f"{self.uri.rstrip('/')}/{run_name}"
+
+    def run_path(self, run_name: str) -> str:
+        """The run's folder as Ray names it (inside ``filesystem``)."""
+        return f"{self.path.rstrip('/')}/{run_name}"
+
+    def uri_of(self, path: str) -> str:
+        """A path Ray reported (inside ``filesystem``) as a path or URI under ``uri``."""
+        path = str(path)
+        if self.filesystem is None or is_uri(path):
+            return path
+        inside = self.path.rstrip("/")
+        if path == inside or path.startswith(inside + "/"):
+            return self.uri.rstrip("/") + path[len(inside):]
+        raise ValueError(f"{path} is not under the runs folder {self.uri}")
 
 
 @dataclass

@@ -7,7 +7,9 @@ frames), and hands the dataset to a ``TorchTrainer``. Each worker reads its shar
 artifact (``save_artifact``), so the registry can publish a checkpoint without converting it.
 
 The run lives under ``RunConfig(storage_path=runs_dir, name=run_name)``; a restarted worker
-group (``max_failures``) resumes from the last checkpoint, optimizer state included.
+group (``max_failures``) resumes from the last checkpoint, optimizer state included. ``runs_dir``
+may be in the object store (``s3://…/runs``): Ray Train then writes through the storage root's
+own filesystem (``RunStorage``), and checkpoint paths come back as URIs.
 
 Reliability (why each piece exists):
 
@@ -40,7 +42,6 @@ import torch
 
 from aiplatform.core.errors import ConfigError, DataValidationError, NotFoundError
 from aiplatform.core.schemas import EVENT_TYPES
-from aiplatform.core.storage import is_uri
 from aiplatform.features.definitions import COUNT_COLUMNS
 from aiplatform.models.two_tower import (
     ItemVocab,
@@ -55,6 +56,7 @@ from aiplatform.training.reliability import (
     METRIC_ORDER,
     FaultInjection,
     ProgressMarks,
+    RunStorage,
     autocast,
     best_checkpoint,
     collect_progress,
@@ -69,7 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVENT_RANK: dict[str, int] = {t: i for i, t in enumerate(EVENT_TYPES)}
-"""Funnel depth of each event type; unknown types rank as ``view`` (DESIGN.md)."""
+"""Funnel depth of each event type; unknown types rank as ``view`` (docs/architecture.md)."""
 EXAMPLE_COLUMNS: tuple[str, ...] = ("item_id", "event_type", "last_items", *COUNT_COLUMNS)
 """Columns of the feature layer's training examples that training reads."""
 OPTIMIZER_FILE = "optimizer.pt"
@@ -396,35 +398,35 @@ def _resolve_use_gpu(config: TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= config.num_workers
 
 
-def _previous_result(storage_path: str, run_name: str) -> "ray.train.Result | None":
+def _previous_result(runs: RunStorage, run_name: str) -> "ray.train.Result | None":
     import ray.train
 
     try:
-        previous = ray.train.Result.from_path(storage_path.rstrip("/") + "/" + run_name)
+        previous = ray.train.Result.from_path(runs.run_path(run_name), storage_filesystem=runs.filesystem)
     except RuntimeError:  # no such run (or never checkpointed): a fresh start
         return None
     return previous if previous.checkpoint is not None else None
 
 
 def latest_epoch_of_run(runs_dir: str, run_name: str) -> int | None:
-    """The last checkpointed epoch of ``<runs_dir>/<run_name>``, or None when there is no such
-    run. For a ``--resume RUN_NAME`` flag: check the run exists before starting a job."""
-    storage_path = runs_dir if is_uri(runs_dir) else str(Path(runs_dir).expanduser().resolve())
-    previous = _previous_result(storage_path, run_name)
+    """The last checkpointed epoch of ``<runs_dir>/<run_name>`` (a local folder or a URI), or
+    None when there is no such run. For a ``--resume RUN_NAME`` flag: check the run exists
+    before starting a job."""
+    previous = _previous_result(RunStorage.of(runs_dir), run_name)
     if previous is None:
         return None
     with previous.checkpoint.as_directory() as d:
         return int(read_extra(d).get("epoch", 0))
 
 
-def _vocab_of_existing_run(storage_path: str, run_name: str) -> ItemVocab | None:
+def _vocab_of_existing_run(runs: RunStorage, run_name: str) -> ItemVocab | None:
     """The vocabulary of the latest checkpoint of ``run_name``, if that run exists."""
-    previous = _previous_result(storage_path, run_name)
+    previous = _previous_result(runs, run_name)
     if previous is None:
         return None
     with previous.checkpoint.as_directory() as d:
         _, vocab = load_artifact(d)
-    log.info("resuming run %s from %s", run_name, previous.checkpoint.path)
+    log.info("resuming run %s from %s", run_name, runs.uri_of(previous.checkpoint.path))
     return vocab
 
 
@@ -441,7 +443,8 @@ def train_two_tower(
     """Train the two-tower model on ``examples`` and return the run's best checkpoint's model.
 
     ``runs_dir`` is the Ray Train storage path (local or ``s3://``/``gs://``); a checkpoint is
-    written every epoch to ``<runs_dir>/<run_name>/epoch_NNNN``. ``validation_fraction`` of the
+    written every epoch to ``<runs_dir>/<run_name>/epoch_NNNN`` (checkpoint paths in the result
+    are in the same form: local paths or URIs). ``validation_fraction`` of the
     rows is held out and scored every epoch; the ``checkpoints_to_keep`` best checkpoints by
     ``checkpoint_metric`` (plus the latest, needed to resume) are kept, and the best is what
     this returns (``result.checkpoint_path``; ``latest_checkpoint_path`` is the last epoch's);
@@ -467,12 +470,12 @@ def train_two_tower(
     if not is_v2_enabled():
         raise ConfigError("RAY_TRAIN_V2_ENABLED=0 is not supported: unset it to use Ray Train V2")
     started = time.perf_counter()
-    storage_path = runs_dir if is_uri(runs_dir) else str(Path(runs_dir).expanduser().resolve())
-    run_uri = storage_path.rstrip("/") + "/" + run_name
+    runs = RunStorage.of(runs_dir)
+    run_uri = runs.run_uri(run_name)
     # A resumed run keeps its vocabulary, so examples are encoded as its weights expect.
-    previous_vocab = _vocab_of_existing_run(storage_path, run_name)
+    previous_vocab = _vocab_of_existing_run(runs, run_name)
     if previous_vocab is None and require_existing:
-        raise NotFoundError(f"no training run '{run_name}' with a checkpoint under {storage_path}: "
+        raise NotFoundError(f"no training run '{run_name}' with a checkpoint under {runs.uri}: "
                             "check the run name (aiplatform keeps runs under <home>/runs/) or start a new run")
     vocab = previous_vocab or ItemVocab.from_items(items, n_price_buckets=config.price_buckets)
     if vocab.n_items < 2:
@@ -499,9 +502,11 @@ def train_two_tower(
             num_workers=config.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=config.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            storage_path=storage_path,
+            storage_path=runs.path,
+            storage_filesystem=runs.filesystem,
             name=run_name,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.checkpoints_to_keep,
@@ -557,12 +562,12 @@ def train_two_tower(
     return TrainResult(
         model=model,
         vocab=vocab,
-        checkpoint_path=best.path,
+        checkpoint_path=runs.uri_of(best.path),
         history=list(history),
         params=params,
         duration_s=time.perf_counter() - started,
         best_epoch=best_epoch,
-        latest_checkpoint_path=result.checkpoint.path,
+        latest_checkpoint_path=runs.uri_of(result.checkpoint.path),
         steps_redone=steps_redone,
         restarts=restarts,
     )

@@ -1,12 +1,25 @@
-"""Model registry: version numbering, artifact copies, aliases and their history, errors."""
+"""Model registry: version numbering, artifact copies, aliases and their history, errors;
+concurrent registrations from separate processes, on a folder and on an S3-compatible server."""
 
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
+import lancedb
+import pyarrow as pa
 import pytest
 
+from aiplatform.core import storage
 from aiplatform.core.errors import NotFoundError, UserInputError
 from aiplatform.core.storage import Layout
 from aiplatform.registry import ModelRegistry
+from aiplatform.registry.registry import _VERSIONS_SCHEMA, VERSIONS_TABLE
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -108,3 +121,116 @@ def test_bad_input_is_refused_without_side_effects(layout, artifact, tmp_path):
         reg.register("two_tower", str(artifact), {"m": object()}, {}, "")
     assert reg.list_models() == []
     assert not Path(layout.model_dir("two_tower", 1)).exists()
+
+
+# ---- concurrent registrations ------------------------------------------------------------------
+# Each child opens the registry, says it is ready, waits for the go file (so all of them register
+# at the same moment) and registers its own artifact; it prints its version and tag.
+_REGISTER_CHILD = """
+import json, logging, os, sys, time
+from pathlib import Path
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("aiplatform.registry").setLevel(logging.DEBUG)
+from aiplatform.core.storage import Layout
+from aiplatform.registry import ModelRegistry
+root, src, tag, sync = sys.argv[1:5]
+reg = ModelRegistry(Layout.at(root))
+Path(sync, "ready-" + tag).touch()
+deadline = time.monotonic() + 120
+while not Path(sync, "go").exists() and time.monotonic() < deadline:
+    time.sleep(0.005)
+mv = reg.register("two_tower", src, {"tag": tag}, {}, "runs/" + tag)
+print(json.dumps({"tag": tag, "version": mv.version, "artifact_uri": mv.artifact_uri}))
+"""
+
+
+def _register_at_once(root: str, tmp_path: Path, n: int) -> list[dict]:
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    procs = []
+    for i in range(n):
+        src = tmp_path / f"artifact-{i}"
+        src.mkdir()
+        (src / "model.pt").write_bytes(f"weights-of-{i}".encode())
+        (src / "vocab.json").write_text(json.dumps({"tag": str(i)}))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", _REGISTER_CHILD, root, str(src), str(i), str(sync)],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 120
+    while len(list(sync.glob("ready-*"))) < n and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.02)
+    (sync / "go").touch()
+    results, logs = [], []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        logs.append(err)
+    versions = sorted(r["version"] for r in results)
+    assert versions == list(range(1, n + 1)), "\n".join(logs)
+    return results
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_registrations_get_distinct_versions_and_none_is_lost(where, tmp_path, request):
+    """N processes register a version of one model at the same moment: N versions 1..N, each
+    with the files of the process that got it. On S3 there is no exclusive folder create, so
+    only the Lance commit protocol (conditional PUT) can make this hold."""
+    n = 6
+    root = request.getfixturevalue("s3_root") if where == "s3" else str(tmp_path / "home")
+    results = _register_at_once(root, tmp_path, n)
+
+    assert sorted(r["version"] for r in results) == list(range(1, n + 1))
+    reg = ModelRegistry(Layout.at(root))
+    versions = reg.list_versions("two_tower")
+    assert [v.version for v in versions] == list(range(1, n + 1))
+    by_tag = {r["tag"]: r["version"] for r in results}
+    layout = Layout.at(root)
+    for v in versions:
+        tag = v.metrics["tag"]
+        assert by_tag[tag] == v.version and v.checkpoint_uri == f"runs/{tag}"
+        assert v.artifact_uri == layout.model_dir("two_tower", v.version)
+        # the version's folder holds exactly the files of the process that registered it
+        assert storage.read_bytes(f"{v.artifact_uri}/model.pt") == f"weights-of-{tag}".encode()
+        assert storage.read_json(f"{v.artifact_uri}/vocab.json") == {"tag": tag}
+        assert storage.list_files(v.artifact_uri) == [f"{v.artifact_uri}/model.pt", f"{v.artifact_uri}/vocab.json"]
+    # a later registration continues after them
+    extra = tmp_path / "artifact-late"
+    extra.mkdir()
+    (extra / "model.pt").write_bytes(b"late")
+    assert reg.register("two_tower", str(extra), {}, {}, "").version == n + 1
+
+
+def test_registry_of_an_older_release_keeps_its_versions(layout, artifact):
+    """Versions written before numbers were claimed (rows, no claims) are skipped, not reused."""
+    db = lancedb.connect(layout.registry)
+    now = datetime.now(timezone.utc)
+    old = [{"name": "two_tower", "version": v, "created_at": now, "metrics": "{}", "params": "{}",
+            "checkpoint_uri": "", "artifact_uri": layout.model_dir("two_tower", v), "lineage": "{}"}
+           for v in (1, 2, 3)]
+    db.create_table(VERSIONS_TABLE, pa.Table.from_pylist(old, schema=_VERSIONS_SCHEMA))
+    reg = ModelRegistry(layout)
+    assert reg.register("two_tower", str(artifact), {}, {}, "").version == 4
+    assert reg.register("two_tower", str(artifact), {}, {}, "").version == 5
+    assert reg.register("ranker", str(artifact), {}, {}, "").version == 1
+    assert [v.version for v in reg.list_versions("two_tower")] == [1, 2, 3, 4, 5]
+
+
+def test_register_from_an_object_store_folder(s3_root, artifact, tmp_path):
+    """A checkpoint in the bucket registers as it is, into a bucket or a folder root."""
+    src = f"{s3_root}/runs/run-1/epoch_0001"
+    storage.upload_dir(str(artifact), src)
+    remote = ModelRegistry(Layout.at(f"{s3_root}/home"))
+    mv = remote.register("two_tower", src, {"m": 1}, {}, src)
+    assert mv.artifact_uri == f"{s3_root}/home/models/two_tower/1"
+    assert storage.read_bytes(f"{mv.artifact_uri}/model.pt") == b"weights-1"
+    assert ModelRegistry(Layout.at(f"{s3_root}/home")).get("two_tower", 1).checkpoint_uri == src
+
+    local = ModelRegistry(Layout.at(str(tmp_path / "home")))
+    mv = local.register("two_tower", src, {}, {}, src)
+    assert (Path(mv.artifact_uri) / "model.pt").read_bytes() == b"weights-1"
+    with pytest.raises(UserInputError, match="does not exist or is empty"):
+        local.register("two_tower", f"{s3_root}/runs/missing", {}, {}, "")

@@ -12,6 +12,7 @@ from aiplatform.models.two_tower import TwoTowerModel
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.reliability import (
     ProgressMarks,
+    RunStorage,
     best_checkpoint,
     collect_progress,
     use_bf16,
@@ -126,3 +127,18 @@ def test_reliability_config_fields_are_validated():
         TrainConfig(checkpoints_to_keep=0)
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="fp16")
+
+
+def test_run_storage_gives_ray_the_path_inside_the_bucket_and_maps_results_back(tmp_path, s3_env):
+    local = RunStorage.of(str(tmp_path / "runs"))
+    assert local.filesystem is None and local.path == local.uri == str((tmp_path / "runs").resolve())
+    assert local.uri_of(f"{local.path}/r/epoch_0001") == f"{local.path}/r/epoch_0001"
+
+    remote = RunStorage.of("s3://bucket/home/runs/")
+    assert remote.uri == "s3://bucket/home/runs" and remote.path == "bucket/home/runs"
+    assert remote.filesystem.type_name == "s3"
+    assert remote.run_uri("r") == "s3://bucket/home/runs/r" and remote.run_path("r") == "bucket/home/runs/r"
+    assert remote.uri_of("bucket/home/runs/r/epoch_0002") == "s3://bucket/home/runs/r/epoch_0002"
+    assert remote.uri_of("s3://bucket/home/runs/r") == "s3://bucket/home/runs/r"
+    with pytest.raises(ValueError, match="not under"):
+        remote.uri_of("bucket/home/runsX/r")
