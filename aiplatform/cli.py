@@ -53,6 +53,7 @@ def quickstart(
     """
     from aiplatform import quickstart as qs
 
+    settings = None
     try:
         settings = Settings.load(home=home, http_port=port)
         opts = qs.QuickstartOptions(
@@ -66,7 +67,7 @@ def quickstart(
     except AIPlatformError as exc:
         raise _fail(exc)
     finally:
-        qs.shutdown()
+        qs.shutdown(joined=bool(settings and settings.ray_address))
 
 
 @data_app.command("generate")
@@ -95,7 +96,7 @@ def data_import(
     from aiplatform.data.lake import import_files
 
     try:
-        layout = Layout.at(Settings.load(home=home).home)
+        layout = Layout.open(Settings.load(home=home).home)
         s = import_files(layout, str(events), str(items), str(users) if users else None)
     except AIPlatformError as exc:
         raise _fail(exc)
@@ -135,7 +136,7 @@ def features_apply(module: str = DefsOpt, home: Optional[str] = HomeOpt) -> None
     from aiplatform.features.apply import apply, load_definitions
 
     try:
-        layout = Layout.at(Settings.load(home=home).home)
+        layout = Layout.open(Settings.load(home=home).home)
         report = apply(layout, *load_definitions(module))
     except AIPlatformError as exc:
         raise _fail(exc)
@@ -188,24 +189,121 @@ def index(home: Optional[str] = HomeOpt, alias: str = typer.Option("champion")) 
     _run_job(main, home, ["--alias", alias])
 
 
-@app.command()
-def serve(home: Optional[str] = HomeOpt, port: Optional[int] = typer.Option(None)) -> None:
-    """Serve the champion model over HTTP until Ctrl-C."""
+serve_app = typer.Typer(help="Serve the recommendation API with Ray Serve, or write its Serve config.")
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.callback(invoke_without_command=True)
+def serve(
+    ctx: typer.Context,
+    home: Optional[str] = HomeOpt,
+    port: Optional[int] = typer.Option(None, help="HTTP port (default 8000)."),
+    alias: str = typer.Option("champion", help="Serve the version this alias points at."),
+    version: Optional[int] = typer.Option(None, min=1, help="Serve this version instead of the alias."),
+    name: str = typer.Option("aiplatform", help="Serve application name (one per route prefix)."),
+    route_prefix: str = typer.Option("/", help="URL prefix of the application, e.g. /shop."),
+) -> None:
+    """Serve the champion model over HTTP until Ctrl-C (on $RAY_ADDRESS's cluster, or a local Ray).
+
+    On a shared cluster only this application is removed when it stops.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from aiplatform import quickstart as qs
     from aiplatform.core.runtime import ensure_ray
     from aiplatform.serving import app as serving
 
+    settings = None
     try:
         settings = Settings.load(home=home, http_port=port)
+        layout = Layout.open(settings.home)
         ensure_ray(settings)
-        url = serving.start(serving.build_app(Layout.at(settings.home), settings.model_name, settings=settings),
-                            settings.http_host, settings.http_port)
-        console.print(f"serving at {url} (OpenAPI: {url}/docs)")
+        url = serving.start(serving.build_app(layout, settings.model_name, alias, settings=settings,
+                                              version=version),
+                            settings.http_host, settings.http_port, name=name, route_prefix=route_prefix)
+        console.print(f"serving application '{name}' at {url} (OpenAPI: {url}/docs)")
         qs.wait_until_interrupted(console)
     except AIPlatformError as exc:
         raise _fail(exc)
     finally:
-        qs.shutdown()
+        qs.shutdown(joined=bool(settings and settings.ray_address), app_name=name)
+
+
+@serve_app.command("build")
+def serve_build(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the YAML here (default: standard output)."),
+    home: Optional[str] = typer.Option(None, "--home", help="Storage root to bake in; left out, the "
+                                       "cluster's $AIPLATFORM_HOME is used when the app is built."),
+    model_name: str = typer.Option("two_tower", help="Registered model to serve."),
+    alias: str = typer.Option("champion", help="Alias whose version is served."),
+    version: Optional[int] = typer.Option(None, min=1, help="Serve this version instead of the alias."),
+    online_store: Optional[str] = typer.Option(None, help="redis://host:port/db or sqlite:///node/local/path; "
+                                               "left out, the cluster's $AIPLATFORM_ONLINE_STORE."),
+    name: str = typer.Option("aiplatform", help="Serve application name."),
+    host: str = typer.Option("0.0.0.0", help="HTTP host of Serve's proxies."),
+    port: int = typer.Option(8000, help="HTTP port of Serve's proxies."),
+    runtime_env_json: Optional[str] = typer.Option(None, help="The application's runtime_env, as JSON."),
+) -> None:
+    """Write the Serve config for `serve deploy FILE` or a KubeRay RayService's serveConfigV2.
+
+    It lists the application (import path, arguments, runtime_env) and its deployments with
+    their autoscaling and resources, ready to tune per environment.
+    """
+    import json
+
+    from pydantic import ValidationError
+
+    from aiplatform.serving.config import AppArgs, dump_config, serve_config
+
+    try:
+        runtime_env = json.loads(runtime_env_json) if runtime_env_json else {}
+        if not isinstance(runtime_env, dict):
+            raise UserInputError("--runtime-env-json must be a JSON object, e.g. '{\"env_vars\": {\"A\": \"1\"}}'")
+        args = AppArgs(home=Layout.at(home).root if home else None, model_name=model_name, alias=alias,
+                       version=version, online_store=online_store)
+        text = dump_config(serve_config(args, name=name, host=host, port=port, runtime_env=runtime_env))
+    except json.JSONDecodeError as exc:
+        raise _fail(UserInputError(f"--runtime-env-json is not valid JSON: {exc}"))
+    except ValidationError as exc:
+        raise _fail(UserInputError(f"invalid serve config: {exc}"))
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        console.print(f"wrote {out}: deploy it with [bold]serve deploy {out}[/]", highlight=False)
+
+
+@serve_app.command("delete")
+def serve_delete(name: str = typer.Option("aiplatform", help="Serve application to remove.")) -> None:
+    """Remove one Serve application from the cluster in $RAY_ADDRESS (others keep running).
+
+    Ray's `serve shutdown` removes every application; this removes just one."""
+    import ray
+
+    from aiplatform.core.runtime import ensure_ray
+    from aiplatform.serving import app as serving
+
+    settings = Settings.load()
+    if not settings.ray_address:
+        raise _fail(UserInputError("set RAY_ADDRESS to the cluster whose application to remove "
+                                   "(e.g. RAY_ADDRESS=127.0.0.1:6379)"))
+    try:
+        ensure_ray(settings)
+        from ray import serve
+
+        known = set(serve.status().applications)
+        if name not in known:
+            raise UserInputError(f"no Serve application {name!r} on {settings.ray_address} "
+                                 f"(applications: {', '.join(sorted(known)) or 'none'})")
+        serving.stop(name)
+        console.print(f"removed Serve application '{name}'")
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    finally:
+        ray.shutdown()
 
 
 @models_app.command("list")
@@ -216,7 +314,7 @@ def models_list(name: str = typer.Option("two_tower"), home: Optional[str] = Hom
     from aiplatform.registry.registry import ModelRegistry
 
     try:
-        registry = ModelRegistry(Layout.at(Settings.load(home=home).home))
+        registry = ModelRegistry(Layout.open(Settings.load(home=home).home))
         versions = registry.list_versions(name)
         aliases = registry.aliases(name)
     except AIPlatformError as exc:

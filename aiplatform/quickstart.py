@@ -11,7 +11,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aiplatform.core.settings import Settings
-from aiplatform.core.storage import Layout, atomic_write_json
+from aiplatform.core.storage import Layout, join, write_json
 
 
 @dataclass
@@ -75,7 +74,10 @@ def _prepare_data(layout: Layout, opts: QuickstartOptions) -> Any:
 def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console | None = None) -> QuickstartResult:
     """Run every stage; raises UserInputError on bad input before anything is overwritten."""
     console = console or Console()
-    layout = Layout.at(settings.home)
+    layout = Layout.open(settings.home)  # a bad root (bucket, endpoint, credentials) stops here
+    from aiplatform.features.server import online_store_uri
+
+    online_store_uri(settings, layout)  # and so does an online store a remote root cannot use
     result = QuickstartResult()
     stages = _Stages(console, result)
     total_started = time.perf_counter()
@@ -136,7 +138,7 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
         result.url = url
         result.demo = stages.run("demo", "sending a recommendation request", lambda: _demo(layout, url, console))
     result.timings["total"] = round(time.perf_counter() - total_started, 2)
-    atomic_write_json(str(Path(layout.root) / "quickstart_timings.json"), result.timings)
+    write_json(join(layout.root, "quickstart_timings.json"), result.timings)
     _print_timings(console, result.timings)
     return result
 
@@ -196,14 +198,21 @@ def wait_until_interrupted(console: Console) -> None:
         console.print("stopping…")
 
 
-def shutdown() -> None:
+def shutdown(joined: bool = False, app_name: str = "aiplatform") -> None:
+    """Remove what this process started. On a cluster it joined (``RAY_ADDRESS``) that is this
+    Serve application alone, never ``serve.shutdown()``: other applications keep serving. A
+    private local instance is torn down whole."""
     import ray
 
+    if not ray.is_initialized():
+        return
     try:
-        from ray import serve
+        from aiplatform.serving.app import stop
 
-        if ray.is_initialized():
+        stop(app_name)
+        if not joined:
+            from ray import serve
+
             serve.shutdown()
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
+        ray.shutdown()

@@ -1,4 +1,4 @@
-"""Arrow schemas of the data contracts (DESIGN.md, 'Data contracts').
+"""Arrow schemas of the data contracts (docs/architecture.md, 'Data contracts').
 
 These are the canonical in-lake types. Import accepts looser inputs (ISO strings or epoch
 seconds for timestamps, ints for floats) and converts them to exactly these.

@@ -163,7 +163,7 @@ def validate_events(table: pa.Table, path: str) -> pa.Table:
         else pa.nulls(table.num_rows, pa.string()),
     }
     out = pa.table(cols, schema=schemas.EVENTS)
-    # Duplicate event_ids: keep the first occurrence, as promised in DESIGN.md.
+    # Duplicate event_ids: keep the first occurrence, as promised in docs/architecture.md.
     if out.column("event_id").null_count < out.num_rows:
         import pandas as pd
 

@@ -34,7 +34,7 @@ def as_micros(ts) -> np.ndarray:
 
 
 def normalized_types(event_type) -> np.ndarray:
-    """Event types with anything unknown mapped to 'view' (DESIGN.md)."""
+    """Event types with anything unknown mapped to 'view' (docs/architecture.md)."""
     et = np.asarray(event_type, dtype=object)
     return np.where(np.isin(et, EVENT_TYPES), et, "view")
 

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.load(home=args.home)
         if args.views:
-            return _run_declared(Layout.at(settings.home), args.views, args.full, settings)
+            return _run_declared(Layout.open(settings.home), args.views, args.full, settings)
         ensure_ray(settings, quiet=False)
-        summary = run_features(Layout.at(settings.home), settings)
+        summary = run_features(Layout.open(settings.home), settings)
     except AIPlatformError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,12 @@
-"""The HTTP API (DESIGN.md, 'HTTP'): a FastAPI ingress on Ray Serve over the deployments.
+"""The HTTP API (docs/architecture.md, 'HTTP'): a FastAPI ingress on Ray Serve over the deployments.
 
-``build_app`` resolves the model version through the registry *in the driver* (an alias such
-as ``champion``) and passes explicit paths to the deployments, so what is served is decided
-once, visibly, at deploy time. ``start``/``stop`` run it on the local or configured Ray.
+``app`` is the Serve application builder (one typed argument, ``AppArgs``): ``serve run
+aiplatform.serving.app:app home=…``, ``serve deploy`` of the config ``aiplatform serve build``
+writes, and a KubeRay RayService all build the application through it. ``build_app`` resolves
+the model version through the registry *where the application is built* (an alias such as
+``champion``) and passes explicit paths to the deployments, so what is served is decided once,
+visibly, at deploy time. ``start``/``stop`` run it on the local or configured Ray, and ``stop``
+removes only this application: other teams' Serve apps on a shared cluster keep running.
 
 Note: this module must not use ``from __future__ import annotations``: FastAPI would then see
 the request-body annotations as strings and treat the body as query parameters (every POST
@@ -27,6 +31,7 @@ from aiplatform.features.server import online_store_uri
 from aiplatform.models.ranker import ranker_dir_of
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval.index import ItemIndex, vector_table_name
+from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
 from aiplatform.serving.deployments import Ranker, Retriever, UserFeatureReader, UserTower
 from aiplatform.serving.schemas import (
     MAX_K,
@@ -224,17 +229,19 @@ def build_app(
     model_name: str = "two_tower",
     alias: str = "champion",
     settings: Settings | None = None,
+    version: int | None = None,
 ) -> serve.Application:
-    """The Serve application for the version ``alias`` points at.
+    """The Serve application for the version ``alias`` points at (or ``version``).
 
-    Resolved here, in the driver, and checked before anything is deployed: a missing alias,
-    artifact or vector table is a clear ``NotFoundError`` now rather than replicas failing
-    to start later. A version whose artifact carries ``ranker/`` is served
+    Resolved here, where the application is built, and checked before anything is deployed:
+    a missing alias, artifact or vector table is a clear ``NotFoundError`` now rather than
+    replicas failing to start later. A version whose artifact carries ``ranker/`` is served
     retrieve-then-rank; otherwise in retrieval order.
     """
     layout = home if isinstance(home, Layout) else Layout.at(home)
     settings = settings or Settings.load()
-    mv = ModelRegistry(layout).get_by_alias(model_name, alias)
+    registry = ModelRegistry(layout)
+    mv = registry.get(model_name, version) if version else registry.get_by_alias(model_name, alias)
     table = vector_table_name(mv.name, mv.version)
     ItemIndex(layout.vectors, table)  # raises NotFoundError naming the tables that exist
     has_ranker = ranker_dir_of(mv.artifact_uri) is not None
@@ -247,30 +254,60 @@ def build_app(
         Retriever.bind(layout.vectors, table),
         model_name=mv.name,
         model_version=mv.version,
-        variant=alias,
+        variant=alias if not version else f"v{mv.version}",
         ranker=Ranker.bind(mv.artifact_uri) if has_ranker else None,
     )
 
 
+def app(args: AppArgs) -> serve.Application:
+    """Serve's application builder: ``serve run aiplatform.serving.app:app home=… alias=…``.
+
+    Arguments left out come from the environment of the process that builds the application
+    (``AIPLATFORM_HOME``, ``AIPLATFORM_ONLINE_STORE``, …); the storage root is checked first, so
+    a bad root fails the deploy with a message that names it."""
+    settings = args.settings()
+    layout = Layout.open(settings.home)
+    return build_app(layout, args.model_name, args.alias, settings=settings, version=args.version)
+
+
 def start(
-    app: serve.Application,
+    application: serve.Application,
     host: str = "127.0.0.1",
     port: int = 8000,
-    name: str = "aiplatform",
+    name: str = DEFAULT_APP_NAME,
+    route_prefix: str = "/",
 ) -> str:
-    """Deploy ``app`` over HTTP at ``host:port`` and return its base URL once it is ready.
+    """Deploy ``application`` over HTTP at ``host:port`` and return its base URL once it is ready.
 
-    HTTP options are fixed when Serve first starts on a Ray cluster; to move to another
-    port, ``stop()`` first.
+    HTTP options are fixed when Serve first starts on a Ray cluster: on a cluster whose Serve
+    already listens elsewhere, the application joins that proxy (Serve warns).
     """
     serve.start(http_options={"host": host, "port": int(port)})
-    serve.run(app, name=name, route_prefix="/")
-    return f"http://{host}:{int(port)}"
+    serve.run(application, name=name, route_prefix=route_prefix)
+    host, port = _proxy_address(host, int(port))
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-def stop() -> None:
-    """Shut Serve down (all apps, proxies and the controller); Ray itself keeps running."""
-    serve.shutdown()
+def _proxy_address(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's proxy really listens: on a cluster whose Serve was already running, the
+    options passed to ``serve.start`` are ignored, so ask the controller."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        options = _get_global_client().http_config
+    except Exception:  # an older or newer Serve without this: trust the requested address
+        return host, port
+    actual_host = options.host if options.host not in (None, "", "0.0.0.0", "::") else host
+    return actual_host, int(options.port or port)
 
 
-__all__ = ["api", "RecommendationAPI", "build_app", "rank_candidates", "start", "stop"]
+def stop(name: str = DEFAULT_APP_NAME) -> None:
+    """Remove this application (its deployments and replicas) and nothing else: on a shared
+    cluster other applications, the proxies and the controller keep running."""
+    try:
+        serve.delete(name)
+    except Exception as exc:  # Serve not running, or the app already gone: nothing to remove
+        log.debug("serve.delete(%r): %s", name, exc)
+
+
+__all__ = ["api", "app", "RecommendationAPI", "build_app", "rank_candidates", "start", "stop"]

@@ -154,20 +154,17 @@ class Ranker:
     """
 
     def __init__(self, artifact_dir: str) -> None:
-        import json
-        from pathlib import Path
-
         import torch
 
         from aiplatform.models.ranker import load_ranker, ranker_dir_of
-        from aiplatform.models.two_tower import VOCAB_FILE, ItemVocab
+        from aiplatform.models.two_tower import load_vocab
 
         torch.set_num_threads(1)
         ranker_dir = ranker_dir_of(artifact_dir)
         if ranker_dir is None:
             raise FileNotFoundError(f"{artifact_dir}: the model version has no ranker (ranker/ is missing)")
         self.model = load_ranker(ranker_dir)
-        self.vocab = ItemVocab.from_dict(json.loads((Path(artifact_dir) / VOCAB_FILE).read_text()))
+        self.vocab = load_vocab(artifact_dir)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def rank(self, requests: list[dict[str, Any]]) -> list[list[tuple[str, float]]]:

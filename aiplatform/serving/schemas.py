@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (DESIGN.md, 'HTTP').
+"""Request and response bodies of the HTTP API (docs/architecture.md, 'HTTP').
 
 These pydantic models are the contract and its documentation: FastAPI validates requests
 against them (a bad field is a 422 that names it) and renders them in the OpenAPI page at
@@ -81,7 +81,7 @@ MAX_EVENTS = 1000
 
 
 class Event(BaseModel):
-    """One user interaction, in the events data contract (DESIGN.md)."""
+    """One user interaction, in the events data contract (docs/architecture.md)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -79,7 +79,7 @@ class Latent:
 
 def generate(size: ShopSize = ShopSize(), seed: int = 42,
              end: str = "2026-11-01") -> dict[str, pd.DataFrame]:
-    """Return {'users', 'items', 'events'} frames in DESIGN.md's schema."""
+    """Return {'users', 'items', 'events'} frames in docs/architecture.md's schema."""
     return generate_with_latent(size, seed, end)[0]
 
 

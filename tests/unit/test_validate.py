@@ -2,7 +2,7 @@
 
 No Ray: ``aiplatform.data.validate`` and ``aiplatform.data.lake`` are plain pyarrow/pandas.
 Every refusal must name the file, the column, how many rows failed and what was expected
-(DESIGN.md, 'Data contracts').
+(docs/architecture.md, 'Data contracts').
 """
 
 from pathlib import Path
