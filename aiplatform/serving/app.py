@@ -121,11 +121,12 @@ class RecommendationAPI:
         model_version: int,
         variant: str = "champion",
         ranker: DeploymentHandle | None = None,
+        use_ranker: bool = True,
     ) -> None:
         self.features = features
         self.tower = tower
         self.retriever = retriever
-        self.ranker = ranker
+        self.ranker = ranker if use_ranker else None
         self.model = ModelRef(name=model_name, version=int(model_version))
         self.variant = variant
 
@@ -255,7 +256,8 @@ def build_app(
         model_name=mv.name,
         model_version=mv.version,
         variant=alias if not version else f"v{mv.version}",
-        ranker=Ranker.bind(mv.artifact_uri) if has_ranker else None,
+        ranker=Ranker.bind(mv.artifact_uri),
+        use_ranker=has_ranker,
     )
 
 

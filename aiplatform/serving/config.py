@@ -52,17 +52,15 @@ class AppArgs(BaseModel):
 
 
 def deployment_options() -> list[dict[str, Any]]:
-    """Every deployment that the application always has, with the options its code declares
-    (name, autoscaling, max_ongoing_requests, resources). A version's ``Ranker`` is deployed only
-    when the version carries one, so it is not listed: a config may not name a deployment the
-    application lacks; it runs with the options in ``serving/deployments.py``."""
+    """Every deployment of the application, with the options its code declares (name,
+    autoscaling, max_ongoing_requests, resources), ready to be tuned in the config."""
     from ray.serve.deployment import deployment_to_schema
 
     from aiplatform.serving.app import RecommendationAPI
-    from aiplatform.serving.deployments import Retriever, UserFeatureReader, UserTower
+    from aiplatform.serving.deployments import Ranker, Retriever, UserFeatureReader, UserTower
 
     out = []
-    for deployment in (RecommendationAPI, UserFeatureReader, UserTower, Retriever):
+    for deployment in (RecommendationAPI, UserFeatureReader, UserTower, Retriever, Ranker):
         schema = deployment_to_schema(deployment).model_dump(exclude_unset=True)
         keep = ("name", "max_ongoing_requests", "autoscaling_config", "ray_actor_options",
                 "max_queued_requests", "graceful_shutdown_timeout_s", "health_check_period_s",

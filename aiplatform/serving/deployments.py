@@ -151,6 +151,10 @@ class Ranker:
 
     Concurrent requests are batched (``@serve.batch``): their candidate lists are padded to one
     tensor and scored in a single forward pass.
+
+    The application always has this deployment, so that a Serve config can name it (a config
+    may not name a deployment the application lacks). When the version carries no ranker the
+    replica loads nothing and the ingress never calls it.
     """
 
     def __init__(self, artifact_dir: str) -> None:
@@ -161,10 +165,8 @@ class Ranker:
 
         torch.set_num_threads(1)
         ranker_dir = ranker_dir_of(artifact_dir)
-        if ranker_dir is None:
-            raise FileNotFoundError(f"{artifact_dir}: the model version has no ranker (ranker/ is missing)")
-        self.model = load_ranker(ranker_dir)
-        self.vocab = load_vocab(artifact_dir)
+        self.model = load_ranker(ranker_dir) if ranker_dir is not None else None
+        self.vocab = load_vocab(artifact_dir) if ranker_dir is not None else None
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def rank(self, requests: list[dict[str, Any]]) -> list[list[tuple[str, float]]]:

@@ -377,3 +377,48 @@ def test_no_wait_rerun_in_the_same_home_registers_v2_and_exits_0(served, shop):
     assert beats or not took_over  # a model that loses to popularity never takes over
     assert (aliases.get("challenger") == 2) == took_over  # passing the gates makes v2 challenger (and champion)
     assert not _port_open(port)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) a storage root in an object store that cannot be used: exit 2 before any work starts
+
+
+def _s3_env(endpoint: str, **changes: str | None) -> dict[str, str]:
+    from tests.s3_server import s3_environment
+
+    env = {**_env(), **s3_environment(endpoint)}
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["missing bucket", "unreachable endpoint", "no credentials", "sqlite online store"])
+def test_an_unusable_object_store_root_exits_2_naming_it(s3_server, shop, tmp_path, case):
+    closed_port = _free_port()  # nothing listens there
+    root, changes, phrases = {
+        "missing bucket": ("s3://no-such-bucket/shop", {}, ["no-such-bucket", "does not exist"]),
+        "unreachable endpoint": ("s3://aiplatform-test/shop", {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed_port}"},
+                                 ["cannot reach the object store", f"127.0.0.1:{closed_port}"]),
+        "no credentials": ("s3://aiplatform-test/shop", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None},
+                           ["no credentials", "AWS_ACCESS_KEY_ID"]),
+        "sqlite online store": ("s3://aiplatform-test/shop", {"AIPLATFORM_ONLINE_STORE": "sqlite"},
+                                ["AIPLATFORM_ONLINE_STORE=redis://"]),
+    }[case]
+    env = _s3_env(s3_server, HOME=str(tmp_path), **changes)
+    for args in (["quickstart", "--events", shop["events"], "--items", shop["items"], "--no-wait", "--home", root],
+                 ["data", "import", "--events", shop["events"], "--items", shop["items"], "--home", root]):
+        if case == "sqlite online store" and args[0] == "data":
+            continue  # the online store is not used by an import
+        proc = subprocess.run(_cli() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        msg = _flat(proc.stderr)
+        assert root in msg and all(p in msg for p in phrases), msg
+        assert "Traceback" not in proc.stderr and "✓ ray" not in proc.stdout  # stopped before Ray started
+    if case != "sqlite online store":  # the `ray job submit` entrypoint refuses the root the same way
+        job = subprocess.run([sys.executable, "-m", "aiplatform.jobs.train", "--home", root], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=240)
+        assert job.returncode == 2 and root in job.stderr, job.stdout + job.stderr

@@ -110,7 +110,7 @@ def served(trained, shop, tmp_path_factory):
     with httpx.Client(base_url=url, timeout=60) as client:
         yield {"client": client, "layout": layout, "users": users, "version": mv.version,
                "artifact": mv.artifact_uri}
-    stop()
+    stop("aiplatform-ranker-test")
 
 
 def test_served_recommendations_are_the_rankers_order_of_the_retrieved_candidates(served, shop):

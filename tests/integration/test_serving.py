@@ -78,7 +78,7 @@ def base_url(ray_session, home):
     build_item_index(layout.vectors, "two_tower", 2, home["artifact"], home["items"])
     url = start(build_app(layout.root), host="127.0.0.1", port=_free_port(), name="aiplatform-test")
     yield url
-    stop()
+    stop("aiplatform-test")
 
 
 @pytest.fixture(scope="module")
