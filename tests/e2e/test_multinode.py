@@ -218,16 +218,30 @@ def test_jobs_and_serving_across_two_nodes_from_a_bucket(two_nodes, shop, monkey
                 if a["class_name"].startswith("ServeReplica:pinned:")]
     assert len(replicas) >= 4 and {a["node_id"] for a in replicas} == {cluster["node2"]}, replicas
 
-    # The quickstart from outside the cluster, on the same bucket: every stage, a demo request,
-    # then it removes its own application only.
+    # `aiplatform quickstart --no-wait` from outside the cluster, on the same bucket, where v1 is
+    # already champion: every stage, a demo request, exit 0; v2 is registered and takes over
+    # only if it passes the quality gates; then it removes its own application, and only that.
     qs = _run([str(BIN / "aiplatform"), "quickstart", "--home", root, "--events", shop["events"], "--items",
                shop["items"], "--users", shop["users"], "--epochs", "1", "--no-wait"],
               cluster["client_env"], timeout=1500)
     out = re.sub(r"\s+", " ", qs.stdout)
     assert qs.returncode == 0, qs.stdout[-6000:] + qs.stderr[-4000:]
     assert f"storage root {root}" in out and "joining 127.0.0.1" in out, out[-3000:]
+    assert "quickstart stage timings" in out and "Press Ctrl-C" not in out
     assert f"curl -s -X POST http://127.0.0.1:{port}/v1/recommendations" in out, out[-3000:]
-    assert "two_tower v2" in out
+    assert storage.read_json(f"{root}/quickstart_timings.json")["total"] > 0
+    from aiplatform.core.storage import Layout
+    from aiplatform.registry import ModelRegistry
+
+    registry = ModelRegistry(Layout.at(root))
+    assert [v.version for v in registry.list_versions("two_tower")] == [1, 2]
+    aliases = registry.aliases("two_tower")
+    beats = "two_tower v2 beats the popularity baseline" in out
+    assert ("two_tower v2 does not beat the popularity baseline" in out) != beats
+    took_over = "registered, champion unchanged" not in out
+    assert aliases["champion"] == (2 if took_over else 1)
+    assert beats or not took_over  # a model that loses to popularity never takes over
+    assert (aliases.get("challenger") == 2) == took_over  # passing the gates makes v2 challenger (and champion)
     assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200  # the pinned app still serves
     live = _run([str(BIN / "serve"), "config", "--address", cluster["dashboard"]], cluster["env"], timeout=120)
     assert [a["name"] for a in yaml.safe_load_all(live.stdout) if a] == ["pinned"]
