@@ -94,9 +94,12 @@ class Shell:
         self.env.update(exported(block))
         return subprocess.CompletedProcess(block, proc.returncode, out, "")
 
-    def spawn(self, args: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    def spawn(self, args: list[str], log: Path, **env: str) -> subprocess.Popen:
+        """A long-running command; its output goes to ``log`` (a pipe nobody reads would fill up
+        with Ray's streamed logs and block the process)."""
+        with open(log, "w") as out:
+            return subprocess.Popen(args, cwd=ROOT, env=dict(self.env, **env), stdout=out,
+                                    stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(url: str, proc: subprocess.Popen | None = None, timeout: float = 240) -> httpx.Response:
@@ -104,7 +107,7 @@ def _wait_for(url: str, proc: subprocess.Popen | None = None, timeout: float = 2
     last = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stdout.read()[-4000:]}")
+            pytest.fail(f"the server exited with {proc.returncode} (its output is in the test's logs)")
         try:
             last = httpx.get(url, timeout=10)
             if last.status_code == 200:
@@ -119,15 +122,24 @@ def _recommend(prefix: str = "", user: str = "u000001") -> httpx.Response:
     return httpx.post(f"{SERVE_URL}{prefix}/v1/recommendations", json={"user_id": user, "k": 5}, timeout=60)
 
 
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 120) -> str:
+def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {text!r} in the output:\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(1)
+
+
+def _stop(proc: subprocess.Popen, log: Path, sig: int = signal.SIGINT, timeout: float = 240) -> str:
+    """Ctrl-C (or ``sig``), then the process's whole output."""
     proc.send_signal(sig)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"did not stop within {timeout}s after signal {sig}:\n{out[-3000:]}")
-    return out
+        proc.wait()
+        pytest.fail(f"did not stop within {timeout}s after signal {sig}:\n{log.read_text(errors='replace')[-3000:]}")
+    return log.read_text(errors="replace")
 
 
 def _wait_for_job_agent(shell: Shell, timeout: float = 180) -> None:
@@ -191,14 +203,16 @@ def test_a_client_without_the_token_is_refused(cluster):
 def test_serve_run_builds_the_app_from_its_typed_argument(cluster):
     shell = cluster["shell"]
     args = readme_block("serve-run").strip().replace("$HOME", str(cluster["home"])).split()
-    proc = shell.spawn(args)
+    log = cluster["home"] / "serve-run.log"
+    proc = shell.spawn(args, log)
     try:
         health = _wait_for(f"{SERVE_URL}/healthz", proc).json()
         assert health["model"] == {"name": "two_tower", "version": 1} and health["items"] > 0
         resp = _recommend()
         assert resp.status_code == 200 and len(resp.json()["items"]) == 5, resp.text
+        _wait_for_line(log, "is ready at", proc)  # `serve run` is past deploying: Ctrl-C now shuts down
     finally:
-        _stop(proc)
+        _stop(proc, log)
     # `serve run` shuts Serve down on Ctrl-C (Ray's behaviour): the port is free again
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{SERVE_URL}/healthz", timeout=5).raise_for_status()
@@ -249,21 +263,14 @@ def test_serve_deploy_change_and_delete(cluster):
     # `aiplatform serve` joins the cluster with a second application; stopping it removes that
     # application only: the deployed one keeps answering.
     log = cluster["home"] / "extra.log"
-    with open(log, "w") as out_file:
-        extra = subprocess.Popen(["aiplatform", "serve", "--home", str(cluster["home"] / "aip-demo" / "home"),
-                                  "--name", "extra", "--route-prefix", "/extra"], cwd=ROOT,
-                                 env=dict(shell.env, RAY_ADDRESS="127.0.0.1:6379"), stdout=out_file,
-                                 stderr=subprocess.STDOUT, text=True)
+    extra = shell.spawn(["aiplatform", "serve", "--home", str(cluster["home"] / "aip-demo" / "home"),
+                         "--name", "extra", "--route-prefix", "/extra"], log, RAY_ADDRESS="127.0.0.1:6379")
     try:
         _wait_for(f"{SERVE_URL}/extra/healthz", extra)
         assert _recommend("/extra").status_code == 200
-        deadline = time.monotonic() + 120
-        while "Press Ctrl-C to stop" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(1)  # serving, not still starting: Ctrl-C now is a clean stop
+        _wait_for_line(log, "Press Ctrl-C to stop", extra)  # serving, not still starting
     finally:
-        extra.send_signal(signal.SIGINT)
-        extra.wait(timeout=120)
-    out = log.read_text()
+        out = _stop(extra, log)
     assert extra.returncode == 0, out[-3000:]
     assert _recommend().status_code == 200  # the deployed application is untouched
     assert httpx.get(f"{SERVE_URL}/extra/healthz", timeout=10).status_code == 404
