@@ -3,7 +3,8 @@
 Each ```bash block that follows a ``<!-- cluster-commands: NAME -->`` marker in README.md is
 run verbatim by bash, in the repository, as a user would paste it. Nothing is switched off:
 token authentication is on (the block exports ``RAY_AUTH_MODE=token`` and generates the
-token), the ports are Ray's and Serve's defaults (6379, 8265, 10001, 8000).
+token), the ports are Ray's and Serve's defaults (6379, 8265, 10001, 8000, and the dashboard
+agent's 52365: another Ray instance holding it would leave the cluster without a job agent).
 
 Only the environment is the test's own, so that it neither reads nor writes the real user's
 files: ``HOME`` is a temporary folder (the token lands in its ``~/.ray``, the demo data in its
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DASHBOARD = "http://127.0.0.1:8265"
 SERVE_URL = "http://127.0.0.1:8000"
-DEFAULT_PORTS = (6379, 8265, 10001, 8000)
+DEFAULT_PORTS = (6379, 8265, 10001, 8000, 52365)  # GCS, dashboard, client, Serve, dashboard agent
 
 
 def readme_block(name: str) -> str:
