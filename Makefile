@@ -7,9 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider --durations=15
 
-.PHONY: setup redis-server run test test-unit test-integration test-e2e bench clean
+.PHONY: setup redis-server azurite run test test-unit test-integration test-e2e bench clean
 
-setup: $(STAMP) redis-server
+setup: $(STAMP) redis-server azurite
 
 # The Redis online store's tests start a real redis-server on loopback (Debian's package).
 redis-server:
@@ -17,6 +17,16 @@ redis-server:
 	  echo "installing redis-server (Debian package) for the Redis online-store tests"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+# The Azure storage tests start Azurite (Microsoft's Azure Storage emulator, from npm) on loopback.
+AZURITE := .cache/azurite/node_modules/.bin/azurite-blob
+azurite:
+	@test -x $(AZURITE) || { \
+	  if command -v npm >/dev/null 2>&1; then \
+	    echo "installing Azurite (npm) into .cache/azurite for the Azure storage tests"; \
+	    npm install --silent --no-save --no-audit --no-fund --prefix .cache/azurite azurite@3 >/dev/null \
+	      || echo "warning: npm could not install Azurite: the Azure storage tests will say why they skip"; \
+	  else echo "npm not found: the Azure storage tests will be skipped (install Node.js 18+)"; fi; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -9,6 +9,8 @@ if str(ROOT) not in sys.path:
 
 from tests.redis_server import online_store, redis_url  # noqa: E402,F401  (fixtures: a real redis-server)
 from tests.s3_server import s3_env, s3_root, s3_server  # noqa: E402,F401  (fixtures: a real S3-compatible server)
+from tests.gcs_server import gcs_env, gcs_root, gcs_server  # noqa: E402,F401  (fixtures: a GCS emulator)
+from tests.azure_server import azure_env, azure_root, azure_server  # noqa: E402,F401  (fixtures: Azurite)
 
 
 @pytest.fixture()

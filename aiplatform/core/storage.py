@@ -10,6 +10,20 @@ credentials the standard way (the AWS/GCP/Azure environment variables, profiles 
 roles), and S3-compatible servers work through ``AWS_ENDPOINT_URL``. Lance and LanceDB have
 their own object-store client; ``storage_options`` hands them the same endpoint and region.
 
+Endpoints other than the clouds' own, from the same environment for both clients:
+
+* S3: ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), ``AWS_REGION``.
+* GCS: ``STORAGE_EMULATOR_HOST`` (the google-cloud clients' emulator variable, e.g.
+  ``http://127.0.0.1:9023``): anonymous requests to that server.
+* Azure: ``AZURE_STORAGE_USE_EMULATOR=true`` with ``AZURITE_BLOB_STORAGE_URL`` (default
+  ``http://127.0.0.1:10000``; account ``devstoreaccount1`` and Azurite's published key unless
+  ``AZURE_STORAGE_ACCOUNT_NAME`` / ``AZURE_STORAGE_ACCOUNT_KEY`` say otherwise), or
+  ``AZURE_STORAGE_ENDPOINT`` for any other blob endpoint (``https://ACCOUNT.blob.core.chinacloudapi.cn``,
+  or path-style ``http://host:port/ACCOUNT``). These are the variables Lance's client reads too.
+
+An ``abfs://`` root is kept as ``abfss://`` by ``Layout.at``: Lance knows ``az://`` and ``abfss://``
+only, and for both clients the endpoint, not the scheme, decides on TLS.
+
 Atomicity: a local write goes to a temporary file renamed into place; an object-store PUT is
 atomic by itself. Readers therefore see the old content or the new, never half of it.
 """
@@ -18,10 +32,12 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -51,10 +67,80 @@ def _s3_region() -> str | None:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
+AZURE_SCHEMES = ("abfs", "abfss", "az")
+# Azurite's account and key: published by Microsoft for the emulator, the same on every install
+# (https://learn.microsoft.com/azure/storage/common/storage-use-azurite#well-known-storage-account-and-key).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+# check_root's probe of a GCS root gives up after this long (the client's own default retries
+# a refused connection for minutes).
+GCS_PROBE_RETRY = timedelta(seconds=3)
+
+
+def _gcs_emulator() -> str | None:
+    """``STORAGE_EMULATOR_HOST`` as a URL (the Go and C++ clients also accept a bare host:port)."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "").strip().rstrip("/")
+    if not host:
+        return None
+    return host if "://" in host else f"http://{host}"
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class _Azure:
+    """Where an Azure root lives: the account, its key (None: the default credential chain)
+    and the blob endpoint (None: ``https://ACCOUNT.blob.core.windows.net``)."""
+    account: str
+    key: str | None
+    endpoint: str | None
+    emulator: bool
+
+
+def _azure(netloc: str, scheme: str = "abfs") -> _Azure:
+    emulator = _truthy("AZURE_STORAGE_USE_EMULATOR")
+    account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME") or (AZURITE_ACCOUNT if emulator else None)
+    if "@" in netloc:  # abfs://container@account.dfs.core.windows.net/path
+        account = netloc.split("@", 1)[1].split(".", 1)[0]
+    if not account:
+        raise ConfigError(f"{scheme}://{netloc}: no storage account: use "
+                          "abfs://container@ACCOUNT.dfs.core.windows.net/prefix or set AZURE_STORAGE_ACCOUNT_NAME")
+    key = os.environ.get("AZURE_STORAGE_ACCOUNT_KEY") or (AZURITE_KEY if emulator else None)
+    if emulator:  # what Lance's client (object_store) does with the same variables
+        base = (os.environ.get("AZURITE_BLOB_STORAGE_URL") or "http://127.0.0.1:10000").rstrip("/")
+        return _Azure(account, key, f"{base}/{account}", True)
+    endpoint = (os.environ.get("AZURE_STORAGE_ENDPOINT") or "").rstrip("/") or None
+    return _Azure(account, key, endpoint, False)
+
+
+def _azure_endpoint_kwargs(az: _Azure) -> dict[str, str]:
+    """pyarrow's form of a blob endpoint: an authority that either follows the account name
+    (``.blob.core.chinacloudapi.cn``) or holds it in the path (``127.0.0.1:10000``, Azurite)."""
+    if not az.endpoint:
+        return {}
+    parsed = urlparse(az.endpoint)
+    scheme = parsed.scheme or "https"
+    if parsed.path.strip("/"):  # path-style: http://host:port/ACCOUNT
+        if parsed.path.strip("/") != az.account:
+            raise ConfigError(f"the Azure endpoint {az.endpoint} names account {parsed.path.strip('/')!r}, "
+                              f"the storage root account {az.account!r}")
+        blob = dfs = parsed.netloc
+    elif parsed.netloc.startswith(f"{az.account}."):  # https://ACCOUNT.blob.<cloud suffix>
+        blob = parsed.netloc[len(az.account):]
+        dfs = blob.replace(".blob.", ".dfs.", 1)
+    else:
+        raise ConfigError(f"AZURE_STORAGE_ENDPOINT={az.endpoint}: use https://{az.account}.blob.<domain> "
+                          f"or a path-style http(s)://host:port/{az.account}")
+    return {"blob_storage_authority": blob, "dfs_storage_authority": dfs,
+            "blob_storage_scheme": scheme, "dfs_storage_scheme": scheme}
+
+
 @lru_cache(maxsize=32)
-def _object_filesystem(scheme: str, netloc: str, env_key: tuple) -> pafs.FileSystem:
+def _object_filesystem(scheme: str, netloc: str, env_key: tuple, probe: bool = False) -> pafs.FileSystem:
     """One filesystem per bucket/container and environment (cached: creating one costs a
-    credential lookup)."""
+    credential lookup). ``probe``: the one check_root uses, which gives up sooner."""
     if scheme == "s3":
         endpoint = _s3_endpoint()
         kwargs: dict[str, Any] = {
@@ -71,29 +157,30 @@ def _object_filesystem(scheme: str, netloc: str, env_key: tuple) -> pafs.FileSys
             kwargs["region"] = _s3_region()
         return pafs.S3FileSystem(**kwargs)
     if scheme in ("gs", "gcs"):
-        return pafs.GcsFileSystem()
-    if scheme in ("abfs", "abfss", "az"):
-        account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
-        if "@" in netloc:  # abfs://container@account.dfs.core.windows.net/path
-            account = netloc.split("@", 1)[1].split(".", 1)[0]
-        if not account:
-            raise ConfigError(f"{scheme}://{netloc}: no storage account: use "
-                              "abfs://container@ACCOUNT.dfs.core.windows.net/prefix or set AZURE_STORAGE_ACCOUNT_NAME")
-        key = os.environ.get("AZURE_STORAGE_ACCOUNT_KEY")
-        return pafs.AzureFileSystem(account_name=account, account_key=key) if key else \
-            pafs.AzureFileSystem(account_name=account)
+        gcs: dict[str, Any] = {"retry_time_limit": GCS_PROBE_RETRY} if probe else {}
+        emulator = _gcs_emulator()
+        if emulator:  # an emulator takes no credentials
+            parsed = urlparse(emulator)
+            gcs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "http", anonymous=True)
+        return pafs.GcsFileSystem(**gcs)
+    if scheme in AZURE_SCHEMES:
+        az = _azure(netloc, scheme)
+        kwargs = _azure_endpoint_kwargs(az)
+        if az.key:
+            kwargs["account_key"] = az.key
+        return pafs.AzureFileSystem(account_name=az.account, **kwargs)
     raise ConfigError(f"unsupported storage scheme {scheme!r}: use a local path, s3://, gs:// or abfs://")
 
 
 def _env_key() -> tuple:
     names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
              "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
-             "GOOGLE_APPLICATION_CREDENTIALS")
+             "AZURE_STORAGE_USE_EMULATOR", "AZURITE_BLOB_STORAGE_URL", "AZURE_STORAGE_ENDPOINT",
+             "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST")
     return tuple(os.environ.get(n) for n in names)
 
 
-def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for a local path or an object-store URI."""
+def _filesystem(path: str, probe: bool = False) -> tuple[pafs.FileSystem, str]:
     path = str(path)
     if path.startswith("file://"):
         path = path[len("file://"):]
@@ -101,19 +188,51 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
     parsed = urlparse(path)
     scheme = parsed.scheme.lower()
-    fs = _object_filesystem(scheme, parsed.netloc, _env_key())
+    fs = _object_filesystem(scheme, parsed.netloc, _env_key(), probe)
     container = parsed.netloc.split("@", 1)[0]
     return fs, f"{container}{parsed.path}".rstrip("/")
+
+
+def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it, for a local path or an object-store URI."""
+    return _filesystem(path)
 
 
 def storage_options(path: str) -> dict[str, str]:
     """Options for Lance / LanceDB on the same object store as pyarrow (empty when local).
 
     Credentials stay in the environment, where their object-store client reads them too; only
-    what it would not infer the same way (an S3-compatible endpoint, plain HTTP) is passed."""
-    if not is_uri(path) or _scheme(str(path)) != "s3":
+    what it would not infer the same way (an endpoint, plain HTTP, an emulator) is passed."""
+    if not is_uri(path):
         return {}
-    options: dict[str, str] = {}
+    scheme = _scheme(str(path))
+    if scheme in ("gs", "gcs"):
+        emulator = _gcs_emulator()
+        if not emulator:
+            return {}
+        # object_store takes a GCS endpoint only from a service-account key's gcs_base_url;
+        # disable_oauth makes it send no token (an emulator checks none).
+        key = {"gcs_base_url": emulator, "disable_oauth": True,
+               "client_email": "", "private_key": "", "private_key_id": ""}
+        options = {"google_service_account_key": json.dumps(key)}
+        if emulator.startswith("http://"):
+            options["allow_http"] = "true"
+        return options
+    if scheme in AZURE_SCHEMES:
+        az = _azure(urlparse(str(path)).netloc, scheme)
+        # Always say whether it is the emulator: Lance reads the AZURE_* variables once per
+        # process, and an option given here overrides what it read.
+        options = {"azure_storage_account_name": az.account,
+                   "azure_storage_use_emulator": "true" if az.emulator else "false"}
+        # (the emulator's URL is AZURITE_BLOB_STORAGE_URL, which object_store reads itself)
+        if not az.emulator and az.endpoint:
+            options["azure_storage_endpoint"] = az.endpoint
+            if az.endpoint.startswith("http://"):
+                options["allow_http"] = "true"
+        return options
+    if scheme != "s3":
+        return {}
+    options = {}
     endpoint = _s3_endpoint()
     if endpoint:
         options["aws_endpoint"] = endpoint
@@ -196,6 +315,18 @@ def list_files(folder: str, suffix: str = "", prefix: str = "") -> list[str]:
 def list_dirs(folder: str) -> list[str]:
     """Names of the sub-folders directly in ``folder`` (empty if it is missing)."""
     fs, p = filesystem_for(folder)
+    if fs.type_name == "gcs":
+        # Arrow's GCS listing of one level returns only the folders that have a marker object
+        # (gcsfs.cc: ListObjects with includeTrailingDelimiter, no prefixes), and a file written
+        # by path creates none: derive the sub-folders from the objects under the folder.
+        names = set()
+        for info in fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=True)):
+            rel = info.path[len(p) + 1:]
+            if "/" in rel:
+                names.add(rel.split("/", 1)[0])
+            elif info.type == pafs.FileType.Directory and rel:
+                names.add(rel)
+        return sorted(names)
     infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=False))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
@@ -213,6 +344,12 @@ def delete_dir(path: str) -> None:
     fs, p = filesystem_for(path)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         return
+    if fs.type_name == "gcs":
+        # Arrow's GCS delete_dir ends by deleting the folder's marker object, and fails (404)
+        # when there is none, as for a folder made by writing files into it.
+        fs.delete_dir_contents(p, missing_dir_ok=True)
+        if fs.get_file_info(p).type == pafs.FileType.NotFound:
+            return
     fs.delete_dir(p)
 
 
@@ -300,11 +437,16 @@ def _check_object_root(root: str, env_key: tuple) -> None:
     if scheme not in OBJECT_STORE_SCHEMES:
         raise ConfigError(f"storage root {root}: unsupported scheme {scheme!r}; use a local path, "
                           "s3://bucket/prefix, gs://bucket/prefix or abfs://container@account.dfs.core.windows.net/prefix")
-    fs, path = filesystem_for(root)
+    fs, path = _filesystem(root, probe=True)
     bucket = path.split("/", 1)[0]
-    endpoint = _s3_endpoint() if scheme == "s3" else None
+    endpoint, endpoint_setting = _endpoint(scheme, urlparse(root).netloc)
     where = f" at {endpoint}" if endpoint else ""
+    noun = "container" if scheme in AZURE_SCHEMES else "bucket"
     hint = _missing_credentials(scheme)
+    refused = _unreachable(endpoint) if endpoint else None
+    if refused:  # said at once (the clients would retry a refused connection for seconds)
+        raise ConfigError(f"storage root {root}: cannot reach the object store{where} ({refused}); "
+                          f"check {endpoint_setting} / the network, or that the server is running")
     if hint and os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
         # No credential source at all (and no instance role to ask): some S3-compatible servers
         # would even accept anonymous writes, so say it now rather than after a partial run.
@@ -315,13 +457,13 @@ def _check_object_root(root: str, env_key: tuple) -> None:
         text = str(exc)
         if "NETWORK_CONNECTION" in text or "Could not connect" in text or "curlCode" in text:
             raise ConfigError(f"storage root {root}: cannot reach the object store{where} ({_short(text)}); "
-                              "check AWS_ENDPOINT_URL / the network, or that the server is running") from exc
+                              f"check {endpoint_setting} / the network, or that the server is running") from exc
         hint = _missing_credentials(scheme)
         if hint:
             raise ConfigError(f"storage root {root}: no credentials for {scheme}://{bucket}: {hint}") from exc
-        raise ConfigError(f"storage root {root}: cannot open bucket {bucket!r}{where}: {_short(text)}") from exc
+        raise ConfigError(f"storage root {root}: cannot open {noun} {bucket!r}{where}: {_short(text)}") from exc
     if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"storage root {root}: bucket {bucket!r} does not exist{where}; create it first "
+        raise ConfigError(f"storage root {root}: {noun} {bucket!r} does not exist{where}; create it first "
                           "(cluster/terraform creates one) or fix AIPLATFORM_HOME")
     probe = f"{path}/.aiplatform-probe-{uuid.uuid4().hex}"
     try:
@@ -332,8 +474,41 @@ def _check_object_root(root: str, env_key: tuple) -> None:
         hint = _missing_credentials(scheme)
         if hint:
             raise ConfigError(f"storage root {root}: no credentials to write to {scheme}://{bucket}: {hint}") from exc
-        raise ConfigError(f"storage root {root}: cannot write to bucket {bucket!r}{where} "
+        raise ConfigError(f"storage root {root}: cannot write to {noun} {bucket!r}{where} "
                           f"({_short(str(exc))}); grant write access to this prefix") from exc
+
+
+def _endpoint(scheme: str, netloc: str) -> tuple[str | None, str]:
+    """The endpoint a root's requests go to when it is not the cloud's own (None then), and
+    the setting that names it (for a message)."""
+    if scheme == "s3":
+        return _s3_endpoint(), "AWS_ENDPOINT_URL"
+    if scheme in ("gs", "gcs"):
+        return _gcs_emulator(), "STORAGE_EMULATOR_HOST"
+    if scheme in AZURE_SCHEMES:
+        az = _azure(netloc, scheme)
+        setting = "AZURITE_BLOB_STORAGE_URL" if az.emulator else "AZURE_STORAGE_ENDPOINT"
+        return az.endpoint, setting
+    return None, "the endpoint"
+
+
+def _unreachable(endpoint: str, timeout_s: float = 3.0) -> str | None:
+    """Why ``endpoint`` certainly cannot be reached: its host is unknown or refuses the
+    connection (None otherwise, and when a proxy is configured: the clients would use it)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                        "ALL_PROXY", "all_proxy")):
+        return None
+    parsed = urlparse(endpoint)
+    if not parsed.hostname:
+        return None
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            return None
+    except (ConnectionRefusedError, socket.gaierror) as exc:
+        return f"no connection to {parsed.hostname}:{port}: {exc.strerror or exc}"
+    except OSError:  # a timeout or another failure: the client's own retries decide
+        return None
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -348,6 +523,8 @@ class Layout:
     @classmethod
     def at(cls, home: str) -> "Layout":
         root = str(home).rstrip("/") if is_uri(home) else str(Path(home).expanduser().resolve())
+        if root.lower().startswith("abfs://"):  # Lance opens abfss:// and az:// only (see the module doc)
+            root = "abfss://" + root[len("abfs://"):]
         return cls(root)
 
     @classmethod

@@ -1,6 +1,7 @@
 """The storage helpers (``aiplatform.core.storage``) on a local folder and on a real S3-compatible
 server (moto's standalone server; no Ray): the same calls must behave the same on both."""
 
+import json
 import socket
 import uuid
 from pathlib import Path
@@ -154,3 +155,74 @@ def test_filesystem_for_gcs_and_azure_uris():
     assert isinstance(fs, pafs.S3FileSystem) and inside == "bucket/home"
     fs, inside = filesystem_for("relative/folder")
     assert isinstance(fs, pafs.LocalFileSystem) and inside == str(Path("relative/folder").resolve())
+
+
+# ---- gs:// and abfs:// from the standard environment (no network; the emulators are in -----
+# ---- tests/unit/test_storage_clouds.py) ------------------------------------------------------
+def _options(fs: pafs.FileSystem) -> dict:
+    """The options a pyarrow filesystem was made with (what a Ray worker unpickles too)."""
+    return fs.__reduce__()[1][0]
+
+
+@pytest.fixture()
+def no_cloud_env(monkeypatch):
+    for name in ("STORAGE_EMULATOR_HOST", "AZURE_STORAGE_USE_EMULATOR", "AZURITE_BLOB_STORAGE_URL",
+                 "AZURE_STORAGE_ENDPOINT", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_gcs_emulator_from_storage_emulator_host(no_cloud_env, monkeypatch):
+    assert storage_options("gs://bucket/home") == {}
+    assert not _options(filesystem_for("gs://bucket/home")[0])["anonymous"]  # the default credentials
+    for value in ("http://127.0.0.1:9023", "127.0.0.1:9023"):  # with or without a scheme
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", value)
+        fs, inside = filesystem_for("gs://bucket/home/lake")
+        got = _options(fs)
+        assert inside == "bucket/home/lake"
+        assert (got["endpoint_override"], got["scheme"], got["anonymous"]) == ("127.0.0.1:9023", "http", True)
+        options = storage_options("gs://bucket/home/features/v.lance")
+        assert options["allow_http"] == "true"
+        key = json.loads(options["google_service_account_key"])
+        assert key["gcs_base_url"] == "http://127.0.0.1:9023" and key["disable_oauth"] is True
+
+
+def test_azure_emulator_endpoint_and_account_from_the_environment(no_cloud_env, monkeypatch):
+    uri = "abfss://box@acct.dfs.core.windows.net/home"
+    assert storage_options(uri) == {"azure_storage_account_name": "acct", "azure_storage_use_emulator": "false"}
+    got = _options(filesystem_for(uri)[0])
+    assert got["account_name"] == "acct" and got["blob_storage_authority"] in ("", ".blob.core.windows.net")
+
+    monkeypatch.setenv("AZURE_STORAGE_USE_EMULATOR", "true")  # Azurite: its account and published key
+    monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", "http://127.0.0.1:10050")
+    fs, inside = filesystem_for("abfs://box/home")
+    got = _options(fs)
+    assert inside == "box/home" and got["account_name"] == "devstoreaccount1" and got["account_key"]
+    assert (got["blob_storage_authority"], got["blob_storage_scheme"]) == ("127.0.0.1:10050", "http")
+    assert storage_options("abfs://box/home") == {"azure_storage_account_name": "devstoreaccount1",
+                                                  "azure_storage_use_emulator": "true"}
+
+    monkeypatch.delenv("AZURE_STORAGE_USE_EMULATOR")  # any other blob endpoint, host-style
+    monkeypatch.setenv("AZURE_STORAGE_ENDPOINT", "https://acct.blob.core.chinacloudapi.cn")
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", "a2V5")
+    got = _options(filesystem_for(uri)[0])
+    assert (got["blob_storage_authority"], got["dfs_storage_authority"], got["blob_storage_scheme"]) == (
+        ".blob.core.chinacloudapi.cn", ".dfs.core.chinacloudapi.cn", "https")
+    assert got["account_key"] == "a2V5"
+    assert storage_options(uri) == {"azure_storage_account_name": "acct", "azure_storage_use_emulator": "false",
+                                    "azure_storage_endpoint": "https://acct.blob.core.chinacloudapi.cn"}
+    monkeypatch.setenv("AZURE_STORAGE_ENDPOINT", "https://other.blob.core.windows.net")
+    with pytest.raises(ConfigError, match="AZURE_STORAGE_ENDPOINT"):
+        filesystem_for("abfss://box@acct2.dfs.core.windows.net/home")
+
+
+def test_azure_root_needs_an_account(no_cloud_env):
+    with pytest.raises(ConfigError, match="AZURE_STORAGE_ACCOUNT_NAME"):
+        filesystem_for("abfs://box-without-account/home")
+
+
+def test_an_abfs_root_is_kept_as_abfss():
+    """Lance opens az:// and abfss:// only; pyarrow takes either."""
+    assert Layout.at("abfs://box@acct.dfs.core.windows.net/home/").root == "abfss://box@acct.dfs.core.windows.net/home"
+    assert Layout.at("abfss://box@acct.dfs.core.windows.net/home").root == "abfss://box@acct.dfs.core.windows.net/home"
+    assert Layout.at("az://box/home").root == "az://box/home"
+    assert Layout.at("gs://bucket/home").feature_table("v") == "gs://bucket/home/features/v.lance"
