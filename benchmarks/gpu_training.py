@@ -40,11 +40,8 @@ rounding and far below what a wrong device/dtype path (garbage scores) would giv
 def _scores(model, vocab, context, device: str, bf16: bool):
     import torch
 
-    from aiplatform.features.definitions import COUNT_COLUMNS
-
     model = model.to(device).eval()
-    hist, dense = vocab.encode_users(list(context["last_items"]),
-                                     context[list(COUNT_COLUMNS)].to_numpy(dtype="float32"))
+    hist, dense = (torch.from_numpy(a) for a in vocab.encode_batch(model.inputs, context))
     ctx = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else _null()
     with torch.no_grad(), ctx:
         users = model.user_embedding(hist.to(device), dense.to(device))
@@ -87,18 +84,23 @@ def main() -> int:
     import pandas as pd
     import ray
 
-    from aiplatform.features.compute import training_examples, user_features_at
+    from aiplatform.features.pipeline import frame_from_events, training_labels
+    from aiplatform.models.inputs import UserInputSpec
     from aiplatform.models.two_tower import load_artifact
     from aiplatform.training.config import TrainConfig
     from aiplatform.training.evaluate import evaluate_model, popularity_ranking, split_by_time
     from aiplatform.training.train import train_two_tower
+    from apps.shop.features import recommender_user
     from apps.shop.generate import ShopSize, generate
 
     frames = generate(ShopSize(users=args.users, items=args.items, days=30), seed=5)
     cutoff, train_events, truth = split_by_time(frames["events"], holdout_days=7)
     boundary = cutoff + pd.Timedelta(microseconds=1)
-    examples = training_examples(train_events, 0, int(boundary.value) // 1000, TARGET_TYPES)
-    context = user_features_at(train_events[train_events["user_id"].isin(truth)], boundary)
+    # the shop's feature service, joined point-in-time in memory (the feature engine, no store)
+    inputs = UserInputSpec.from_service(recommender_user)
+    examples = frame_from_events(recommender_user, train_events, training_labels(train_events, boundary, TARGET_TYPES))
+    context = frame_from_events(recommender_user, train_events,
+                                pd.DataFrame({"user_id": sorted(truth), "event_timestamp": cutoff}))
     popular = popularity_ranking(train_events)
     print(f"{len(frames['events']):,} events -> {len(examples):,} examples, {len(truth):,} held-out users "
           f"({time.perf_counter() - wall0:.1f}s)", flush=True)
@@ -116,7 +118,7 @@ def main() -> int:
                              precision="bf16", epochs=args.epochs, batch_size=args.batch_size,
                              lr=3e-3, dim=64, seed=0)
         with tempfile.TemporaryDirectory(prefix="aiplatform-gpu-train-") as runs_dir:
-            result = train_two_tower(ds, frames["items"], config, runs_dir, "gpu_check")
+            result = train_two_tower(ds, frames["items"], config, runs_dir, "gpu_check", inputs=inputs)
             hist = result.history
             checks.append(("loss goes down", hist[-1]["loss"] < hist[0]["loss"],
                            f"{hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f}"))

@@ -159,7 +159,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from apps.shop.generate import ShopSize, generate_with_latent
-    from aiplatform.features.compute import user_features_at
+    from aiplatform.features.pipeline import frame_from_events
+    from apps.shop.features import recommender_user
     from aiplatform.training.evaluate import (CooccurrenceBaseline, ndcg_at_k, popularity_ranking,
                                               recall_at_k, split_by_time)
 
@@ -167,8 +168,10 @@ def main() -> None:
     events, items = frames["events"], frames["items"]
     cutoff, train, truth = split_by_time(events, args.holdout_days)
     boundary = cutoff + pd.Timedelta(microseconds=1)
-    ctx = user_features_at(train[train["user_id"].isin(truth)], boundary)
-    ctx = ctx[ctx["user_id"].isin(truth)].sort_values("user_id").reset_index(drop=True)
+    # the validation users' rows of the shop's feature service at the cutoff (in memory: the
+    # feature engine + the point-in-time join, as the training job reads them from the store)
+    at_cutoff = pd.DataFrame({"user_id": sorted(truth), "event_timestamp": cutoff})
+    ctx = frame_from_events(recommender_user, train, at_cutoff)
     users = ctx["user_id"].astype(str).tolist()
     exclude = [set(map(str, x)) for x in ctx["purchased_items"]]
     histories = [list(map(str, x)) for x in ctx["last_items"]]

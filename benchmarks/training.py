@@ -40,21 +40,30 @@ TARGET_OVERHEAD_PCT = 10.0
 
 # ---- data -----------------------------------------------------------------------------------
 def build_data(scale: float) -> dict[str, Any]:
-    """Shop events -> training examples (pandas) -> encoded once with the project's encoder."""
-    from aiplatform.features.compute import training_examples
+    """Shop events -> training examples (the shop's feature service joined point-in-time with every
+    target event, in memory: ``features.pipeline.frame_from_events``) -> encoded once with the
+    project's encoder."""
+    import pandas as pd
+
+    from aiplatform.features.pipeline import frame_from_events, training_labels
+    from aiplatform.models.inputs import UserInputSpec
     from aiplatform.models.two_tower import ItemVocab
     from aiplatform.training.config import TrainConfig
-    from aiplatform.training.train import EXAMPLE_COLUMNS, ExampleEncoder
+    from aiplatform.training.train import ExampleEncoder, example_columns
+    from apps.shop.features import recommender_user
     from apps.shop.generate import ShopSize, generate
 
     t0 = time.perf_counter()
     frames = generate(ShopSize().scaled(scale))
-    examples = training_examples(frames["events"], 0, 2**62, TARGET_TYPES)
+    events = frames["events"]
+    end = pd.to_datetime(events["timestamp"], utc=True).max() + pd.Timedelta(seconds=1)
+    examples = frame_from_events(recommender_user, events, training_labels(events, end, TARGET_TYPES))
+    inputs = UserInputSpec.from_service(recommender_user)
     vocab = ItemVocab.from_items(frames["items"], n_price_buckets=TrainConfig().price_buckets)
-    encoded = ExampleEncoder(vocab, "view")({c: examples[c].to_numpy() for c in EXAMPLE_COLUMNS})
+    encoded = ExampleEncoder(vocab, inputs, "view")({c: examples[c].to_numpy() for c in example_columns(inputs)})
     counts = np.bincount(encoded["item"], minlength=vocab.n_items + 1)
-    return {"events": len(frames["events"]), "examples": examples, "items": frames["items"], "vocab": vocab,
-            "encoded": encoded, "counts": counts, "prep_s": time.perf_counter() - t0}
+    return {"events": len(events), "examples": examples, "items": frames["items"], "vocab": vocab,
+            "inputs": inputs, "encoded": encoded, "counts": counts, "prep_s": time.perf_counter() - t0}
 
 
 # ---- contender 1: plain PyTorch -----------------------------------------------------------------
@@ -69,7 +78,7 @@ def plain_loop(data: dict[str, Any], epochs: int, batch_size: int, seed: int = 0
     torch.set_num_threads(2)
     _seed_everything(seed)
     vocab = data["vocab"]
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=cfg.dim, temperature=cfg.temperature)
+    model = TwoTowerModel(**vocab.model_kwargs(), dim=cfg.dim, temperature=cfg.temperature, inputs=data["inputs"])
     model.set_item_frequencies(data["counts"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     hist, dense, item = (torch.from_numpy(np.ascontiguousarray(data["encoded"][k])) for k in ("hist", "dense", "item"))
@@ -117,7 +126,7 @@ def project_run(data: dict[str, Any], workers: int, cpus: float, epochs: int, ba
 
     cfg = TrainConfig(num_workers=workers, cpus_per_worker=cpus, epochs=epochs, batch_size=batch_size,
                       global_shuffle=False, validation_fraction=0.0, **overrides)
-    result = train_two_tower(examples_dataset(data), data["items"], cfg, runs_dir, name)
+    result = train_two_tower(examples_dataset(data), data["items"], cfg, runs_dir, name, inputs=data["inputs"])
     return {"history": result.history, "duration_s": result.duration_s}
 
 
@@ -131,7 +140,7 @@ def ingest_only(data: dict[str, Any], batch_size: int, shuffle_buffer: int, pass
     from aiplatform.training.train import encode_examples
 
     cfg = TrainConfig(global_shuffle=False, shuffle_buffer=shuffle_buffer)
-    ds = encode_examples(examples_dataset(data), data["vocab"], cfg)
+    ds = encode_examples(examples_dataset(data), data["vocab"], cfg, data["inputs"])
     times = []
     for p in range(passes):
         started, n = time.perf_counter(), 0

@@ -12,7 +12,7 @@ from aiplatform.features.partition import TIMESTAMP_COLUMN
 
 
 def write_user_rows(layout: Layout, frame: pd.DataFrame) -> int:
-    """``frame``: user_id, the count columns, last_items, purchased_items, optional as_of."""
+    """``frame``: user_id, any of the service's stored features (missing ones are 0 or empty), optional as_of."""
     ts = frame["as_of"] if "as_of" in frame else pd.Timestamp("2024-01-01", tz="UTC")
     columns = {"user_id": pa.array(frame["user_id"].astype(str), pa.string()),
                TIMESTAMP_COLUMN: pa.array(pd.to_datetime(pd.Series(ts, index=frame.index), utc=True),

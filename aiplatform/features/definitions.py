@@ -29,22 +29,6 @@ from typing import Any, Literal, Union
 
 import pyarrow as pa
 
-from aiplatform.core.schemas import EVENT_TYPES
-
-# --- constants of the recommender's user context (used by features.compute) -------------------
-WINDOWS_DAYS: tuple[int, ...] = (1, 7, 30)
-HISTORY_LEN = 20
-"""How many recent items a user's context keeps (most recent first)."""
-PURCHASED_LEN = 50
-"""How many past purchases are kept to filter them out of recommendations."""
-
-
-def count_columns(windows: tuple[int, ...] = WINDOWS_DAYS) -> list[str]:
-    """Names of the windowed event counts, type-major: view_1d, view_7d, ..., purchase_30d."""
-    return [f"{t}_{w}d" for t in EVENT_TYPES for w in windows]
-
-
-COUNT_COLUMNS: list[str] = count_columns()
 
 # --- the definition objects ----------------------------------------------------------------------
 DType = Literal["int64", "float64", "string", "bool", "list<string>", "list<int64>", "list<float64>"]
@@ -338,9 +322,3 @@ class FeatureService:
 def is_identifier(name: str) -> bool:
     """Feature names become column names in Arrow, SQL and Python: keep them identifiers."""
     return name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("_")
-
-
-# --- legacy objects of the quickstart pipeline (replaced by apps/shop/features.py) --------------
-user = Entity("user", "user_id")
-item = Entity("item", "item_id")
-events_source = BatchSource("events", "timestamp")

@@ -18,27 +18,19 @@ table (SQLite) or key prefix (Redis) and never reads rows of the old one.
 Writes keep the newer ``event_timestamp`` per entity (ties: the later write wins, so a corrected
 offline row at the same time replaces the old one; writing the same rows twice changes nothing)
 and are atomic per call: one SQLite transaction, one Redis Lua script.
-
-The legacy quickstart API of ``SQLiteOnlineStore`` (``write_user_features`` ... ``count_users``)
-is kept unchanged until serving moves to ``get_online_features``.
 """
 
-import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from aiplatform.core.errors import ConfigError, UserInputError
-from aiplatform.features.definitions import COUNT_COLUMNS, FeatureService
+from aiplatform.features.definitions import FeatureService
 from aiplatform.features.online_codec import (  # noqa: F401  (re-exported: the store's public API)
     LIST_SEPARATOR,
     ROW_FORMAT,
@@ -71,23 +63,7 @@ def meta_prefix(service: FeatureService) -> str:
     return f"{service.name}:{service.version}:"
 
 
-@dataclass
-class UserFeatures:
-    user_id: str
-    last_items: list[str]
-    purchased_items: list[str]
-    counts: np.ndarray  # float32, len(COUNT_COLUMNS), in COUNT_COLUMNS order
-    as_of: datetime
-
-
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS user_features (
-    user_id TEXT PRIMARY KEY,
-    last_items TEXT NOT NULL,
-    purchased_items TEXT NOT NULL,
-    counts TEXT NOT NULL,
-    as_of TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS popular_items (
     rank INTEGER PRIMARY KEY,
     item_id TEXT NOT NULL,
@@ -123,35 +99,6 @@ class SQLiteOnlineStore:
         return conn
 
     # ---- writes -------------------------------------------------------------------------
-    def write_user_features(self, frame: pd.DataFrame) -> int:
-        """Upsert one row per user from a frame with user_id, last_items, purchased_items,
-        the count columns and as_of. One transaction: all rows or none."""
-        counts = frame[COUNT_COLUMNS].to_numpy(dtype=np.float32)
-        as_of = pd.to_datetime(frame["as_of"], utc=True)
-        rows = [
-            (
-                str(uid),
-                json.dumps([str(x) for x in last]),
-                json.dumps([str(x) for x in bought]),
-                json.dumps(c.tolist()),
-                ts.isoformat(),
-            )
-            for uid, last, bought, c, ts in zip(
-                frame["user_id"], frame["last_items"], frame["purchased_items"], counts, as_of
-            )
-        ]
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(
-                "INSERT OR REPLACE INTO user_features VALUES (?, ?, ?, ?, ?)", rows
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return len(rows)
-
     def write_popular_items(self, items: Iterable[tuple[str, float]]) -> None:
         """Replace the popular-items list, in the given order, in one transaction."""
         conn = self._conn()
@@ -171,21 +118,6 @@ class SQLiteOnlineStore:
         self._conn().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     # ---- reads --------------------------------------------------------------------------
-    def get_user_features(self, user_id: str) -> UserFeatures | None:
-        row = self._conn().execute(
-            "SELECT last_items, purchased_items, counts, as_of FROM user_features WHERE user_id = ?",
-            (user_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        return UserFeatures(
-            user_id=user_id,
-            last_items=json.loads(row[0]),
-            purchased_items=json.loads(row[1]),
-            counts=np.asarray(json.loads(row[2]), dtype=np.float32),
-            as_of=datetime.fromisoformat(row[3]).astimezone(timezone.utc),
-        )
-
     def get_popular_items(self, k: int) -> list[tuple[str, float]]:
         rows = self._conn().execute(
             "SELECT item_id, score FROM popular_items ORDER BY rank LIMIT ?", (k,)
@@ -195,15 +127,6 @@ class SQLiteOnlineStore:
     def get_meta(self, key: str) -> str | None:
         row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
-
-    def most_active_user(self) -> str | None:
-        """A user with a long history: a good first demo request."""
-        row = self._conn().execute(
-            "SELECT user_id FROM user_features ORDER BY length(last_items) DESC, user_id LIMIT 1").fetchone()
-        return row[0] if row else None
-
-    def count_users(self) -> int:
-        return int(self._conn().execute("SELECT COUNT(*) FROM user_features").fetchone()[0])
 
     # ---- the service API (same on SQLite and Redis) -------------------------------------------
     def write_features(self, service: FeatureService, table: pa.Table) -> int:

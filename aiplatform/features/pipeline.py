@@ -1,36 +1,49 @@
-"""Batch feature pipeline on Ray Data: lake events -> offline store (Lance) -> online store.
+"""Batch feature pipeline: lake events -> offline store (Lance) -> online store, and the frames
+training reads.
 
-User features come from the declared views of the served feature service
-(``apps/shop/features.py``): ``run_service_pipeline`` brings their offline tables up to date
-and materializes them, and serving reads them back through ``get_online_features``. The one
-thing left to this module's own code is the catalogue-wide popular-items list (the fallback
-for users without history), computed from the item counts at ``as_of`` and written to the
-configured online store (SQLite or Redis), where serving reads it.
+Every feature here comes from a declared view of the features module (``apps/shop/features.py``
+by default), computed by the one engine (``features.engine``) with one set of window rules
+(``(t - w, t]``, see ``features.definitions``):
+
+- ``run_feature_pipeline``: brings the offline tables of the served feature service's views and
+  of the item popularity view up to date, materializes the service into the online store and
+  writes the popular-items list (the fallback for users without history): each item's latest
+  ``item_popularity`` row at ``as_of``, scored by its weighted 7-day counts by event type;
+- ``update_offline``: the only write to the offline store; callers decide when it runs (the
+  feature job, the training job: an explicit, logged step);
+- ``service_frame``: a point-in-time join of labels with the service's offline tables, a pure
+  read (it never writes: bring the tables up to date with ``update_offline`` first);
+- ``frame_from_events``: the same frame from an in-memory events frame (the same engine and the
+  same as-of join, no store), for small data in tests, benchmarks and notebooks.
 """
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from aiplatform.core import storage
-from aiplatform.core.errors import ConfigError, NotFoundError
+from aiplatform.core.errors import ConfigError
 from aiplatform.core.settings import Settings
-from aiplatform.core.storage import Layout, storage_options
+from aiplatform.core.storage import Layout
 from aiplatform.data import lake
-from aiplatform.features import compute
+from aiplatform.features.definitions import FeatureService, FeatureView
 from aiplatform.features.online import OnlineStore
 
 if TYPE_CHECKING:  # Ray is imported where it runs, so importing this module stays cheap
     import ray.data
 
-    from aiplatform.features.definitions import FeatureService
-
 POPULAR_ITEMS_KEPT = 200
-ITEM_VIEW = "popular_items"
-"""Lance table of the item counts behind the popular-items list (one version per run)."""
+POPULARITY_VIEW = "item_popularity"
+"""The declared view (per item, event counts by type) behind the popular-items list and the
+ranker's item features."""
+POPULARITY_WINDOW = timedelta(days=7)
+POPULARITY_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0}
+"""Weight of each event type's 7-day count in an item's popularity (purchase > cart > click > view)."""
 
 
 @dataclass
@@ -38,21 +51,12 @@ class FeatureRunSummary:
     users: int
     """Users whose feature-service row was written to the online store by this run."""
     items: int
+    """Items with a popularity row at ``as_of`` (scored for the popular-items list)."""
     as_of: pd.Timestamp
     offline_versions: dict[str, int]
-    """Lance version per offline table written by this run."""
+    """Lance version of each offline table (``<view>__<version>``) after this run."""
     online_rows: int
     duration_s: float
-
-
-def read_events(layout: Layout) -> "ray.data.Dataset":
-    """The lake's events (the current import) as a Ray Dataset."""
-    import ray.data
-
-    fs, paths = lake.on_filesystem(lake.table_files(layout, "events"))
-    if not paths:
-        raise NotFoundError(f"no events in the lake at {layout.lake}: import data with `aiplatform data import`")
-    return ray.data.read_parquet(paths, filesystem=fs)
 
 
 def utc(ts) -> pd.Timestamp:
@@ -65,90 +69,8 @@ def _to_us(ts: pd.Timestamp) -> int:
     return int(utc(ts).value) // 1000  # Timestamp.value is always nanoseconds
 
 
-def _buckets(events: "ray.data.Dataset") -> int:
-    """How many entity buckets to group into: about one per 250k events, at least 2 so both
-    cores work, at most 4 per CPU. Few large groups keep the per-call overhead of Ray Data
-    negligible; the functions in ``compute`` are vectorised over a whole bucket."""
-    import ray
-
-    rows = events.count()
-    cpus = int(ray.cluster_resources().get("CPU", 2))
-    return max(2, min(cpus * 4, rows // 250_000 + 1))
-
-
-def _with_bucket(batch: pd.DataFrame, key: str, buckets: int) -> pd.DataFrame:
-    # A stable hash (same on every node and run), so an entity's rows all land in one bucket.
-    batch["_bucket"] = (pd.util.hash_array(batch[key].to_numpy(dtype=object)) % buckets).astype(np.int64)
-    return batch
-
-
-def _group_by_entity(events: "ray.data.Dataset", key: str, fn, **kwargs) -> "ray.data.Dataset":
-    """Apply ``fn(frame_of_whole_entities, **kwargs)`` to hash buckets of ``key``: every entity's
-    events are in exactly one call, so point-in-time features see the whole history."""
-    buckets = _buckets(events)
-    return (
-        events.map_batches(_with_bucket, fn_kwargs={"key": key, "buckets": buckets}, batch_format="pandas")
-        .groupby("_bucket", num_partitions=buckets)
-        .map_groups(_drop_bucket_then(fn), fn_kwargs=kwargs, batch_format="pandas")
-    )
-
-
-def _drop_bucket_then(fn):
-    def call(frame: pd.DataFrame, **kwargs) -> pd.DataFrame:
-        return fn(frame.drop(columns="_bucket"), **kwargs)
-
-    call.__name__ = getattr(fn, "__name__", "features")
-    return call
-
-
-def _item_rows(events: pd.DataFrame, as_of_us: int) -> pd.DataFrame:
-    out = compute.item_counts_at(events, pd.Timestamp(as_of_us, unit="us", tz="UTC"))
-    out["as_of"] = pd.Timestamp(as_of_us, unit="us", tz="UTC")
-    return out
-
-
-def build_training_examples(events: "ray.data.Dataset", start: pd.Timestamp, end: pd.Timestamp,
-                            target_types: tuple[str, ...]) -> "ray.data.Dataset":
-    """One example per target event in [start, end), with the user's features just before it.
-
-    Every event before ``end`` is visible as history, none after: no leakage from the
-    validation period into training.
-    """
-    return _group_by_entity(events, "user_id", compute.training_examples,
-                            start_us=_to_us(start), end_us=_to_us(end), target_types=tuple(target_types))
-
-
-def _write_lance(ds: "ray.data.Dataset", path: str) -> int:
-    """Write a new version of the Lance table at ``path`` in one commit (old versions stay
-    readable). Blocks stream from the cluster through a RecordBatchReader, so memory stays
-    bounded. (Ray's own ``write_lance`` does not work with pylance 14 in Ray 2.60.)"""
-    import lance
-    import pyarrow as pa
-
-    schema = ds.schema().base_schema
-    batches = (
-        pa.Table.from_pandas(b, preserve_index=False).cast(schema).to_batches()
-        for b in ds.iter_batches(batch_format="pandas", batch_size=50_000)
-    )
-    reader = pa.RecordBatchReader.from_batches(schema, (rb for bs in batches for rb in bs))
-    mode = "overwrite" if storage.exists(path) else "create"
-    return lance.write_dataset(reader, path, mode=mode, storage_options=storage_options(path)).version
-
-
-def materialize_popular_items(layout: Layout, store: OnlineStore) -> int:
-    """Write the top items of the latest popularity table to ``store`` (the configured online
-    store, ``server.open_store``; one atomic replace); returns how many were written."""
-    import lance
-
-    path = layout.feature_table(ITEM_VIEW)
-    items = lance.dataset(path, storage_options=storage_options(path)).to_table().to_pandas()
-    popular = compute.popularity_scores(items).head(POPULAR_ITEMS_KEPT)
-    store.write_popular_items(zip(popular["item_id"], popular["score"]))
-    store.set_meta("as_of", str(items["as_of"].iloc[0]) if len(items) else "")
-    return len(popular)
-
-
-def served_service(settings: Settings) -> "FeatureService":
+# ---- which definitions --------------------------------------------------------------------------
+def served_service(settings: Settings) -> FeatureService:
     """The feature service the recommender reads (``settings.feature_service`` of
     ``settings.features_module``)."""
     from aiplatform.features.apply import load_definitions
@@ -162,6 +84,38 @@ def served_service(settings: Settings) -> "FeatureService":
                       "set AIPLATFORM_FEATURE_SERVICE to one of them")
 
 
+def popularity_view(settings: Settings) -> FeatureView:
+    """The ``item_popularity`` view of ``settings.features_module`` (``ConfigError`` when the
+    module declares none, or one that the popularity score cannot read)."""
+    from aiplatform.features.apply import load_definitions
+
+    views, _, _ = load_definitions(settings.features_module)
+    for view in views:
+        if view.name == POPULARITY_VIEW:
+            popularity_weights(view)  # fails now, naming what is missing
+            return view
+    raise ConfigError(f"{settings.features_module} declares no view {POPULARITY_VIEW!r} in VIEWS: the popular-items "
+                      "fallback and the ranker's item features are read from it. Declare one (per item, event "
+                      "counts over 7 days by event type, as in apps/shop/features.py)")
+
+
+def popularity_weights(view: FeatureView) -> dict[str, float]:
+    """Feature -> weight of the view's 7-day ``count`` aggregations filtered on one event type."""
+    out: dict[str, float] = {}
+    for agg in view.aggregations:
+        where = dict(agg.where)
+        types = where.get("event_type", ())
+        if (agg.function == "count" and agg.window == POPULARITY_WINDOW and len(where) == 1
+                and len(types) == 1 and types[0] in POPULARITY_WEIGHTS):
+            out[agg.name] = POPULARITY_WEIGHTS[types[0]]
+    if not out:
+        raise ConfigError(f"view {view.name!r} has no count over 7 days filtered on one event type "
+                          f"(e.g. Aggregation('count', timedelta(days=7), where={{'event_type': 'purchase'}})); "
+                          "the popularity score weighs those counts")
+    return out
+
+
+# ---- the offline store: the one write -----------------------------------------------------------
 def _lake_replaced_since(layout: Layout, view, state: dict | None) -> bool:
     """True when the view's source table was re-imported after the view's last run: an import
     replaces the data wholesale, so an incremental run (new events only) would be wrong.
@@ -181,38 +135,103 @@ def _lake_replaced_since(layout: Layout, view, state: dict | None) -> bool:
     return imported is not None and imported > pd.Timestamp(state["updated_at"])
 
 
-def update_offline(layout: Layout, service: "FeatureService", *, full: bool = False) -> list:
-    """Bring the service's views' offline tables up to date (incremental unless the lake was
-    re-imported since, or ``full``); returns the runs' summaries."""
+def update_offline(layout: Layout, views: "FeatureService | Iterable[FeatureView]", *, full: bool = False) -> list:
+    """Bring the offline tables of ``views`` (or of a service's views) up to date: incremental
+    unless the lake was re-imported since, or ``full``; returns the runs' summaries. The only
+    function of this module that writes to the offline store."""
     from aiplatform.features.offline import read_state, run_view
 
+    views = views.views if isinstance(views, FeatureService) else list(dict.fromkeys(views))
     return [run_view(layout, v, full=full or _lake_replaced_since(layout, v, read_state(layout, v)))
-            for v in service.views]
+            for v in views]
 
 
 def run_service_pipeline(layout: Layout, settings: Settings, *, full: bool = False,
                          store: OnlineStore | None = None) -> int:
     """Bring the served service's views up to date (Ray Data -> Lance) and materialize them
     into ``store`` (default: the configured online store); returns the entities written online."""
-    from aiplatform.features.materialize import materialize as materialize_service
     from aiplatform.features.server import open_store
 
     service = served_service(settings)
     store = store if store is not None else open_store(settings, layout)  # a bad setting fails first
     runs = update_offline(layout, service, full=full)
-    return materialize_service(layout, service, store, full=full or any(r.mode == "full" for r in runs)
-                               ).entities_written
+    return _materialize(layout, service, store, full or any(r.mode == "full" for r in runs))
 
 
-def _fill_missing(batch, *, counts: list[str], lists: list[str]):
-    """Users without a feature row at the label time (status missing/expired): zero counts and
-    empty lists, exactly what serving sends the model for a user with no recent activity."""
+def _materialize(layout: Layout, service: FeatureService, store: OnlineStore, full: bool) -> int:
+    from aiplatform.features.materialize import materialize
+
+    return materialize(layout, service, store, full=full).entities_written
+
+
+# ---- item rows: the popular-items list and the ranker's item features ------------------------
+def latest_item_rows(layout: Layout, view: FeatureView, as_of: pd.Timestamp,
+                     features: list[str] | None = None) -> pd.DataFrame:
+    """Per entity of ``view``, its latest offline row at ``as_of`` (``event_timestamp <= as_of``
+    and no older than the view's ttl: what a point-in-time lookup at ``as_of`` returns), as
+    key + ``features`` (default: all of the view's). A read: nothing is written."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    for name in counts:
+    from aiplatform.features.materialize import latest_per_entity
+    from aiplatform.features.offline import read_view
+    from aiplatform.features.partition import TIMESTAMP_COLUMN
+
+    features = list(view.features if features is None else features)
+    key = view.entity.join_key
+    as_of_us = _to_us(as_of)
+    ts = pa.timestamp("us", tz="UTC")
+    flt = pc.field(TIMESTAMP_COLUMN) <= pa.scalar(as_of_us, ts)
+    if view.ttl is not None:
+        flt = flt & (pc.field(TIMESTAMP_COLUMN) >= pa.scalar(as_of_us - int(view.ttl.total_seconds() * 1e6), ts))
+    table = read_view(layout, view).to_table(columns=[key, TIMESTAMP_COLUMN, *features], filter=flt)
+    out = latest_per_entity(table, key).to_pandas()
+    return out.sort_values(key, kind="stable").reset_index(drop=True)
+
+
+def popular_items(layout: Layout, view: FeatureView, as_of: pd.Timestamp) -> pd.DataFrame:
+    """(item key, score) best first: each item's latest popularity row at ``as_of``, scored by
+    its weighted 7-day counts (``popularity_weights``); ties by id."""
+    weights = popularity_weights(view)
+    key = view.entity.join_key
+    rows = latest_item_rows(layout, view, as_of, list(weights))
+    score = np.zeros(len(rows))
+    for name, w in weights.items():
+        score += w * rows[name].fillna(0).to_numpy(dtype=np.float64)
+    out = pd.DataFrame({key: rows[key].astype(str), "score": score})
+    return out.sort_values(["score", key], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def materialize_popular_items(layout: Layout, store: OnlineStore, view: FeatureView,
+                              as_of: pd.Timestamp) -> int:
+    """Write the ``POPULAR_ITEMS_KEPT`` most popular items at ``as_of`` to ``store`` (the
+    configured online store; one atomic replace); returns how many items had a row."""
+    scores = popular_items(layout, view, as_of)
+    top = scores.head(POPULAR_ITEMS_KEPT)
+    store.write_popular_items(zip(top[view.entity.join_key], top["score"]))
+    store.set_meta("as_of", str(utc(as_of)))
+    return len(scores)
+
+
+# ---- training frames: reads only ----------------------------------------------------------------
+def _service_dtypes(service: FeatureService) -> dict[str, str]:
+    out = dict(service.stored_dtypes)
+    for odfv in service.on_demand:
+        out.update(odfv.dtypes)
+    return out
+
+
+def _fill_missing(batch, *, numbers: list[str], lists: list[str]):
+    """Labels without a feature row at their time (status missing/expired): zeros and empty
+    lists, exactly what serving sends the model for a user with no recent activity."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for name in numbers:
         i = batch.schema.get_field_index(name)
-        batch = batch.set_column(i, name, pc.fill_null(batch.column(name), 0))
+        col = batch.column(name)
+        batch = batch.set_column(i, name, pc.fill_null(col, pa.scalar(0, col.type) if not pa.types.is_boolean(col.type)
+                                                      else pa.scalar(False)))
     for name in lists:
         i = batch.schema.get_field_index(name)
         col = batch.column(name)
@@ -221,20 +240,58 @@ def _fill_missing(batch, *, counts: list[str], lists: list[str]):
     return batch
 
 
-def service_frame(layout: Layout, settings: Settings, labels: pd.DataFrame) -> "ray.data.Dataset":
-    """``labels`` (user_id, ``event_timestamp``, anything else) joined point-in-time with the
-    served feature service (``features.pit.get_training_frame``): each row gets the user's
-    feature row as of its timestamp, exactly as serving would have read it then."""
-    from aiplatform.features.definitions import COUNT_COLUMNS
+def _fill_kwargs(service: FeatureService) -> dict[str, list[str]]:
+    dtypes = _service_dtypes(service)
+    return {"numbers": [n for n, t in dtypes.items() if t in ("int64", "float64", "bool")],
+            "lists": [n for n, t in dtypes.items() if t.startswith("list")]}
+
+
+def service_frame(layout: Layout, service: FeatureService, labels) -> "ray.data.Dataset":
+    """``labels`` (the entity key, ``event_timestamp``, anything else) joined point-in-time with
+    ``service`` (``features.pit.get_training_frame``): each row gets the entity's feature row as
+    of its timestamp, exactly as serving would have read it then; missing rows are zeros and
+    empty lists. A pure read of the offline tables: run ``update_offline`` first when they
+    may be behind (this never writes)."""
     from aiplatform.features.pit import get_training_frame
 
-    service = served_service(settings)
-    update_offline(layout, service)
     frame = get_training_frame(labels, service, layout, label_ts="event_timestamp")
-    lists = [n for n, t in service.stored_dtypes.items() if t.startswith("list")]
-    counts = [c for c in COUNT_COLUMNS if c in service.stored_dtypes]
-    return frame.map_batches(_fill_missing, fn_kwargs={"counts": counts, "lists": lists},
-                             batch_format="pyarrow", batch_size=None)
+    return frame.map_batches(_fill_missing, fn_kwargs=_fill_kwargs(service), batch_format="pyarrow",
+                             batch_size=None)
+
+
+def frame_from_events(service: FeatureService, events: pd.DataFrame, labels: pd.DataFrame,
+                      *, label_ts: str = "event_timestamp") -> pd.DataFrame:
+    """``service_frame`` computed in memory from ``events`` (the source of every view the
+    service reads): the same engine (``engine.compute_view_rows``), the same as-of join
+    (``pit.asof_join``) and the same on-demand fns, without the offline store or Ray. For data
+    that fits in memory: tests, benchmarks, notebooks."""
+    import pyarrow as pa
+
+    from aiplatform.features.engine import compute_view_rows
+    from aiplatform.features.pit import _on_demand, _ttl_us, asof_join
+
+    key = service.entity.join_key
+    wanted = {v: list(service.selected(v)) for v in service.views}
+    extra: list[str] = []
+    for odfv in service.on_demand:
+        for v in odfv.inputs:
+            for f in v.features:
+                if f not in wanted.setdefault(v, []):
+                    wanted[v].append(f)
+                    extra.append(f)
+    table = pa.Table.from_pandas(labels.reset_index(drop=True), preserve_index=False)
+    for view, names in wanted.items():
+        if view.source.table != "events":
+            raise ConfigError(f"frame_from_events: view {view.name!r} reads {view.source.table!r}, not events; "
+                              "use service_frame on the offline store")
+        rows = compute_view_rows(view, events)
+        if view.entity.join_key != key:
+            rows = rows.rename_columns([key if c == view.entity.join_key else c for c in rows.column_names])
+        table = asof_join(table, rows, key=key, label_ts=label_ts, ttl_us=_ttl_us(view), feature_columns=names,
+                          prefix_status=view.name)
+    if service.on_demand:
+        table = _on_demand(table, odfvs=service.on_demand, drop=extra)
+    return _fill_missing(table, **_fill_kwargs(service)).to_pandas()
 
 
 def training_labels(events: pd.DataFrame, end: pd.Timestamp, target_types: tuple[str, ...]) -> pd.DataFrame:
@@ -254,29 +311,34 @@ def training_labels(events: pd.DataFrame, end: pd.Timestamp, target_types: tuple
     return out
 
 
+# ---- the feature job ----------------------------------------------------------------------------
 def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None,
                          settings: Settings | None = None) -> FeatureRunSummary:
-    """Bring the served feature service's views up to date and materialize them (what serving
-    reads through ``get_online_features``), then the popular-items list at ``as_of``
-    (default: just after the last event), all into the configured online store
-    (``settings.online_store``)."""
+    """Bring the served feature service's views and the popularity view up to date, materialize
+    the service (what serving reads through ``get_online_features``), then write the
+    popular-items list at ``as_of`` (default: just after the last event), all into the
+    configured online store (``settings.online_store``)."""
+    from aiplatform.features.offline import read_state
     from aiplatform.features.server import open_store
 
     started = time.perf_counter()
     settings = settings or Settings.load()
     store = open_store(settings, layout)  # before any work: an unusable store setting fails at once
-    events = read_events(layout).materialize()
-    if as_of is None:
-        as_of = utc(events.max("timestamp")) + pd.Timedelta(microseconds=1)
+    service = served_service(settings)
+    popularity = popularity_view(settings)
     storage.make_dirs(layout.features)
-    users = run_service_pipeline(layout, settings, store=store)
-    items = _group_by_entity(events, "item_id", _item_rows, as_of_us=_to_us(as_of)).materialize()
-    versions = {ITEM_VIEW: _write_lance(items, layout.feature_table(ITEM_VIEW))}
-    materialize_popular_items(layout, store)
-    return FeatureRunSummary(users=users, items=items.count(), as_of=utc(as_of), offline_versions=versions,
+    runs = dict(zip([*service.views, popularity], update_offline(layout, [*service.views, popularity])))
+    users = _materialize(layout, service, store, any(runs[v].mode == "full" for v in service.views))
+    if as_of is None:
+        watermark = runs[popularity].watermark_after
+        as_of = (pd.Timestamp(watermark, unit="us", tz="UTC") + pd.Timedelta(microseconds=1)
+                 if watermark is not None else pd.Timestamp.now(tz="UTC"))
+    items = materialize_popular_items(layout, store, popularity, utc(as_of))
+    versions = {v.table_name: int((read_state(layout, v) or {}).get("lance_version") or 0) for v in runs}
+    return FeatureRunSummary(users=users, items=items, as_of=utc(as_of), offline_versions=versions,
                              online_rows=users, duration_s=time.perf_counter() - started)
 
 
-__all__ = ["FeatureRunSummary", "build_training_examples", "materialize_popular_items", "read_events",
-           "run_feature_pipeline", "run_service_pipeline", "served_service", "service_frame",
-           "training_labels", "update_offline"]
+__all__ = ["FeatureRunSummary", "POPULARITY_VIEW", "frame_from_events", "latest_item_rows", "materialize_popular_items",
+           "popular_items", "popularity_view", "popularity_weights", "run_feature_pipeline", "run_service_pipeline",
+           "served_service", "service_frame", "training_labels", "update_offline"]

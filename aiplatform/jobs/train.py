@@ -7,7 +7,16 @@ This is the entrypoint for ``ray job submit``::
 
 It runs on whatever cluster ``RAY_ADDRESS`` names (a job's driver inherits it), reads the
 lake under the storage root, evaluates the model against the popularity and co-occurrence
-baselines on the held-out days and checks the config's quality ``gates``:
+baselines on the held-out days and checks the config's quality ``gates``.
+
+Features: the model's inputs are derived from the served feature service
+(``models.inputs.UserInputSpec``: its numeric features, the history and exclusion lists named by
+``history_feature``/``exclude_feature``). The job first brings the offline tables up to date, an
+explicit step and the only write to the feature store, then builds every frame it needs with ONE
+point-in-time join: the training examples (features just before each event) and the validation
+users' features at the cutoff are one labels frame, told apart by ``label_kind``.
+
+Gates:
 
 - every trained model is registered (its metrics are worth keeping);
 - a model that passes every gate gets the alias ``challenger``, and ``champion`` too when the
@@ -29,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from aiplatform.core.errors import AIPlatformError, UserInputError
@@ -37,7 +47,7 @@ from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout, filesystem_for, is_uri
 from aiplatform.data import eventlog, lake
 from aiplatform.features import pipeline as features
-from aiplatform.features.compute import item_counts_at
+from aiplatform.models.inputs import UserInputSpec
 from aiplatform.registry.registry import ModelRegistry, ModelVersion
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import (
@@ -56,6 +66,9 @@ log = logging.getLogger("aiplatform.jobs.train")
 TARGET_TYPES = ("view", "click", "add_to_cart", "purchase")
 EXIT_GATE_FAILED = 3
 BASELINES = ("popularity", "cooccurrence")
+LABEL_KIND = "label_kind"
+"""Marker column of the one labels frame: ``example`` (a training example) or ``context`` (a
+validation user at the cutoff)."""
 
 
 @dataclass
@@ -103,6 +116,11 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
             f"no data in the lake at {layout.lake}: import some first "
             "(aiplatform data import --events E --items I) or run aiplatform quickstart")
     settings = settings or Settings.load()
+    service = features.served_service(settings)
+    # The model's inputs, from the declaration: a bad history/exclusion name fails here, first.
+    inputs = UserInputSpec.from_service(service, config.history_feature, config.exclude_feature)
+    popularity = features.popularity_view(settings) if config.ranker else None
+    log.info("model inputs: %s", inputs.describe())
     events_pd = eventlog.read_events(layout).to_pandas()  # the lake plus events pushed since
     items = lake.read_items(layout)
     cutoff, train_events, truth = split_by_time(events_pd, config.holdout_days)
@@ -113,22 +131,32 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
             "lower holdout_days")
     boundary = cutoff + pd.Timedelta(microseconds=1)  # events at the cutoff are training data
     allowed = TARGET_TYPES[TARGET_TYPES.index(config.min_event_type):]
-    # Training frames come from the feature store's point-in-time join: each example gets the
-    # user's feature row as of just before its event, the row serving would have read then.
-    labels = features.training_labels(events_pd, boundary, allowed)
-    examples = features.service_frame(layout, settings, labels).materialize()
+    # Step 1, the only write: bring the offline tables up to date (explicitly, once).
+    views = [*service.views, *([popularity] if popularity is not None else [])]
+    started = time.perf_counter()
+    for run in features.update_offline(layout, views):
+        log.info("offline table %s (version %s): %s, %d rows written", run.view, run.version, run.mode,
+                 run.rows_written)
+    log.info("offline feature tables up to date in %.1fs", time.perf_counter() - started)
+    # Step 2, reads only: ONE point-in-time join of every label with the service. Each example
+    # gets the user's feature row as of just before its event (the row serving would have read
+    # then); each validation user its row at the cutoff.
+    labels = features.training_labels(events_pd, boundary, allowed).assign(**{LABEL_KIND: "example"})
+    at_cutoff = pd.DataFrame({"user_id": sorted(truth), "event_timestamp": features.utc(cutoff), LABEL_KIND: "context"})
+    frame = features.service_frame(layout, service, pd.concat([labels, at_cutoff], ignore_index=True)).materialize()
+    examples = _rows_of(frame, "example").materialize()
+    context = _rows_of(frame, "context").to_pandas()
+    del frame
     n_examples = examples.count()
     if n_examples == 0:
         raise UserInputError("no training examples before the cutoff: bring more events")
     log.info("%d training examples before %s; %d validation users", n_examples, cutoff, len(truth))
     # A run whose driver died continues from its latest checkpoint (Ray Train V2 resumes by name).
     run_name = resume or f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = train_two_tower(examples, items, config, layout.runs, run_name, require_existing=resume is not None)
+    result = train_two_tower(examples, items, config, layout.runs, run_name, inputs=inputs,
+                             require_existing=resume is not None)
 
     eval_started = time.perf_counter()
-    # The validation users' features at the cutoff, from the same point-in-time join.
-    at_cutoff = pd.DataFrame({"user_id": sorted(truth), "event_timestamp": features.utc(cutoff)})
-    context = features.service_frame(layout, settings, at_cutoff).to_pandas()
     popular = popularity_ranking(train_events)
     cooc = CooccurrenceBaseline.fit(train_events, popular)
     metrics = evaluate_model(result.model, result.vocab, context, truth, popular, k=config.eval_k,
@@ -137,8 +165,10 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     if config.ranker:
         # Retrieve-then-rank: the ranker re-orders the two-tower's top candidates; it travels
         # inside the same artifact (``ranker/``), so one registry version carries both.
+        # Item features: the popularity view's latest row per item at the cutoff (point in time).
         ranker = train_ranker(examples, items, result.vocab, RankerConfig(), layout.runs, run_name + "-ranker",
-                              retrieval_model=result.model, item_counts=item_counts_at(train_events, boundary))
+                              retrieval_model=result.model, item_counts=_item_features(layout, popularity, cutoff),
+                              inputs=inputs)
         metrics["ranker"] = evaluate_ranker(ranker.model, result.model, result.vocab, context, truth,
                                             k=config.eval_k)
         r, k = metrics["ranker"], config.eval_k
@@ -159,6 +189,7 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     lineage = {
         "events": int(len(events_pd)), "items": int(len(items)), "examples": int(n_examples),
         "cutoff": str(cutoff), "run": run_name,
+        "feature_service": {"name": service.name, "version": service.version},
     }
     with artifact_to_register(result.checkpoint_path, ranker_path) as artifact_dir:
         version: ModelVersion = registry.register(
@@ -179,6 +210,19 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
                     else "registered without an alias")
     report.promoted = "champion" in report.aliases
     return report
+
+
+def _rows_of(frame, kind: str):
+    """The rows of the labels frame whose ``label_kind`` is ``kind``."""
+    return frame.map_batches(lambda b: b.filter(pc.equal(b[LABEL_KIND], kind)), batch_format="pyarrow",
+                             batch_size=None)
+
+
+def _item_features(layout: Layout, view, as_of: pd.Timestamp) -> pd.DataFrame:
+    """``item_id`` + the numeric features of ``view``: each item's latest row at ``as_of``."""
+    names = [n for n, t in view.dtypes.items() if t in ("int64", "float64", "bool")]
+    rows = features.latest_item_rows(layout, view, as_of, names)
+    return rows.rename(columns={view.entity.join_key: "item_id"})[["item_id", *names]]
 
 
 @contextlib.contextmanager

@@ -5,10 +5,11 @@ Retrieval has to score the whole catalogue with one dot product, so it sees the 
 item only through two separate vectors. The ranker sees a few hundred candidates at most and
 can afford *cross* features between the user's recent history and each candidate:
 
-- user: ``log1p`` of the windowed event counts, and the mean of the history's item/category
-  embeddings;
-- item: id, category and price-bucket embeddings, and ``log1p`` item popularity counts (a table
-  frozen into the artifact at training time; zeros when none was given);
+- user: the dense features of the model's input spec (``models.inputs``, scaled like the
+  two-tower's), and the mean of the history's item/category embeddings;
+- item: id, category and price-bucket embeddings, and the numeric features of the item
+  popularity view (``item_features``: scaled by the same signed ``log1p``; a table frozen into
+  the artifact at training time, point-in-time at the training cutoff; zeros when none was given);
 - cross: how many of the user's recent items share the candidate's category (count and any),
   how recently (``1 / (1 + position)`` of the most recent one, position 0 = the last item),
   whether the candidate itself is among the recent items and how recently, the history length,
@@ -16,8 +17,8 @@ can afford *cross* features between the user's recent history and each candidate
   of (user, item) when the retrieval model is available (``use_retrieval_score``).
 
 Recency is measured in *positions* of the history (most recent first), not in seconds: the
-user context (``features.compute.context_at``) keeps the order of the last items but not their
-timestamps, and the same context is what serving reads from the online store.
+history feature (a ``last_n`` aggregation) keeps the order of the last items but not their
+timestamps, and the same row is what serving reads from the online store.
 
 All cross features are computed inside ``forward`` from index tensors, so training, offline
 evaluation and serving cannot compute them differently.
@@ -29,11 +30,16 @@ and still say "this was shown and looked at", but a purchase outweighs six of th
 Artifact: a directory with ``ranker.pt`` (CPU state_dict) and ``ranker_config.json``; the item
 vocabulary is the two-tower artifact's (the ranker lives in ``<two-tower artifact>/ranker/``).
 Like the two-tower artifact, it may be a local folder or an object-store URI.
+
+``rerank`` (scoring candidate lists) lives here, in the models layer, because serving runs it:
+serving imports no training code.
 """
 
 import io
 import json
 from pathlib import Path
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -41,8 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiplatform.core import storage
-from aiplatform.features.definitions import HISTORY_LEN
-from aiplatform.models.two_tower import N_DENSE, ItemVocab
+from aiplatform.core.errors import UserInputError
+from aiplatform.models.inputs import UserInputSpec, encode_dense, input_sizes
+from aiplatform.models.two_tower import ItemVocab
 
 RANKER_FILE = "ranker.pt"
 RANKER_CONFIG_FILE = "ranker_config.json"
@@ -68,14 +75,23 @@ class RankerModel(nn.Module):
         item_price_bucket: list[int],
         dim: int = 32,
         hidden: int = 128,
-        n_dense: int = N_DENSE,
-        history_len: int = HISTORY_LEN,
+        n_dense: int | None = None,
+        history_len: int | None = None,
         use_retrieval_score: bool = False,
         dropout: float = 0.0,
+        inputs: "UserInputSpec | dict | None" = None,
+        item_features: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if len(item_category) != n_items + 1 or len(item_price_bucket) != n_items + 1:
             raise ValueError("item_category and item_price_bucket need n_items + 1 entries (index 0 = padding)")
+        spec = UserInputSpec.from_dict(inputs) if isinstance(inputs, dict) else inputs
+        n_dense, history_len = input_sizes(spec, n_dense, history_len)
+        # Old artifacts (no item_features): their item table had one column per user dense feature.
+        item_features = list(item_features) if item_features is not None else [f"item_{j}" for j in range(n_dense)]
+        self.inputs: UserInputSpec | None = spec
+        self.item_features: list[str] = item_features
+        self.history_len = history_len
         self._config = {
             "n_items": int(n_items),
             "n_categories": int(n_categories),
@@ -88,6 +104,8 @@ class RankerModel(nn.Module):
             "history_len": int(history_len),
             "use_retrieval_score": bool(use_retrieval_score),
             "dropout": float(dropout),
+            "inputs": spec.to_dict() if spec is not None else None,
+            "item_features": list(item_features),
         }
         self.use_retrieval_score = bool(use_retrieval_score)
         cat_dim, price_dim = max(4, dim // 2), max(4, dim // 4)
@@ -100,11 +118,12 @@ class RankerModel(nn.Module):
                 emb.weight[0].zero_()
         self.register_buffer("item_category", torch.tensor(item_category, dtype=torch.long), persistent=False)
         self.register_buffer("item_price_bucket", torch.tensor(item_price_bucket, dtype=torch.long), persistent=False)
-        # log1p item popularity counts per item index (frozen at training time); part of the
+        # scaled item features per item index (frozen at training time); part of the
         # state_dict so the artifact carries it to serving.
-        self.register_buffer("item_counts", torch.zeros(n_items + 1, n_dense))
+        n_item = len(item_features)
+        self.register_buffer("item_counts", torch.zeros(n_items + 1, n_item))
         d_item = dim + cat_dim
-        d_in = n_dense + d_item + d_item + price_dim + n_dense + d_item + N_CROSS
+        d_in = n_dense + d_item + d_item + price_dim + n_item + d_item + N_CROSS
         self.mlp = nn.Sequential(
             nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(hidden, hidden // 2), nn.ReLU(),
@@ -122,11 +141,12 @@ class RankerModel(nn.Module):
         return cls(**{k: vk[k] for k in keys}, **kwargs)
 
     def set_item_counts(self, counts: "np.ndarray") -> None:
-        """Item popularity features: [n_items + 1, n_dense] raw windowed counts (log1p here)."""
-        arr = np.nan_to_num(np.asarray(counts, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        """Item features: [n_items + 1, len(item_features)] raw values (scaled here)."""
+        arr = np.asarray(counts, dtype=np.float32)
         if arr.shape != tuple(self.item_counts.shape):
-            raise ValueError(f"item counts: expected shape {tuple(self.item_counts.shape)}, got {arr.shape}")
-        self.item_counts.copy_(torch.from_numpy(np.log1p(np.clip(arr, 0.0, None))))
+            raise ValueError(f"item features: expected shape {tuple(self.item_counts.shape)} "
+                             f"({', '.join(self.item_features)}), got {arr.shape}")
+        self.item_counts.copy_(torch.from_numpy(encode_dense(arr)))
 
     def _item_vec(self, idx: Tensor) -> Tensor:
         return torch.cat([self.item_emb(idx), self.cat_emb(self.item_category[idx])], dim=-1)
@@ -177,6 +197,49 @@ class RankerModel(nn.Module):
             dim=-1,
         )
         return self.mlp(x).squeeze(-1)
+
+
+@torch.no_grad()
+def rerank(
+    model: RankerModel,
+    vocab: ItemVocab,
+    histories: Sequence[Sequence[str]],
+    dense: np.ndarray,
+    candidates: list[list[str]],
+    retrieval_scores: list[list[float]] | None = None,
+) -> list[np.ndarray]:
+    """Ranker scores of each user's candidates, in one forward pass for the whole batch.
+
+    ``histories[i]`` / ``dense[i]`` are user i's history items and raw dense values, read from
+    the feature row through the model's ``UserInputSpec``; ``candidates[i]`` are user i's item
+    ids (any length); ``retrieval_scores[i]`` their two-tower scores, if the ranker was trained
+    with them. Returns one float32 array per user, aligned with its candidates; an item unknown
+    to the vocabulary scores -inf.
+    """
+    if len(histories) != len(candidates):
+        raise UserInputError(f"rerank: {len(histories)} users but {len(candidates)} candidate lists")
+    if retrieval_scores is not None and len(retrieval_scores) != len(candidates):
+        raise UserInputError("rerank: retrieval_scores needs one list per candidate list")
+    lengths = [len(c) for c in candidates]
+    if not candidates or max(lengths) == 0:
+        return [np.zeros(n, np.float32) for n in lengths]
+    width = max(lengths)
+    cands = np.zeros((len(candidates), width), np.int64)
+    rs = np.zeros((len(candidates), width), np.float32)
+    for i, c in enumerate(candidates):
+        cands[i, :len(c)] = vocab.indices(list(c))
+        if retrieval_scores is not None:
+            if len(retrieval_scores[i]) != len(c):
+                raise UserInputError(f"rerank: user {i} has {len(c)} candidates but "
+                                     f"{len(retrieval_scores[i])} retrieval scores")
+            rs[i, :len(c)] = np.asarray(retrieval_scores[i], np.float32)
+    dense = np.asarray(dense, np.float32).reshape(len(histories), -1)
+    hist, dense_t = vocab.encode_users(histories, dense, model.history_len)
+    model.eval()
+    scores = model(hist, dense_t, torch.from_numpy(cands),
+                   torch.from_numpy(rs) if retrieval_scores is not None else None).numpy()
+    scores = np.where(cands > 0, scores, -np.inf).astype(np.float32)
+    return [scores[i, :n] for i, n in enumerate(lengths)]
 
 
 def listwise_loss(scores: Tensor, gains: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -231,6 +294,7 @@ def load_ranker(directory: str) -> RankerModel:
             f"{directory}: not a ranker artifact ({RANKER_FILE} and {RANKER_CONFIG_FILE} expected)")
     d = Path(storage.local_copy(str(directory))) if storage.is_uri(str(directory)) else Path(directory)
     config = json.loads((d / RANKER_CONFIG_FILE).read_text())["model"]
+    config.setdefault("inputs", None)  # rankers saved before input specs
     model = RankerModel(**config)
     model.load_state_dict(torch.load(d / RANKER_FILE, map_location="cpu", weights_only=True))
     model.eval()
@@ -263,5 +327,6 @@ __all__ = [
     "load_ranker",
     "ranker_dir_of",
     "read_ranker_extra",
+    "rerank",
     "save_ranker",
 ]

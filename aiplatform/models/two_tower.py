@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aiplatform.core import storage
-from aiplatform.features.definitions import COUNT_COLUMNS, HISTORY_LEN
+from aiplatform.core.errors import ConfigError
+from aiplatform.models.inputs import UserInputSpec, encode_dense, input_sizes
 
-N_DENSE = len(COUNT_COLUMNS)
 DEFAULT_PRICE_BUCKETS = 10
 DEFAULT_TITLE_BUCKETS = 512
 TITLE_TOKENS = 8
@@ -164,13 +164,13 @@ class ItemVocab:
         pos = self._index().get_indexer(ids)
         return (pos + 1).astype("int64")  # -1 (missing) becomes 0
 
-    def encode_history(self, last_items: Sequence[Sequence[str] | None], history_len: int = HISTORY_LEN) -> np.ndarray:
+    def encode_history(self, histories: Sequence[Sequence[str] | None], history_len: int) -> np.ndarray:
         """[B, history_len] int64: the first ``history_len`` items (most recent first), 0-padded.
 
         Unknown items are dropped before truncation rather than kept as 0s, so a user whose
         recent items left the catalogue still gets a full history of known items.
         """
-        rows = [list(x) if x is not None else [] for x in last_items]
+        rows = [list(x) if x is not None else [] for x in histories]
         out = np.zeros((len(rows), history_len), dtype="int64")
         lengths = np.fromiter((len(r) for r in rows), dtype="int64", count=len(rows))
         if lengths.sum() == 0:
@@ -187,18 +187,24 @@ class ItemVocab:
         return out
 
     def encode_users(
-        self, last_items: Sequence[Sequence[str]], counts: np.ndarray
+        self, histories: Sequence[Sequence[str]], dense: np.ndarray, history_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model inputs of a batch of users: (hist LongTensor [B, HISTORY_LEN], dense [B, 12]).
+        """Model inputs of a batch of users: (hist LongTensor [B, history_len], dense [B, n]).
 
-        Dense features are ``log1p`` of the windowed counts: counts are heavy-tailed and the
-        log keeps one very active user from dominating the MLP's scale. NaN/negative -> 0.
+        ``dense`` holds the raw dense feature values (``UserInputSpec.dense_values``); they are
+        scaled here by ``models.inputs.encode_dense`` (signed log1p, NaN -> 0).
         """
-        hist = self.encode_history(last_items)
-        dense = encode_counts(counts)
-        if dense.shape[0] != hist.shape[0]:
-            raise ValueError(f"encode_users: {hist.shape[0]} histories but {dense.shape[0]} count rows")
-        return torch.from_numpy(hist), torch.from_numpy(dense)
+        hist = self.encode_history(histories, history_len)
+        values = encode_dense(dense)
+        if values.shape[0] != hist.shape[0]:
+            raise ValueError(f"encode_users: {hist.shape[0]} histories but {values.shape[0]} dense rows")
+        return torch.from_numpy(hist), torch.from_numpy(values)
+
+    def encode_batch(self, spec: UserInputSpec, batch) -> tuple[np.ndarray, np.ndarray]:
+        """(hist [B, history_len] int64, dense [B, n_dense] float32) of a frame or dict of columns
+        read through ``spec``: the one encoding training, evaluation and serving share."""
+        hist = self.encode_history(spec.histories(batch), spec.history_len)
+        return hist, encode_dense(spec.dense_values(batch).reshape(len(hist), spec.n_dense))
 
     # ---- persistence -----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -257,17 +263,6 @@ def hash_title(title: object, buckets: int, max_tokens: int = TITLE_TOKENS) -> l
     return out
 
 
-def encode_counts(counts: np.ndarray) -> np.ndarray:
-    """[B, 12] float32 ``log1p`` of the count columns (NaN and negatives become 0)."""
-    arr = np.asarray(counts, dtype="float32")
-    if arr.ndim == 1:
-        arr = arr.reshape(-1, N_DENSE) if arr.size else arr.reshape(0, N_DENSE)
-    if arr.shape[1] != N_DENSE:
-        raise ValueError(f"counts: expected {N_DENSE} columns ({', '.join(COUNT_COLUMNS)}), got {arr.shape[1]}")
-    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-    return np.log1p(np.clip(arr, 0.0, None)).astype("float32")
-
-
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_out))
 
@@ -294,16 +289,21 @@ class TwoTowerModel(nn.Module):
         item_category: list[int],
         item_price_bucket: list[int],
         dim: int = 64,
-        n_dense: int = N_DENSE,
-        history_len: int = HISTORY_LEN,
+        n_dense: int | None = None,
+        history_len: int | None = None,
         temperature: float = 0.05,
         title_buckets: int = 0,
         title_len: int = TITLE_TOKENS,
         item_title_tokens: "Sequence[Sequence[int]] | None" = None,
         recency: bool = False,
         uniform_negatives: int = 0,
+        inputs: "UserInputSpec | dict | None" = None,
     ) -> None:
         super().__init__()
+        spec = UserInputSpec.from_dict(inputs) if isinstance(inputs, dict) else inputs
+        n_dense, history_len = input_sizes(spec, n_dense, history_len)
+        self.inputs: UserInputSpec | None = spec
+        """What the model reads of a user (``models.inputs``); None for a bare hand-made model."""
         if len(item_category) != n_items + 1 or len(item_price_bucket) != n_items + 1:
             raise ValueError("item_category and item_price_bucket need n_items + 1 entries (index 0 = padding)")
         if temperature <= 0:
@@ -324,6 +324,7 @@ class TwoTowerModel(nn.Module):
             "title_len": int(title_len),
             "recency": bool(recency),
             "uniform_negatives": int(uniform_negatives),
+            "inputs": spec.to_dict() if spec is not None else None,
         }
         self.dim = dim
         self.history_len = history_len
@@ -386,6 +387,9 @@ class TwoTowerModel(nn.Module):
 
     def user_embedding(self, hist: Tensor, dense: Tensor) -> Tensor:
         """[B, dim] L2-normalised query vectors from history indices [B, L] and dense [B, n_dense]."""
+        if dense.shape[-1] != self._config["n_dense"]:
+            raise ValueError(f"dense inputs: expected {self._config['n_dense']} features "
+                             f"({_dense_names(self.inputs)}), got {dense.shape[-1]}")
         hist = hist.long()
         mask = (hist > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)  # [B, L, 1]
         if self._config["recency"]:
@@ -464,6 +468,10 @@ class TwoTowerModel(nn.Module):
         return torch.cat(parts) if parts else torch.zeros(0, self.dim)
 
 
+def _dense_names(spec: UserInputSpec | None) -> str:
+    return ", ".join(spec.dense) if spec is not None else "no input spec"
+
+
 # ---- artifacts ---------------------------------------------------------------------------------
 def save_artifact(model: TwoTowerModel, vocab: ItemVocab, directory: str, extra: dict | None = None) -> None:
     """Write a self-contained, loadable model directory (each file atomically).
@@ -498,6 +506,7 @@ def load_artifact(directory: str) -> tuple[TwoTowerModel, ItemVocab]:
     config.setdefault("title_buckets", 0)
     config.setdefault("recency", False)
     config.setdefault("uniform_negatives", 0)
+    config.setdefault("inputs", None)
     vocab = ItemVocab.from_dict(json.loads((d / VOCAB_FILE).read_text()))
     model = TwoTowerModel(**config)
     state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
@@ -512,6 +521,19 @@ def load_vocab(directory: str) -> ItemVocab:
     if data is None:
         raise FileNotFoundError(f"{directory}: not a model artifact ({VOCAB_FILE} is missing)")
     return ItemVocab.from_dict(data)
+
+
+def load_input_spec(directory: str) -> UserInputSpec:
+    """The ``UserInputSpec`` a model artifact (local folder or URI) was trained with: one small
+    file read, no weights. A ``ConfigError`` when the artifact predates input specs."""
+    config = storage.read_json(storage.join(str(directory), CONFIG_FILE))
+    if config is None:
+        raise FileNotFoundError(f"{directory}: not a model artifact ({CONFIG_FILE} is missing)")
+    if not config.get("inputs"):
+        raise ConfigError(f"model artifact {directory} records no input spec (it was trained before the "
+                          "feature service's inputs were saved with the model): retrain it with "
+                          "python -m aiplatform.jobs.train")
+    return UserInputSpec.from_dict(config["inputs"])
 
 
 def read_extra(directory: str) -> dict:

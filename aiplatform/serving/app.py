@@ -32,7 +32,7 @@ from aiplatform.models.ranker import ranker_dir_of
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval.index import ItemIndex, vector_table_name
 from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
-from aiplatform.serving.deployments import Ranker, Retriever, UserFeatureReader, UserTower
+from aiplatform.serving.deployments import Ranker, Retriever, UserFeatureReader, UserTower, check_served_inputs
 from aiplatform.serving.schemas import (
     MAX_K,
     ErrorResponse,
@@ -149,18 +149,18 @@ class RecommendationAPI:
             fallback = POPULAR_FALLBACK
         else:
             vector = await self.tower.embed.remote(
-                {"last_items": feats["last_items"], "counts": feats["counts"]}
+                {"history": feats["history"], "dense": feats["dense"]}
             )
             if self.ranker is None:
                 scored = await self.retriever.search.remote(
-                    vector, body.k, exclude=feats["purchased_items"]
+                    vector, body.k, exclude=feats["exclude"]
                 )
             else:
                 candidates = await self.retriever.search.remote(
-                    vector, rank_candidates(body.k), exclude=feats["purchased_items"]
+                    vector, rank_candidates(body.k), exclude=feats["exclude"]
                 )
                 scored = await self.ranker.rank.remote({
-                    "last_items": feats["last_items"], "counts": feats["counts"],
+                    "history": feats["history"], "dense": feats["dense"],
                     "candidates": candidates, "k": body.k,
                 })
                 ranked = True
@@ -235,14 +235,17 @@ def build_app(
     """The Serve application for the version ``alias`` points at (or ``version``).
 
     Resolved here, where the application is built, and checked before anything is deployed:
-    a missing alias, artifact or vector table is a clear ``NotFoundError`` now rather than
-    replicas failing to start later. A version whose artifact carries ``ranker/`` is served
+    a missing alias, artifact or vector table is a clear ``NotFoundError``, and a model trained
+    on another feature service than the served one a ``ConfigError``, now rather than replicas
+    failing to start later. A version whose artifact carries ``ranker/`` is served
     retrieve-then-rank; otherwise in retrieval order.
     """
     layout = home if isinstance(home, Layout) else Layout.at(home)
     settings = settings or Settings.load()
     registry = ModelRegistry(layout)
     mv = registry.get(model_name, version) if version else registry.get_by_alias(model_name, alias)
+    # the model's inputs must be the served feature service's (a clear error now, not zeros later)
+    check_served_inputs(mv.artifact_uri, settings.features_module, settings.feature_service)
     table = vector_table_name(mv.name, mv.version)
     ItemIndex(layout.vectors, table)  # raises NotFoundError naming the tables that exist
     has_ranker = ranker_dir_of(mv.artifact_uri) is not None
@@ -250,7 +253,7 @@ def build_app(
              " with its ranker" if has_ranker else "")
     return RecommendationAPI.bind(
         UserFeatureReader.bind(layout.root, online_store_uri(settings, layout), settings.features_module,
-                               settings.feature_service),
+                               settings.feature_service, mv.artifact_uri),
         UserTower.bind(mv.artifact_uri),
         Retriever.bind(layout.vectors, table),
         model_name=mv.name,

@@ -13,17 +13,26 @@ When the served model version carries a ranker (``<artifact>/ranker/``), a ``Ran
 deployment re-orders the retrieved candidates (retrieve-then-rank); without one, the retrieval
 order is served as before.
 
+What a user's feature row means to the model is the artifact's ``UserInputSpec``
+(``models.inputs``): ``UserFeatureReader`` turns the row into ``{'history', 'exclude', 'dense'}``
+with it, and every replica that holds a model checks at start that the artifact's spec is the
+served feature service's: a model served against another service fails to start with a message
+naming both, instead of reading zeros. Serving imports no training code.
+
 Resources are small fractions of a CPU so that the whole app (four or five deployments, up to a
 few replicas each) fits on a two-core laptop next to the Ray Data and Train workloads.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
 
-from aiplatform.features.definitions import COUNT_COLUMNS
 from aiplatform.retrieval.index import ItemIndex
+
+if TYPE_CHECKING:
+    from aiplatform.features.definitions import FeatureService
+    from aiplatform.models.inputs import UserInputSpec
 
 
 def _autoscaling(max_replicas: int, target: float) -> dict[str, Any]:
@@ -34,41 +43,63 @@ def _autoscaling(max_replicas: int, target: float) -> dict[str, Any]:
     }
 
 
+def served_service(features_module: str, service_name: str) -> "FeatureService":
+    """The declared feature service ``service_name`` of ``features_module``."""
+    from aiplatform.features.apply import load_definitions
+
+    _, services, _ = load_definitions(features_module)
+    matches = [s for s in services if s.name == service_name]
+    if not matches:
+        raise ValueError(f"feature service {service_name!r} is not declared in {features_module} "
+                         f"(SERVICES: {[s.name for s in services]})")
+    return matches[0]
+
+
+def check_served_inputs(artifact_dir: str, features_module: str, service_name: str) -> "UserInputSpec":
+    """The artifact's ``UserInputSpec``, after checking that it is the served service's
+    (``ConfigError`` naming both otherwise): what ``build_app`` and every replica run first."""
+    from aiplatform.models.two_tower import load_input_spec
+
+    spec = load_input_spec(artifact_dir)
+    spec.check_service(served_service(features_module, service_name),
+                       where=f"serving {artifact_dir} with {features_module}")
+    return spec
+
+
 @serve.deployment(
     autoscaling_config=_autoscaling(max_replicas=2, target=16),
     max_ongoing_requests=64,
     ray_actor_options={"num_cpus": 0.1},
 )
 class UserFeatureReader:
-    """A user's online features through the feature store's API (``features.server``), the
-    popular-items fallback, and real-time events (``push``), which rewrite the touched users'
-    rows at once."""
+    """A user's online features through the feature store's API (``features.server``), read
+    through the served model's input spec, the popular-items fallback, and real-time events
+    (``push``), which rewrite the touched users' rows at once."""
 
-    def __init__(self, home: str, online_store: str, features_module: str, service_name: str) -> None:
+    def __init__(self, home: str, online_store: str, features_module: str, service_name: str,
+                 artifact_dir: str) -> None:
         from aiplatform.core.storage import Layout
-        from aiplatform.features.apply import load_definitions
         from aiplatform.features.online import open_online_store
         from aiplatform.features.server import FeatureServer
 
         self.layout = Layout.at(home)
-        _, services, _ = load_definitions(features_module)
-        matches = [s for s in services if s.name == service_name]
-        if not matches:
-            raise ValueError(f"feature service {service_name!r} is not declared in {features_module}")
-        self.service = matches[0]
+        self.service = served_service(features_module, service_name)
+        self.inputs = check_served_inputs(artifact_dir, features_module, service_name)
         self.store = open_online_store(online_store)
         self.server = FeatureServer(self.store, self.service)
 
     def get(self, user_id: str) -> dict[str, Any] | None:
-        """{'last_items', 'purchased_items', 'counts'} of a user, or None if unknown."""
+        """The model inputs of a user, ``{'history': [...], 'exclude': [...], 'dense': float32
+        array}`` (raw values in the spec's order), or None if the user has no feature row."""
         feats = self.server.get([user_id])
         if feats.status[0] != "ok":
             return None
         row = feats.to_dict(0)
+        spec = self.inputs
         return {
-            "last_items": list(row.get("last_items") or []),
-            "purchased_items": list(row.get("purchased_items") or []),
-            "counts": np.asarray([row.get(c) or 0 for c in COUNT_COLUMNS], dtype=np.float32),
+            "history": [str(x) for x in row.get(spec.history) or []],
+            "exclude": [str(x) for x in row.get(spec.exclude) or []] if spec.exclude else [],
+            "dense": spec.dense_row(row),
         }
 
     def popular(self, k: int, exclude: list[str] | None = None) -> list[tuple[str, float]]:
@@ -108,13 +139,17 @@ class UserTower:
         self.model, self.vocab = load_artifact(artifact_dir)
         self.model.eval()
 
+    def n_dense(self) -> int:
+        """The width of the dense input the served tower reads (its input spec's)."""
+        return int(self.model.config()["n_dense"])
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def embed(self, users: list[dict[str, Any]]) -> list[np.ndarray]:
-        """One vector per ``{'last_items': [...], 'counts': array}``; called one user at a
-        time through the handle, run here as a batch."""
-        last_items = [list(u["last_items"]) for u in users]
-        counts = np.stack([np.asarray(u["counts"], dtype=np.float32) for u in users])
-        hist, dense = self.vocab.encode_users(last_items, counts)
+        """One vector per ``{'history': [...], 'dense': array}`` (``UserFeatureReader.get``);
+        called one user at a time through the handle, run here as a batch."""
+        histories = [list(u["history"]) for u in users]
+        dense = np.stack([np.asarray(u["dense"], dtype=np.float32).reshape(-1) for u in users])
+        hist, dense = self.vocab.encode_users(histories, dense, self.model.history_len)
         with self._torch.inference_mode():
             vectors = self.model.user_embedding(hist, dense).cpu().numpy().astype(np.float32)
         return list(vectors)
@@ -160,28 +195,27 @@ class Ranker:
     def __init__(self, artifact_dir: str) -> None:
         import torch
 
+        from aiplatform.core.errors import ConfigError
         from aiplatform.models.ranker import load_ranker, ranker_dir_of
-        from aiplatform.models.two_tower import load_vocab
+        from aiplatform.models.two_tower import load_input_spec, load_vocab
 
         torch.set_num_threads(1)
         ranker_dir = ranker_dir_of(artifact_dir)
         self.model = load_ranker(ranker_dir) if ranker_dir is not None else None
         self.vocab = load_vocab(artifact_dir) if ranker_dir is not None else None
+        if self.model is not None and self.model.inputs not in (None, load_input_spec(artifact_dir)):
+            raise ConfigError(f"{ranker_dir}: the ranker reads {self.model.inputs.describe()}, but its model "
+                              f"{load_input_spec(artifact_dir).describe()}: attach a ranker trained with this model")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def rank(self, requests: list[dict[str, Any]]) -> list[list[tuple[str, float]]]:
-        """Per request ``{'last_items', 'counts', 'candidates': [(item_id, retrieval score)], 'k'}``:
+        """Per request ``{'history', 'dense', 'candidates': [(item_id, retrieval score)], 'k'}``:
         the top ``k`` candidates by ranker score, as (item_id, score), best first."""
-        import pandas as pd
+        from aiplatform.models.ranker import rerank
 
-        from aiplatform.features.definitions import COUNT_COLUMNS
-        from aiplatform.training.ranker import rerank
-
-        counts = np.stack([np.asarray(r["counts"], dtype=np.float32).reshape(-1) for r in requests])
-        context = pd.DataFrame(counts, columns=COUNT_COLUMNS)
-        context["last_items"] = [list(r["last_items"]) for r in requests]
+        dense = np.stack([np.asarray(r["dense"], dtype=np.float32).reshape(-1) for r in requests])
         ids = [[c[0] for c in r["candidates"]] for r in requests]
-        scores = rerank(self.model, self.vocab, context, ids,
+        scores = rerank(self.model, self.vocab, [list(r["history"]) for r in requests], dense, ids,
                         [[float(c[1]) for c in r["candidates"]] for r in requests])
         out = []
         for r, cand, sc in zip(requests, ids, scores, strict=True):

@@ -73,6 +73,12 @@ class TrainConfig(BaseModel):
     max_failures: int = Field(0, ge=-1, description="Worker-failure restarts from the last checkpoint")
     eval_k: int = Field(10, ge=1, description="k of recall@k / ndcg@k")
     # ---- quality (model inputs, evaluation depth, promotion gates) ----
+    history_feature: str = Field(
+        "last_items", min_length=1, description="List feature of the served feature service that holds the user's "
+                                                "recent items (a last_n aggregation; its n is the history length)")
+    exclude_feature: str | None = Field(
+        "purchased_items", description="List feature of the served feature service whose items are never "
+                                       "recommended to that user; null: exclude nothing")
     title_buckets: int = Field(512, ge=0, le=1 << 20, description="Hash buckets of item-title words; 0 = no titles")
     eval_k_large: int = Field(50, ge=1, description="the larger k of recall@k (candidate-generation depth)")
     gates: QualityGates = Field(default_factory=QualityGates, description="What a model needs to become challenger")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from aiplatform.features.definitions import COUNT_COLUMNS
+from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel
 from aiplatform.training.config import QualityGates
 
@@ -110,10 +110,12 @@ def split_by_time(
     return cutoff, train, truth
 
 
-def _as_list(x) -> list[str]:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return []
-    return [str(v) for v in x]
+def input_spec(model: TwoTowerModel) -> UserInputSpec:
+    """The model's ``UserInputSpec``: how a context frame's columns become its inputs."""
+    if model.inputs is None:
+        raise ValueError("the model records no input spec (models.inputs.UserInputSpec): build it with "
+                         "inputs=UserInputSpec.from_service(service) or load a trained artifact")
+    return model.inputs
 
 
 @torch.no_grad()
@@ -122,8 +124,11 @@ def score_users(
 ) -> list[list[str]]:
     """Top-``k`` item ids per row of ``context`` by exhaustive dot product over the catalogue.
 
-    The padding index and each user's ``purchased_items`` are never recommended.
+    ``context`` is read through the model's input spec (its dense, history and exclusion
+    features); the padding index and each user's excluded items are never recommended.
     """
+    spec = input_spec(model)
+    spec.check_columns(context.columns, "evaluation context")
     model.eval()
     item_vecs = model.all_item_embeddings()  # [n_items + 1, dim]
     n_items = item_vecs.shape[0] - 1
@@ -131,16 +136,14 @@ def score_users(
     out: list[list[str]] = []
     for start in range(0, len(context), batch_size):
         chunk = context.iloc[start : start + batch_size]
-        counts = chunk.reindex(columns=COUNT_COLUMNS).to_numpy(dtype="float32", na_value=0.0)
-        hist, dense = vocab.encode_users([_as_list(x) for x in chunk["last_items"]], counts)
-        scores = model.user_embedding(hist, dense) @ item_vecs.T  # [B, n_items + 1]
-        scores[:, 0] = float("-inf")
-        if "purchased_items" in chunk.columns:
-            for row, bought in enumerate(chunk["purchased_items"]):
-                idx = vocab.indices(_as_list(bought))
-                idx = idx[idx > 0]
-                if len(idx):
-                    scores[row, torch.from_numpy(idx)] = float("-inf")
+        hist, dense = vocab.encode_batch(spec, chunk)
+        scores = model.user_embedding(torch.from_numpy(hist), torch.from_numpy(dense)) @ item_vecs.T
+        scores[:, 0] = float("-inf")  # [B, n_items + 1]
+        for row, excluded in enumerate(spec.exclusions(chunk)):
+            idx = vocab.indices(excluded)
+            idx = idx[idx > 0]
+            if len(idx):
+                scores[row, torch.from_numpy(idx)] = float("-inf")
         top = torch.topk(scores, k_eff, dim=1)
         for idx_row, score_row in zip(top.indices.numpy(), top.values.numpy(), strict=True):
             # -inf means excluded: a user who bought almost everything gets fewer than k
@@ -291,8 +294,8 @@ def evaluate_model(
     """Recall@k, recall@k_large, NDCG@k and coverage@k of the model and of the baselines.
 
     Only users present in both ``context`` and ``truth`` are scored, and every ranker gets
-    the same treatment (the user's ``purchased_items`` removed; co-occurrence uses the same
-    ``last_items`` the model sees), so the comparison is fair. ``beats_baselines`` says, per
+    the same treatment (the user's excluded items removed; co-occurrence uses the same history
+    the model sees: both read through the model's input spec), so the comparison is fair. ``beats_baselines`` says, per
     baseline, whether the model is ahead on both recall@k and NDCG@k.
     """
     ctx = context.copy()
@@ -306,12 +309,12 @@ def evaluate_model(
 
     depth = max(k, k_large)
     relevant = [truth[u] for u in ctx["user_id"]]
-    bought_col = ctx["purchased_items"] if "purchased_items" in ctx.columns else [None] * len(ctx)
-    exclude = [set(_as_list(b)) for b in bought_col]
+    spec = input_spec(model)
+    exclude = [set(ex) for ex in spec.exclusions(ctx)]
     recs = {"model": score_users(model, vocab, ctx, depth)}
     recs["popularity"] = [[i for i in popular if i not in ex][:depth] for ex in exclude]
     if cooccurrence is not None:
-        recs["cooccurrence"] = cooccurrence.recommend([_as_list(h) for h in ctx["last_items"]], exclude, depth)
+        recs["cooccurrence"] = cooccurrence.recommend(spec.histories(ctx), exclude, depth)
     out: dict = {r: _ranker_metrics(recs[r], relevant, k, k_large, vocab.n_items) for r in rankers}
     out["users"] = len(ctx)
     out["beats_baselines"] = {r: beats(out, r, k) for r in rankers[1:]}
@@ -387,6 +390,7 @@ __all__ = [
     "check_gates",
     "coverage",
     "evaluate_model",
+    "input_spec",
     "ndcg_at_k",
     "popularity_ranking",
     "ranker_verdict",

@@ -37,12 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from aiplatform.core import storage
 from aiplatform.core.errors import DataValidationError, UserInputError
 from aiplatform.core.schemas import EVENT_TYPES
-from aiplatform.features.definitions import COUNT_COLUMNS
+from aiplatform.models.inputs import UserInputSpec, as_item_list, encode_dense
 from aiplatform.models.ranker import (
     LABEL_GAINS,
     RANKER_SUBDIR,
@@ -51,9 +52,10 @@ from aiplatform.models.ranker import (
     listwise_loss,
     load_ranker,
     read_ranker_extra,
+    rerank,
     save_ranker,
 )
-from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, encode_counts
+from aiplatform.models.two_tower import ItemVocab, TwoTowerModel
 from aiplatform.training.config import RankerConfig
 from aiplatform.training.evaluate import ndcg_at_k, recall_at_k
 from aiplatform.training.reliability import RunStorage
@@ -64,7 +66,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH_SIZE = 2048
-EXAMPLE_COLUMNS: tuple[str, ...] = ("item_id", "event_type", "last_items", *COUNT_COLUMNS)
+LABEL_COLUMNS: tuple[str, ...] = ("item_id", "event_type")
+
+
+def example_columns(inputs: UserInputSpec) -> list[str]:
+    """Columns of the ranker's training examples: the label and the model inputs."""
+    return [*LABEL_COLUMNS, *inputs.columns]
 
 
 @dataclass
@@ -77,45 +84,52 @@ class RankerResult:
     duration_s: float
 
 
-# ---- helpers shared by training, evaluation and serving ----------------------------------------
-def _as_list(x) -> list[str]:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
+# ---- helpers shared by training and evaluation ------------------------------------------------
+def item_feature_names(item_features: pd.DataFrame | None, key: str = "item_id") -> list[str]:
+    """The numeric columns of an item feature frame (everything but the key and timestamps)."""
+    if item_features is None:
         return []
-    return [str(v) for v in x]
+    return [c for c in item_features.columns
+            if c != key and pd.api.types.is_numeric_dtype(item_features[c]) and not c.startswith("_")]
 
 
-def item_count_matrix(vocab: ItemVocab, item_counts: pd.DataFrame | None) -> np.ndarray | None:
-    """[n_items + 1, 12] raw popularity counts by item index from a frame with ``item_id`` and
-    the count columns (``features.compute.item_counts_at``); None when no counts are given."""
-    if item_counts is None:
+def item_count_matrix(vocab: ItemVocab, item_features: pd.DataFrame | None,
+                      names: list[str] | None = None) -> np.ndarray | None:
+    """[n_items + 1, len(names)] raw item feature values by item index from a frame with
+    ``item_id`` and ``names`` (default: its numeric columns), e.g. the item popularity view's
+    latest row per item at the training cutoff (``features.pipeline.latest_item_rows``); None
+    when no frame is given. Items without a row get zeros."""
+    if item_features is None:
         return None
-    missing = [c for c in ("item_id", *COUNT_COLUMNS) if c not in item_counts.columns]
+    names = item_feature_names(item_features) if names is None else list(names)
+    missing = [c for c in ("item_id", *names) if c not in item_features.columns]
     if missing:
-        raise DataValidationError("item counts", f"missing column(s) {', '.join(missing)}",
-                                  expected="item_id and " + ", ".join(COUNT_COLUMNS))
-    out = np.zeros((vocab.n_items + 1, len(COUNT_COLUMNS)), dtype=np.float32)
-    idx = vocab.indices(item_counts["item_id"].astype(str).tolist())
+        raise DataValidationError("item features", f"missing column(s) {', '.join(missing)}",
+                                  expected="item_id and " + ", ".join(names))
+    out = np.zeros((vocab.n_items + 1, len(names)), dtype=np.float32)
+    idx = vocab.indices(item_features["item_id"].astype(str).tolist())
     known = idx > 0
-    out[idx[known]] = item_counts.loc[known, COUNT_COLUMNS].to_numpy(dtype=np.float32, na_value=0.0)
+    values = item_features.loc[known, names].astype("float64").to_numpy(dtype=np.float32, na_value=np.nan)
+    out[idx[known]] = np.nan_to_num(values, nan=0.0)
     return out
 
 
 @torch.no_grad()
 def retrieve(
-    model: TwoTowerModel, vocab: ItemVocab, last_items: list[list[str]], counts: np.ndarray, n: int,
+    model: TwoTowerModel, vocab: ItemVocab, histories: list[list[str]], dense: np.ndarray, n: int,
     exclude: list[list[str]] | None = None, batch_size: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive two-tower top-``n``: (item indices [B, n], cosine scores [B, n]); excluded
-    items and padding get index 0 and score -inf (so they sort last)."""
+    items and padding get index 0 and score -inf (so they sort last). ``dense``: raw values."""
     model.eval()
     item_vecs = model.all_item_embeddings()
     n_eff = min(n, item_vecs.shape[0] - 1)
     idx_out, score_out = [], []
-    for s in range(0, len(last_items), batch_size):
-        hist, dense = vocab.encode_users(last_items[s:s + batch_size], counts[s:s + batch_size])
-        scores = model.user_embedding(hist, dense) @ item_vecs.T
+    for s in range(0, len(histories), batch_size):
+        hist, dense_t = vocab.encode_users(histories[s:s + batch_size], dense[s:s + batch_size], model.history_len)
+        scores = model.user_embedding(hist, dense_t) @ item_vecs.T
         scores[:, 0] = float("-inf")
-        for row, ex in enumerate((exclude or [[]] * len(last_items))[s:s + batch_size]):
+        for row, ex in enumerate((exclude or [[]] * len(histories))[s:s + batch_size]):
             ix = vocab.indices(list(ex)) if ex else np.zeros(0, np.int64)
             ix = ix[ix > 0]
             if len(ix):
@@ -134,78 +148,39 @@ def retrieve(
 @torch.no_grad()
 def retrieval_scores(model: TwoTowerModel, vocab: ItemVocab, hist: np.ndarray, dense: np.ndarray,
                      cands: np.ndarray) -> np.ndarray:
-    """[B, N] two-tower cosine of each (user, candidate index) pair."""
+    """[B, N] two-tower cosine of each (user, candidate index) pair (``dense``: encoded values)."""
     model.eval()
     u = model.user_embedding(torch.as_tensor(hist), torch.as_tensor(dense))  # [B, D]
     v = model.item_embedding(torch.as_tensor(cands).reshape(-1)).reshape(*cands.shape, -1)
     return torch.einsum("bd,bnd->bn", u, v).numpy().astype(np.float32)
 
 
-@torch.no_grad()
-def rerank(
-    model: RankerModel,
-    vocab: ItemVocab,
-    user_context: pd.DataFrame,
-    candidates: list[list[str]],
-    retrieval_scores: list[list[float]] | None = None,
-) -> list[np.ndarray]:
-    """Ranker scores of each user's candidates, in one forward pass for the whole batch.
-
-    ``user_context`` has one row per user (``last_items`` and the count columns);
-    ``candidates[i]`` are user i's item ids (any length); ``retrieval_scores[i]`` their two-tower
-    scores, if the ranker was trained with them. Returns one float32 array per user, aligned
-    with its candidates; an item unknown to the vocabulary scores -inf.
-    """
-    if len(user_context) != len(candidates):
-        raise UserInputError(f"rerank: {len(user_context)} users but {len(candidates)} candidate lists")
-    if retrieval_scores is not None and len(retrieval_scores) != len(candidates):
-        raise UserInputError("rerank: retrieval_scores needs one list per candidate list")
-    lengths = [len(c) for c in candidates]
-    if not candidates or max(lengths) == 0:
-        return [np.zeros(n, np.float32) for n in lengths]
-    width = max(lengths)
-    cands = np.zeros((len(candidates), width), np.int64)
-    rs = np.zeros((len(candidates), width), np.float32)
-    for i, c in enumerate(candidates):
-        cands[i, :len(c)] = vocab.indices(list(c))
-        if retrieval_scores is not None:
-            if len(retrieval_scores[i]) != len(c):
-                raise UserInputError(f"rerank: user {i} has {len(c)} candidates but "
-                                     f"{len(retrieval_scores[i])} retrieval scores")
-            rs[i, :len(c)] = np.asarray(retrieval_scores[i], np.float32)
-    counts = user_context.reindex(columns=COUNT_COLUMNS).to_numpy(dtype="float32", na_value=0.0)
-    hist, dense = vocab.encode_users([_as_list(x) for x in user_context["last_items"]], counts)
-    model.eval()
-    scores = model(hist, dense, torch.from_numpy(cands),
-                   torch.from_numpy(rs) if retrieval_scores is not None else None).numpy()
-    scores = np.where(cands > 0, scores, -np.inf).astype(np.float32)
-    return [scores[i, :n] for i, n in enumerate(lengths)]
-
-
 # ---- data: examples -> lists ------------------------------------------------------------------------
 class ListEncoder:
-    """Ray Data UDF: example rows -> one list each: ``hist`` [L], ``dense`` [12], ``cands`` [N]
+    """Ray Data UDF: example rows -> one list each: ``hist`` [L], ``dense`` [n_dense], ``cands`` [N]
     (positive first), ``gains`` [N], ``rscore`` [N] (two-tower scores, 0 without a model)."""
 
-    def __init__(self, vocab: ItemVocab, config: RankerConfig, retrieval_model: TwoTowerModel | None) -> None:
-        self.vocab, self.cfg, self.retrieval = vocab, config, retrieval_model
+    def __init__(self, vocab: ItemVocab, config: RankerConfig, retrieval_model: TwoTowerModel | None,
+                 inputs: UserInputSpec) -> None:
+        self.vocab, self.cfg, self.retrieval, self.inputs = vocab, config, retrieval_model, inputs
         self.min_rank = EVENT_TYPES.index(config.min_event_type)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cfg, vocab = self.cfg, self.vocab
-        missing = [c for c in EXAMPLE_COLUMNS if c not in batch]
+        cfg, vocab, spec = self.cfg, self.vocab, self.inputs
+        columns = example_columns(spec)
+        missing = [c for c in columns if c not in batch]
         if missing:
-            raise ValueError(f"ranker examples lack column(s) {missing}; expected {list(EXAMPLE_COLUMNS)}")
+            raise ValueError(f"ranker examples lack column(s) {missing}; expected {columns}")
         etype = pd.Series(batch["event_type"], dtype=object)
         rank = etype.map({t: i for i, t in enumerate(EVENT_TYPES)}).fillna(0).to_numpy()
         pos = vocab.indices(batch["item_id"])
         keep = (rank >= self.min_rank) & (pos > 0)
         pos = pos[keep]
         gain = etype[keep].map(LABEL_GAINS).fillna(LABEL_GAINS["view"]).to_numpy(np.float32)
-        last = [_as_list(x) for x, k in zip(batch["last_items"], keep, strict=True) if k]
-        counts = np.stack([np.asarray(batch[c], dtype="float32") for c in COUNT_COLUMNS], axis=1)[keep]
-        hist = vocab.encode_history(last)
-        dense = encode_counts(counts)
+        kept = {c: np.asarray(batch[c])[keep] for c in spec.columns}
+        last = spec.histories(kept)
+        raw = spec.dense_values(kept).reshape(len(last), spec.n_dense)
+        hist, dense = vocab.encode_history(last, spec.history_len), encode_dense(raw)
         B, n_items = len(pos), vocab.n_items
         # Seeded by the batch's content, so a re-execution draws the same negatives.
         rng = np.random.default_rng([self.cfg.seed, int(pos.sum()) if B else 0, B])
@@ -214,7 +189,7 @@ class ListEncoder:
         negs = []
         filter_retrieved = self.retrieval is not None and cfg.retrieved_positives_only
         if (n_hard or filter_retrieved) and B:
-            top, _ = retrieve(self.retrieval, vocab, last, counts, cfg.hard_pool)
+            top, _ = retrieve(self.retrieval, vocab, last, raw, cfg.hard_pool)
             if filter_retrieved:
                 # Serving only ever ranks retrieved items: a list whose positive retrieval missed
                 # teaches "a high two-tower score means negative", the opposite of the truth.
@@ -231,7 +206,7 @@ class ListEncoder:
             # horizon after it; without future items, not a recent item either
             bad = (top == 0) | (top == pos[:, None])
             if "future_items" in batch:
-                fut = [_as_list(x) for x, k in zip(batch["future_items"], keep, strict=True) if k]
+                fut = [as_item_list(x) for x, k in zip(batch["future_items"], keep, strict=True) if k]
                 future = vocab.encode_history(fut, history_len=max([1, *(len(x) for x in fut)]))
                 bad |= (top[:, :, None] == future[:, None, :]).any(-1)
             else:
@@ -268,10 +243,8 @@ class _FutureItems:
         self.horizon_us = int(horizon_days * 86_400 * 1_000_000)
 
     def __call__(self, group: pd.DataFrame) -> pd.DataFrame:
-        from aiplatform.features.compute import as_micros
-
         group = group.sort_values("timestamp", kind="stable").reset_index(drop=True)
-        t = as_micros(group["timestamp"])
+        t = pd.to_datetime(group["timestamp"], utc=True).dt.as_unit("us").astype("int64").to_numpy()
         items = group["item_id"].astype(str).to_numpy(dtype=object)
         lo = np.searchsorted(t, t, side="right")
         hi = np.searchsorted(t, t + self.horizon_us, side="right")
@@ -289,33 +262,36 @@ def _future_items_fn(horizon_days: float):
     return future_items
 
 
-def _as_dataset(examples: "ray.data.Dataset | pd.DataFrame", horizon_days: float = 0.0) -> "ray.data.Dataset":
+def _as_dataset(examples: "ray.data.Dataset | pd.DataFrame", inputs: UserInputSpec,
+                horizon_days: float = 0.0) -> "ray.data.Dataset":
     import ray.data
 
+    columns = example_columns(inputs)
+    expected = f"the label and the inputs of feature service {inputs.service!r}: " + ", ".join(columns)
     if isinstance(examples, pd.DataFrame):
-        missing = [c for c in EXAMPLE_COLUMNS if c not in examples.columns]
+        missing = [c for c in columns if c not in examples.columns]
         if missing:
-            raise DataValidationError("ranker examples", f"missing column(s) {', '.join(missing)}",
-                                      expected="the feature pipeline's training examples: " + ", ".join(EXAMPLE_COLUMNS))
+            raise DataValidationError("ranker examples", f"missing column(s) {', '.join(missing)}", expected=expected)
         if examples.empty:
             raise DataValidationError("ranker examples", "no rows", expected="at least one training example")
-        cols = list(EXAMPLE_COLUMNS) + [c for c in ("user_id", "timestamp") if c in examples.columns]
+        cols = list(columns) + [c for c in ("user_id", "timestamp") if c in examples.columns]
         frame = examples[cols].reset_index(drop=True)
         chunk = max(1, -(-len(frame) // 8))
-        # a list of frames: from_pandas(override_num_blocks=...) crashes with pandas 3
-        ds = ray.data.from_pandas([frame.iloc[s:s + chunk] for s in range(0, len(frame), chunk)])
+        # Arrow tables, so list columns stay Arrow lists (from_pandas turns a column of numpy
+        # arrays into a tensor extension that the per-user grouping cannot convert back)
+        ds = ray.data.from_arrow([pa.Table.from_pandas(frame.iloc[s:s + chunk], preserve_index=False)
+                                  for s in range(0, len(frame), chunk)])
     else:
         ds = examples
     schema = ds.schema()
     names = set(schema.names) if schema is not None else set()
-    missing = [c for c in EXAMPLE_COLUMNS if c not in names]
+    missing = [c for c in columns if c not in names]
     if schema is not None and missing:
-        raise DataValidationError("ranker examples", f"missing column(s) {', '.join(missing)}",
-                                  expected="the feature pipeline's training examples: " + ", ".join(EXAMPLE_COLUMNS))
+        raise DataValidationError("ranker examples", f"missing column(s) {', '.join(missing)}", expected=expected)
     if horizon_days > 0 and {"user_id", "timestamp"} <= names:
-        return ds.select_columns([*EXAMPLE_COLUMNS, "user_id", "timestamp"]).groupby("user_id").map_groups(
+        return ds.select_columns([*columns, "user_id", "timestamp"]).groupby("user_id").map_groups(
             _future_items_fn(horizon_days), batch_format="pandas")
-    return ds.select_columns(list(EXAMPLE_COLUMNS))
+    return ds.select_columns(list(columns))
 
 
 # ---- the per-worker loop -------------------------------------------------------------------------
@@ -414,15 +390,17 @@ def train_ranker(
     run_name: str,
     retrieval_model: TwoTowerModel | None = None,
     item_counts: pd.DataFrame | None = None,
+    inputs: UserInputSpec | None = None,
 ) -> RankerResult:
     """Train the ranker on the feature layer's training examples with Ray Train V2.
 
     ``vocab`` must be the two-tower model's vocabulary (the ranker is served with it).
     ``retrieval_model`` enables hard negatives and the two-tower-score feature; without it
-    every negative is random. ``item_counts`` (``item_id`` + count columns, e.g.
-    ``features.compute.item_counts_at`` at the training cutoff) become item popularity
-    features; ``items`` is used to check the catalogue and as a fallback source of counts
-    when it carries the count columns. Re-using ``run_name`` resumes that run (Ray Train V2).
+    every negative is random. ``item_counts`` (``item_id`` + numeric item features, e.g. the
+    item popularity view's latest row per item at the training cutoff,
+    ``features.pipeline.latest_item_rows``) become item features frozen into the artifact;
+    ``items`` is used to check the catalogue. ``inputs``: the examples' model inputs (default:
+    the retrieval model's). Re-using ``run_name`` resumes that run (Ray Train V2).
     """
     import ray
     import ray.train
@@ -434,14 +412,20 @@ def train_ranker(
                                   expected="at least 2 distinct item ids")
     if "item_id" not in items.columns:
         raise DataValidationError("items", "column missing", column="item_id", expected="string item ids")
-    if item_counts is None and all(c in items.columns for c in COUNT_COLUMNS):
-        item_counts = items
-    counts = item_count_matrix(vocab, item_counts)
+    inputs = inputs if inputs is not None else getattr(retrieval_model, "inputs", None)
+    if inputs is None:
+        raise UserInputError("train_ranker: pass inputs= (the examples' UserInputSpec) or a retrieval model "
+                             "trained with one")
+    if retrieval_model is not None and retrieval_model.inputs not in (None, inputs):
+        raise UserInputError(f"train_ranker: the retrieval model reads {retrieval_model.inputs.describe()}, "
+                             f"not the examples' {inputs.describe()}")
+    names = item_feature_names(item_counts)
+    counts = item_count_matrix(vocab, item_counts, names)
     use_rs = bool(config.use_retrieval_score and retrieval_model is not None)
-    model_config = RankerModel.from_vocab(vocab, dim=config.dim, hidden=config.hidden,
-                                          use_retrieval_score=use_rs, dropout=config.dropout).config()
-    ds = _as_dataset(examples, config.negative_horizon_days).map_batches(
-        ListEncoder(vocab, config, retrieval_model), batch_format="numpy",
+    model_config = RankerModel.from_vocab(vocab, dim=config.dim, hidden=config.hidden, use_retrieval_score=use_rs,
+                                          dropout=config.dropout, inputs=inputs, item_features=names).config()
+    ds = _as_dataset(examples, inputs, config.negative_horizon_days).map_batches(
+        ListEncoder(vocab, config, retrieval_model, inputs), batch_format="numpy",
         batch_size=ENCODE_BATCH_SIZE, compute=ray.data.TaskPoolStrategy(),
     ).random_shuffle(seed=config.seed).materialize()
     n_lists = ds.count()
@@ -478,7 +462,7 @@ def train_ranker(
         model = load_ranker(d)
     history = result.return_value or []
     metrics = {"history": list(history), "loss": history[-1]["loss"] if history else None,
-               "lists": int(n_lists), "use_retrieval_score": use_rs,
+               "lists": int(n_lists), "use_retrieval_score": use_rs, "item_features": names,
                "hard_negatives": retrieval_model is not None and config.n_hard > 0}
     return RankerResult(model=model, path=runs.uri_of(result.checkpoint.path), metrics=metrics,
                         duration_s=time.perf_counter() - started)
@@ -530,7 +514,10 @@ def evaluate_ranker(
     n_candidates: int = 100,
 ) -> dict:
     """recall@k and NDCG@k of retrieval alone and of retrieve(top ``n_candidates``) -> rank, on
-    the same users (those in both ``context`` and ``truth``), purchased items excluded from both."""
+    the same users (those in both ``context`` and ``truth``), each user's excluded items (the
+    input spec's ``exclude`` feature) left out of both. ``context`` is read through the
+    retrieval model's ``UserInputSpec``."""
+    spec = _spec_of(retrieval_model)
     ctx = context.copy()
     ctx["user_id"] = ctx["user_id"].astype(str)
     ctx = ctx[ctx["user_id"].isin(truth.keys())].drop_duplicates("user_id", keep="last").reset_index(drop=True)
@@ -538,16 +525,16 @@ def evaluate_ranker(
     if ctx.empty:
         zero = {names[0]: 0.0, names[1]: 0.0}
         return {"retrieval": dict(zero), "ranked": dict(zero), "users": 0, "candidates": n_candidates}
-    last = [_as_list(x) for x in ctx["last_items"]]
-    counts = ctx.reindex(columns=COUNT_COLUMNS).to_numpy(dtype="float32", na_value=0.0)
-    bought = [_as_list(x) for x in ctx["purchased_items"]] if "purchased_items" in ctx.columns else None
-    idx, scores = retrieve(retrieval_model, vocab, last, counts, n_candidates, exclude=bought)
+    last = spec.histories(ctx)
+    dense = spec.dense_values(ctx).reshape(len(ctx), spec.n_dense)
+    bought = spec.exclusions(ctx)
+    idx, scores = retrieve(retrieval_model, vocab, last, dense, n_candidates, exclude=bought)
     ids = np.asarray([""] + vocab.item_ids, dtype=object)
     cand_ids = [[ids[i] for i in row if i > 0] for row in idx]
     cand_rs = [[float(s) for i, s in zip(r_i, r_s, strict=True) if i > 0] for r_i, r_s in zip(idx, scores, strict=True)]
     ranked: list[list[str]] = []
     for s in range(0, len(ctx), 512):
-        sub = rerank(ranker, vocab, ctx.iloc[s:s + 512], cand_ids[s:s + 512], cand_rs[s:s + 512])
+        sub = rerank(ranker, vocab, last[s:s + 512], dense[s:s + 512], cand_ids[s:s + 512], cand_rs[s:s + 512])
         for c, sc in zip(cand_ids[s:s + 512], sub, strict=True):
             ranked.append([c[j] for j in np.argsort(-sc, kind="stable")])
     out = {"retrieval": {}, "ranked": {}, "users": len(ctx), "candidates": n_candidates}
@@ -560,6 +547,13 @@ def evaluate_ranker(
     return out
 
 
+def _spec_of(model: TwoTowerModel) -> UserInputSpec:
+    if model.inputs is None:
+        raise UserInputError("the retrieval model records no input spec (models.inputs.UserInputSpec): "
+                             "build it with inputs=UserInputSpec.from_service(...) or retrain it")
+    return model.inputs
+
+
 __all__ = [
     "ListEncoder",
     "RankerConfig",
@@ -567,6 +561,7 @@ __all__ = [
     "attach_ranker",
     "evaluate_ranker",
     "item_count_matrix",
+    "item_feature_names",
     "rerank",
     "retrieve",
     "train_ranker",

@@ -42,11 +42,10 @@ import torch
 
 from aiplatform.core.errors import ConfigError, DataValidationError, NotFoundError
 from aiplatform.core.schemas import EVENT_TYPES
-from aiplatform.features.definitions import COUNT_COLUMNS
+from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.two_tower import (
     ItemVocab,
     TwoTowerModel,
-    encode_counts,
     load_artifact,
     read_extra,
     save_artifact,
@@ -72,8 +71,8 @@ log = logging.getLogger(__name__)
 
 EVENT_RANK: dict[str, int] = {t: i for i, t in enumerate(EVENT_TYPES)}
 """Funnel depth of each event type; unknown types rank as ``view`` (docs/architecture.md)."""
-EXAMPLE_COLUMNS: tuple[str, ...] = ("item_id", "event_type", "last_items", *COUNT_COLUMNS)
-"""Columns of the feature layer's training examples that training reads."""
+LABEL_COLUMNS: tuple[str, ...] = ("item_id", "event_type")
+"""Columns of a training example besides the model inputs (``UserInputSpec.columns``)."""
 OPTIMIZER_FILE = "optimizer.pt"
 ENCODE_BATCH_SIZE = 4096
 
@@ -103,8 +102,15 @@ class TrainResult:
 
 
 # ---- data: examples -> model inputs ------------------------------------------------------------
+def example_columns(inputs: UserInputSpec) -> list[str]:
+    """The columns of the training examples that training reads: the label and the model inputs."""
+    return [*LABEL_COLUMNS, *inputs.columns]
+
+
 class ExampleEncoder:
-    """Ray Data UDF: example rows -> ``hist`` [B, L] int64, ``dense`` [B, 12] float32, ``item`` int64.
+    """Ray Data UDF: example rows -> ``hist`` [B, L] int64, ``dense`` [B, n_dense] float32, ``item`` int64.
+
+    The model inputs are read through the ``UserInputSpec`` (its history and dense features).
 
     Rows whose event is weaker than ``min_event_type`` or whose target item is not in the
     catalogue are dropped here, once, instead of being skipped in every worker every epoch.
@@ -112,28 +118,25 @@ class ExampleEncoder:
     holds no CPU between epochs; the vocabulary travels with it once per task.
     """
 
-    def __init__(self, vocab: ItemVocab, min_event_type: str = "view") -> None:
-        self.vocab = vocab
+    def __init__(self, vocab: ItemVocab, inputs: UserInputSpec, min_event_type: str = "view") -> None:
+        self.vocab, self.inputs = vocab, inputs
         self.min_rank = EVENT_RANK[min_event_type]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [c for c in EXAMPLE_COLUMNS if c not in batch]
+        columns = example_columns(self.inputs)
+        missing = [c for c in columns if c not in batch]
         if missing:
-            raise ValueError(f"training examples lack column(s) {missing}; expected {list(EXAMPLE_COLUMNS)}")
+            raise ValueError(f"training examples lack column(s) {missing} (feature service "
+                             f"{self.inputs.service!r}); expected {columns}")
         rank = pd.Series(batch["event_type"], dtype=object).map(EVENT_RANK).fillna(0).to_numpy()
         item = self.vocab.indices(batch["item_id"])
         keep = (rank >= self.min_rank) & (item > 0)
-        last_items = [x for x, k in zip(batch["last_items"], keep, strict=True) if k]
-        counts = np.stack([np.asarray(batch[c], dtype="float32") for c in COUNT_COLUMNS], axis=1)[keep]
-        return {
-            "hist": self.vocab.encode_history(last_items),
-            "dense": encode_counts(counts),
-            "item": item[keep],
-        }
+        hist, dense = self.vocab.encode_batch(self.inputs, {c: np.asarray(batch[c])[keep] for c in self.inputs.columns})
+        return {"hist": hist, "dense": dense, "item": item[keep]}
 
 
 def encode_examples(
-    examples: "ray.data.Dataset", vocab: ItemVocab, config: TrainConfig
+    examples: "ray.data.Dataset", vocab: ItemVocab, config: TrainConfig, inputs: UserInputSpec
 ) -> "ray.data.Dataset":
     """The encoded, shuffled training dataset.
 
@@ -145,7 +148,7 @@ def encode_examples(
     import ray.data
 
     ds = examples.map_batches(
-        ExampleEncoder(vocab, config.min_event_type),
+        ExampleEncoder(vocab, inputs, config.min_event_type),
         batch_format="numpy",
         batch_size=ENCODE_BATCH_SIZE,
         compute=ray.data.TaskPoolStrategy(),
@@ -158,7 +161,7 @@ def encode_examples(
 
 
 def training_datasets(
-    examples: "ray.data.Dataset", vocab: ItemVocab, config: TrainConfig
+    examples: "ray.data.Dataset", vocab: ItemVocab, config: TrainConfig, inputs: UserInputSpec
 ) -> dict[str, "ray.data.Dataset"]:
     """``{"train": ..., "validation": ...}``: the encoded rows, shuffled once (seeded) and
     materialized, split ``1 - validation_fraction`` / ``validation_fraction``.
@@ -170,7 +173,7 @@ def training_datasets(
     import ray.data
 
     encoded = examples.map_batches(
-        ExampleEncoder(vocab, config.min_event_type),
+        ExampleEncoder(vocab, inputs, config.min_event_type),
         batch_format="numpy",
         batch_size=ENCODE_BATCH_SIZE,
         compute=ray.data.TaskPoolStrategy(),
@@ -215,15 +218,17 @@ def item_frequencies(examples: "ray.data.Dataset", vocab: ItemVocab, config: Tra
     return total
 
 
-def _check_examples(examples: "ray.data.Dataset") -> None:
+def _check_examples(examples: "ray.data.Dataset", inputs: UserInputSpec) -> None:
     schema = examples.schema()
     names = set(schema.names) if schema is not None else set()
-    missing = [c for c in EXAMPLE_COLUMNS if c not in names]
+    columns = example_columns(inputs)
+    missing = [c for c in columns if c not in names]
     if schema is not None and missing:
         raise DataValidationError(
             "training examples",
             f"missing column(s) {', '.join(missing)}",
-            expected="the columns produced by the feature pipeline: " + ", ".join(EXAMPLE_COLUMNS),
+            expected=f"the label and the inputs of feature service {inputs.service!r} (a point-in-time "
+                     "frame of features.pipeline.service_frame): " + ", ".join(columns),
         )
 
 
@@ -272,7 +277,8 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     _seed_everything(cfg.seed)
 
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=cfg.dim, temperature=cfg.temperature)
+    model = TwoTowerModel(**vocab.model_kwargs(), dim=cfg.dim, temperature=cfg.temperature,
+                          inputs=loop_config["inputs"])
     optimizer_state = None
     start_epoch, history, global_step = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
@@ -419,13 +425,19 @@ def latest_epoch_of_run(runs_dir: str, run_name: str) -> int | None:
         return int(read_extra(d).get("epoch", 0))
 
 
-def _vocab_of_existing_run(runs: RunStorage, run_name: str) -> ItemVocab | None:
-    """The vocabulary of the latest checkpoint of ``run_name``, if that run exists."""
+def _vocab_of_existing_run(runs: RunStorage, run_name: str,
+                           inputs: UserInputSpec) -> ItemVocab | None:
+    """The vocabulary of the latest checkpoint of ``run_name``, if that run exists; a run
+    trained on other model inputs cannot be continued (``ConfigError``)."""
     previous = _previous_result(runs, run_name)
     if previous is None:
         return None
     with previous.checkpoint.as_directory() as d:
-        _, vocab = load_artifact(d)
+        model, vocab = load_artifact(d)
+    if model.inputs != inputs:
+        raise ConfigError(f"run {run_name!r} was trained on other model inputs "
+                          f"({model.inputs.describe() if model.inputs else 'none recorded'}) than this call's "
+                          f"({inputs.describe()}): start a new run instead of resuming it")
     log.info("resuming run %s from %s", run_name, runs.uri_of(previous.checkpoint.path))
     return vocab
 
@@ -437,10 +449,15 @@ def train_two_tower(
     runs_dir: str,
     run_name: str,
     *,
+    inputs: UserInputSpec,
     require_existing: bool = False,
     fault: FaultInjection | None = None,
 ) -> TrainResult:
     """Train the two-tower model on ``examples`` and return the run's best checkpoint's model.
+
+    ``inputs`` says which columns of the examples are the model's inputs
+    (``UserInputSpec.from_service`` of the feature service the examples were joined with); it is
+    saved in every checkpoint's model config, so serving and evaluation read the same contract.
 
     ``runs_dir`` is the Ray Train storage path (local or ``s3://``/``gs://``); a checkpoint is
     written every epoch to ``<runs_dir>/<run_name>/epoch_NNNN`` (checkpoint paths in the result
@@ -473,7 +490,7 @@ def train_two_tower(
     runs = RunStorage.of(runs_dir)
     run_uri = runs.run_uri(run_name)
     # A resumed run keeps its vocabulary, so examples are encoded as its weights expect.
-    previous_vocab = _vocab_of_existing_run(runs, run_name)
+    previous_vocab = _vocab_of_existing_run(runs, run_name, inputs)
     if previous_vocab is None and require_existing:
         raise NotFoundError(f"no training run '{run_name}' with a checkpoint under {runs.uri}: "
                             "check the run name (aiplatform keeps runs under <home>/runs/) or start a new run")
@@ -481,9 +498,9 @@ def train_two_tower(
     if vocab.n_items < 2:
         raise DataValidationError("items", f"{vocab.n_items} item(s) in the catalogue", column="item_id",
                                   expected="at least 2 distinct item ids")
-    _check_examples(examples)
+    _check_examples(examples, inputs)
     use_gpu = _resolve_use_gpu(config)
-    datasets = training_datasets(examples, vocab, config)
+    datasets = training_datasets(examples, vocab, config, inputs)
     metric = config.checkpoint_metric if "validation" in datasets else None
     call_id = uuid.uuid4().hex[:12]
 
@@ -492,6 +509,7 @@ def train_two_tower(
         train_loop_config={
             "train_config": config.model_dump(),
             "vocab_ref": ray.put(vocab.to_dict()),
+            "inputs": inputs.to_dict(),
             "item_counts_ref": ray.put(item_frequencies(examples, vocab, config)) if config.logq_correction else None,
             "validate": "validation" in datasets,
             "run_uri": run_uri,
@@ -519,9 +537,9 @@ def train_two_tower(
         # Every worker sees the whole validation slice (only rank 0 scores it).
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    log.info("training %s: %d workers, gpu=%s, precision=%s, %d epochs, %d items, checkpoints ranked by %s",
-             run_name, config.num_workers, use_gpu, config.precision, config.epochs, vocab.n_items,
-             metric or "recency")
+    log.info("training %s: %d workers, gpu=%s, precision=%s, %d epochs, %d items, checkpoints ranked by %s; "
+             "inputs: %s", run_name, config.num_workers, use_gpu, config.precision, config.epochs, vocab.n_items,
+             metric or "recency", inputs.describe())
     result = trainer.fit()
     steps_redone, restarts = collect_progress(run_uri, call_id)
     if result.checkpoint is None:

@@ -6,12 +6,21 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server):
+def importable_dir(tmp_path_factory):
+    """A folder on the PYTHONPATH of every Ray worker of the session (set before ``ray.init``),
+    for modules a test writes, e.g. a copy of a feature-definitions module that Ray Data tasks
+    and Serve replicas must import by name. The test adds it to its own ``sys.path``."""
+    return tmp_path_factory.mktemp("importable")
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server, importable_dir):
     import ray
 
     from tests.s3_server import s3_environment
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(importable_dir), os.environ.get("PYTHONPATH")) if p)
     # Ray's workers inherit the environment of ray.init: the S3 test server's endpoint and
     # credentials must be there first, so that tasks can read an s3:// storage root.
     os.environ.update(s3_environment(s3_server))

@@ -20,7 +20,7 @@ from aiplatform.core.errors import ConfigError, DataValidationError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout, storage_options
 from aiplatform.data import eventlog, lake
-from aiplatform.features import compute, offline, pipeline
+from aiplatform.features import offline, pipeline
 from aiplatform.features.definitions import FeatureService
 from aiplatform.features.materialize import materialize
 from aiplatform.features.online import open_online_store
@@ -28,7 +28,7 @@ from aiplatform.features.partition import TIMESTAMP_COLUMN
 from aiplatform.features.pit import asof_join, get_training_frame
 from aiplatform.features.push import push
 from aiplatform.features.server import open_store
-from apps.shop.features import item_attributes, recommender_user, user_activity
+from apps.shop.features import item_attributes, item_popularity, recommender_user, user_activity
 from apps.shop.generate import ShopSize, generate, write
 from tests.s3_server import BUCKET
 
@@ -197,10 +197,14 @@ def test_feature_pipeline_on_s3_keeps_popular_items_in_redis(shops, redis_url):
 
     redis.Redis.from_url(url).flushdb()
     summary = pipeline.run_feature_pipeline(remote, settings=Settings(home=remote.root, online_store=url))
-    assert storage.is_dir(remote.feature_table(pipeline.ITEM_VIEW))
+    assert storage.is_dir(remote.feature_table(item_popularity.table_name))  # the popularity view, on S3
     store = open_online_store(url)
     events = lake.read_events(remote)
-    reference = compute.popularity_scores(compute.item_counts_at(events, summary.as_of))
+    # the same list as the popularity view computed on the local root
+    local = shops["local"]
+    offline.run_view(local, item_popularity)
+    reference = pipeline.popular_items(local, item_popularity, summary.as_of)
+    assert summary.items == len(reference)
     stored = store.get_popular_items(pipeline.POPULAR_ITEMS_KEPT)
     assert [i for i, _ in stored] == reference["item_id"].head(len(stored)).tolist() and len(stored) > 0
     assert np.allclose([s for _, s in stored], reference["score"].head(len(stored)))

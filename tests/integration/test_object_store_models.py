@@ -3,20 +3,23 @@ under s3://…/runs, resuming from them, a ranker attached without writing into 
 checkpoint, the registry and its artifacts in the bucket, and the vector index built from the
 registered artifact and searched there. Nothing here touches a local storage root.
 
-The examples are built in memory (``features.compute.training_examples``), so this module
-depends on no other layer's object-store support.
+The examples are built in memory (the shop's feature service joined point-in-time with
+``features.pipeline.frame_from_events``), so this module depends on no other layer's
+object-store support.
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from aiplatform.core import storage
 from aiplatform.core.storage import Layout
-from aiplatform.features.compute import training_examples
+from aiplatform.features.pipeline import frame_from_events, training_labels
 from aiplatform.jobs import index as index_job
 from aiplatform.jobs import train as train_job
 from aiplatform.jobs.train import artifact_to_register
+from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.ranker import load_ranker, ranker_dir_of
 from aiplatform.models.two_tower import load_artifact, load_vocab, read_extra
 from aiplatform.registry import ModelRegistry
@@ -25,19 +28,21 @@ from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import split_by_time
 from aiplatform.training.ranker import RankerConfig, train_ranker
 from aiplatform.training.train import latest_epoch_of_run, train_two_tower
+from apps.shop.features import recommender_user
 from apps.shop.generate import ShopSize, generate
 
 pytestmark = pytest.mark.integration
 
 TYPES = ("view", "click", "add_to_cart", "purchase")
+INPUTS = UserInputSpec.from_service(recommender_user)
 
 
 @pytest.fixture(scope="module")
 def shop() -> dict:
     frames = generate(ShopSize(users=120, items=60, categories=6, days=20), seed=5)
     cutoff, train_events, _ = split_by_time(frames["events"], holdout_days=5)
-    end_us = int(cutoff.value) // 1000 + 1
-    examples = training_examples(train_events, 0, end_us, TYPES)
+    labels = training_labels(train_events, cutoff + pd.Timedelta(microseconds=1), TYPES)
+    examples = frame_from_events(recommender_user, train_events, labels)
     assert len(examples) > 500
     return {"items": frames["items"], "examples": examples}
 
@@ -50,7 +55,7 @@ def test_train_register_index_and_search_in_the_bucket(ray_session, s3_root, sho
     config = TrainConfig(num_workers=1, use_gpu=False, batch_size=64, epochs=1, dim=8, seed=0)
 
     # ---- Ray Train writes its checkpoints to s3://…/runs; checkpoint paths come back as URIs
-    first = train_two_tower(ds, shop["items"], config, layout.runs, "tt")
+    first = train_two_tower(ds, shop["items"], config, layout.runs, "tt", inputs=INPUTS)
     run = f"{layout.runs}/tt"
     assert first.checkpoint_path == f"{run}/epoch_0001"
     assert storage.exists(f"{first.checkpoint_path}/model.pt")
@@ -59,7 +64,8 @@ def test_train_register_index_and_search_in_the_bucket(ray_session, s3_root, sho
     assert latest_epoch_of_run(layout.runs, "no-such-run") is None
 
     # ---- the same run name resumes from the bucket's checkpoint (Result.from_path on S3)
-    second = train_two_tower(ds, shop["items"], config.model_copy(update={"epochs": 2}), layout.runs, "tt")
+    second = train_two_tower(ds, shop["items"], config.model_copy(update={"epochs": 2}), layout.runs, "tt",
+                             inputs=INPUTS)
     assert [h["epoch"] for h in second.history] == [1, 2]
     assert second.history[0] == first.history[0]  # carried over, not retrained
     assert second.latest_checkpoint_path == f"{run}/epoch_0002"
@@ -71,7 +77,7 @@ def test_train_register_index_and_search_in_the_bucket(ray_session, s3_root, sho
     # is where its checkpoint goes, not its quality)
     ranker = train_ranker(shop["examples"], shop["items"], second.vocab,
                           RankerConfig(epochs=1, n_hard=0, n_random=4, batch_size=64, negative_horizon_days=0),
-                          layout.runs, "tt-ranker")
+                          layout.runs, "tt-ranker", inputs=INPUTS)
     assert ranker.path.startswith(f"{layout.runs}/tt-ranker/")
     checkpoint_files = storage.list_files(second.checkpoint_path)
     registry = ModelRegistry(layout)
@@ -108,7 +114,7 @@ def test_train_register_index_and_search_in_the_bucket(ray_session, s3_root, sho
         hits = index.search(index.vector_of(item_id), k=5)
         assert hits[0][0] == item_id and hits[0][1] == pytest.approx(1.0, abs=1e-4)
     # a user query: the model's user tower against the stored item vectors
-    hist, dense = served_vocab.encode_users([probe], np.zeros((1, 12), np.float32))
+    hist, dense = served_vocab.encode_users([probe], np.zeros((1, INPUTS.n_dense), np.float32), INPUTS.history_len)
     with torch.inference_mode():
         user = served.user_embedding(hist, dense).numpy()[0]
     assert len(index.search(user, k=10, exclude=set(probe))) == 10

@@ -9,24 +9,27 @@ import pandas as pd
 import pytest
 import torch
 
-from aiplatform.core.errors import DataValidationError
+from aiplatform.core.errors import DataValidationError, UserInputError
 from aiplatform.core.storage import Layout
-from aiplatform.features.definitions import COUNT_COLUMNS
-from aiplatform.features.compute import as_micros, item_counts_at, training_examples, user_features_at
-from aiplatform.models.ranker import load_ranker, ranker_dir_of
+from aiplatform.features.definitions import FeatureService
+from aiplatform.features.pipeline import frame_from_events, training_labels
+from aiplatform.models.inputs import UserInputSpec
+from aiplatform.models.ranker import load_ranker, ranker_dir_of, rerank
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, load_artifact, save_artifact
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval import build_item_index
 from aiplatform.retrieval.index import ItemIndex, vector_table_name
 from aiplatform.serving.app import build_app, rank_candidates, start, stop
 from aiplatform.training.evaluate import split_by_time
-from aiplatform.training.ranker import RankerConfig, attach_ranker, evaluate_ranker, rerank, train_ranker
+from aiplatform.training.ranker import RankerConfig, attach_ranker, evaluate_ranker, train_ranker
 from tests.feature_rows import write_user_rows
+from apps.shop.features import item_popularity, recommender_user
 from apps.shop.generate import ShopSize, generate
 
 pytestmark = pytest.mark.integration
 
 TYPES = ("view", "click", "add_to_cart", "purchase")
+INPUTS = UserInputSpec.from_service(recommender_user)
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +38,22 @@ def shop():
     events, items = data["events"], data["items"]
     cutoff, train_ev, truth = split_by_time(events, 7)
     boundary = cutoff + pd.Timedelta(microseconds=1)
-    start_us = int(as_micros(pd.Series([train_ev["timestamp"].min()]))[0])
-    end_us = int(as_micros(pd.Series([boundary]))[0])
-    examples = training_examples(train_ev, start_us, end_us, TYPES)
-    context = user_features_at(train_ev, boundary)
+    # the shop's declared features, joined point-in-time in memory: examples just before each
+    # event, the users' rows at the cutoff, and the items' popularity rows at the cutoff
+    examples = frame_from_events(recommender_user, train_ev, training_labels(train_ev, boundary, TYPES))
+    users = sorted(train_ev["user_id"].unique())
+    context = frame_from_events(recommender_user, train_ev, pd.DataFrame({"user_id": users, "event_timestamp": cutoff}))
+    popularity = FeatureService("item_rows", (item_popularity,))
+    item_rows = frame_from_events(popularity, train_ev,
+                                  pd.DataFrame({"item_id": sorted(items["item_id"]), "event_timestamp": cutoff}))
+    item_counts = item_rows[["item_id", *item_popularity.features]]
     vocab = ItemVocab.from_items(items)
     torch.manual_seed(0)
     # An untrained two-tower: its order is close to random, so a ranker that learned the
     # shop's structure (users stay in their categories) must clearly beat it.
-    retrieval = TwoTowerModel(**vocab.model_kwargs(), dim=16).eval()
+    retrieval = TwoTowerModel(**vocab.model_kwargs(), dim=16, inputs=INPUTS).eval()
     return {"items": items, "examples": examples, "context": context, "truth": truth,
-            "vocab": vocab, "retrieval": retrieval, "item_counts": item_counts_at(train_ev, boundary)}
+            "vocab": vocab, "retrieval": retrieval, "item_counts": item_counts}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +72,9 @@ def test_training_writes_a_loadable_artifact_and_loss_falls(trained, shop):
     loaded = load_ranker(trained.path)
     assert loaded.config() == trained.model.config()
     assert float(loaded.item_counts.sum()) > 0  # popularity features travelled with the weights
+    # the item features are the popularity view's, the user inputs the retrieval model's spec
+    assert loaded.item_features == item_popularity.features == trained.metrics["item_features"]
+    assert loaded.inputs == INPUTS
 
 
 def test_ranker_beats_the_retrieval_order_on_the_held_out_week(trained, shop):
@@ -78,10 +89,12 @@ def test_ranker_beats_the_retrieval_order_on_the_held_out_week(trained, shop):
 def test_training_refuses_examples_without_catalogue_items(ray_session, shop, tmp_path):
     bad = shop["examples"].head(50).assign(item_id="not_in_catalogue")
     with pytest.raises(DataValidationError, match="item_id"):
-        train_ranker(bad, shop["items"], shop["vocab"], RankerConfig(epochs=1), str(tmp_path), "bad")
+        train_ranker(bad, shop["items"], shop["vocab"], RankerConfig(epochs=1), str(tmp_path), "bad", inputs=INPUTS)
     with pytest.raises(DataValidationError, match="last_items"):
         train_ranker(bad.drop(columns=["last_items"]), shop["items"], shop["vocab"], RankerConfig(epochs=1),
-                     str(tmp_path), "bad2")
+                     str(tmp_path), "bad2", inputs=INPUTS)
+    with pytest.raises(UserInputError, match="inputs="):  # which columns are the model's inputs?
+        train_ranker(bad, shop["items"], shop["vocab"], RankerConfig(epochs=1), str(tmp_path), "bad3")
 
 
 # ---- serving: one registry version carries both models -------------------------------------------
@@ -129,12 +142,13 @@ def test_served_recommendations_are_the_rankers_order_of_the_retrieved_candidate
             assert len(got) == k and len({g[0] for g in got}) == k
             assert not {g[0] for g in got} & set(row["purchased_items"])
             # offline: the same candidates (retrieval top max(5k, 100)) re-ordered by the ranker
-            counts = row[COUNT_COLUMNS].to_numpy(dtype=np.float32)
-            hist, dense = vocab.encode_users([list(row["last_items"])], counts[None, :])
+            one = users.iloc[[i]]
+            hist, dense = vocab.encode_batch(INPUTS, one)
             with torch.no_grad():
-                vec = model.user_embedding(hist, dense)[0].numpy()
+                vec = model.user_embedding(torch.from_numpy(hist), torch.from_numpy(dense))[0].numpy()
             cands = index.search(vec, rank_candidates(k), exclude=frozenset(row["purchased_items"]))
-            scores = rerank(ranker, vocab, users.iloc[[i]], [[c[0] for c in cands]], [[c[1] for c in cands]])[0]
+            scores = rerank(ranker, vocab, INPUTS.histories(one), INPUTS.dense_values(one),
+                            [[c[0] for c in cands]], [[c[1] for c in cands]])[0]
             expected = [cands[j][0] for j in np.argsort(-scores, kind="stable")[:k]]
             assert [g[0] for g in got] == expected
             assert [g[1] for g in got] == sorted((g[1] for g in got), reverse=True)

@@ -11,15 +11,17 @@ import pandas as pd
 import pytest
 import torch
 
-from aiplatform.core.errors import NotFoundError
+from aiplatform.core.errors import ConfigError, NotFoundError
 from aiplatform.core.storage import Layout
-from aiplatform.features.definitions import COUNT_COLUMNS
+from aiplatform.features.definitions import FeatureService
 from aiplatform.features.online import SQLiteOnlineStore
+from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, save_artifact
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval import build_item_index
 from aiplatform.serving.app import build_app, start, stop
 from aiplatform.serving.schemas import MAX_K
+from apps.shop.features import recommender_user, user_activity
 from tests.feature_rows import write_user_rows
 
 pytestmark = pytest.mark.integration
@@ -27,6 +29,8 @@ pytestmark = pytest.mark.integration
 N_ITEMS = 60
 HISTORY = ["item_003", "item_017", "item_029", "item_041"]
 POPULAR = [(f"item_{i:03d}", float(100 - i)) for i in range(0, 40, 2)]
+INPUTS = UserInputSpec.from_service(recommender_user)
+COUNTS = [n for n, t in recommender_user.stored_dtypes.items() if t == "int64"]
 
 
 def _free_port() -> int:
@@ -36,8 +40,8 @@ def _free_port() -> int:
 
 
 def _user_rows(rows: list[tuple[str, list[str], list[str]]]) -> pd.DataFrame:
-    counts = np.tile(np.arange(len(COUNT_COLUMNS), dtype=np.float32), (len(rows), 1))
-    frame = pd.DataFrame(counts, columns=COUNT_COLUMNS)
+    counts = np.tile(np.arange(len(COUNTS), dtype=np.int64), (len(rows), 1))
+    frame = pd.DataFrame(counts, columns=COUNTS)
     frame.insert(0, "user_id", [r[0] for r in rows])
     frame["last_items"] = [r[1] for r in rows]
     frame["purchased_items"] = [r[2] for r in rows]
@@ -59,7 +63,7 @@ def home(tmp_path_factory):
     vocab = ItemVocab.from_items(items)
     torch.manual_seed(0)
     src = str(root / "artifact")
-    save_artifact(TwoTowerModel(**vocab.model_kwargs(), dim=16), vocab, src)
+    save_artifact(TwoTowerModel(**vocab.model_kwargs(), dim=16, inputs=INPUTS), vocab, src)
     registry = ModelRegistry(layout)
     registry.register("two_tower", src, {"recall@10": 0.1}, {"dim": 16}, "runs/ck1")
     v2 = registry.register("two_tower", src, {"recall@10": 0.2}, {"dim": 16}, "runs/ck2")
@@ -230,4 +234,21 @@ def test_build_app_refuses_a_missing_alias_or_index(home, tmp_path):
     registry.set_alias("two_tower", "champion", 1)
     with pytest.raises(NotFoundError, match="two_tower_v1"):
         build_app(layout.root)
+
+
+def test_build_app_refuses_a_model_trained_on_other_inputs(home, tmp_path):
+    """A model whose input spec is not the served feature service's, or that records none, is
+    refused where the application is built, naming both services: never served with zeros."""
+    vocab = ItemVocab.from_items(home["items"])
+    layout = Layout.at(str(tmp_path / "mismatch"))
+    registry = ModelRegistry(layout)
+    other = FeatureService("recommender_user", (user_activity,))  # without the on-demand feature
+    for name, inputs, error in (("other", UserInputSpec.from_service(other), r"purchase_share_7d.*are new"),
+                                ("bare", None, "records no input spec.*retrain")):
+        src = str(tmp_path / name)
+        save_artifact(TwoTowerModel(**vocab.model_kwargs(), dim=8, inputs=inputs), vocab, src)
+        mv = registry.register("two_tower", src, {}, {}, "")
+        registry.set_alias("two_tower", "champion", mv.version)
+        with pytest.raises(ConfigError, match=error):
+            build_app(layout.root)
 

@@ -11,17 +11,21 @@ import pandas as pd
 import pytest
 import torch
 
+from aiplatform.core.errors import ConfigError
 from aiplatform.core.schemas import EVENT_TYPES
-from aiplatform.features.definitions import COUNT_COLUMNS, HISTORY_LEN, PURCHASED_LEN
+from aiplatform.features.pipeline import frame_from_events, training_labels
+from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.two_tower import load_artifact
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import CooccurrenceBaseline, evaluate_model, popularity_ranking, split_by_time
 from aiplatform.training.train import train_two_tower
+from apps.shop.features import recommender_user
 
 pytestmark = pytest.mark.integration
 
 N_USERS, N_ITEMS, N_CATS, EVENTS_PER_USER, DAYS = 300, 160, 8, 16, 30
 K = 10
+INPUTS = UserInputSpec.from_service(recommender_user)
 
 
 def _shop(seed: int = 7) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -56,42 +60,18 @@ def _shop(seed: int = 7) -> tuple[pd.DataFrame, pd.DataFrame]:
     return items, events.sort_values("timestamp", kind="stable").reset_index(drop=True)
 
 
-def _user_state(items: np.ndarray, types: np.ndarray, days: np.ndarray, at: float) -> dict:
-    """What the feature layer knows at time ``at`` (days) from a user's earlier events."""
-    state = {
-        "last_items": items[::-1][:HISTORY_LEN].tolist(),
-        "purchased_items": items[types == "purchase"][::-1][:PURCHASED_LEN].tolist(),
-    }
-    age = at - days
-    for col in COUNT_COLUMNS:
-        etype, window = col.rsplit("_", 1)
-        state[col] = np.float32(np.count_nonzero((types == etype) & (age <= int(window[:-1]))))
-    return state
-
-
-def _per_user(events: pd.DataFrame):
-    t0 = events["timestamp"].min()
-    for user, ev in events.groupby("user_id", sort=False):
-        days = ((ev["timestamp"] - t0).dt.total_seconds() / 86400).to_numpy()
-        yield user, ev, ev["item_id"].to_numpy(), ev["event_type"].to_numpy(), days
-
-
-def _examples(train_events: pd.DataFrame) -> pd.DataFrame:
-    """One training example per event, with the user's state strictly before it."""
-    rows = []
-    for user, ev, items, types, days in _per_user(train_events):
-        for i, ts in enumerate(ev["timestamp"]):
-            rows.append({"user_id": user, "item_id": items[i], "event_type": types[i], "timestamp": ts,
-                         **_user_state(items[:i], types[:i], days[:i], days[i])})
-    return pd.DataFrame(rows)
+def _examples(train_events: pd.DataFrame, end: pd.Timestamp | None = None) -> pd.DataFrame:
+    """One training example per event, with the user's feature-service row strictly before it
+    (the shop's declared features, joined point-in-time in memory)."""
+    end = end if end is not None else train_events["timestamp"].max() + pd.Timedelta(seconds=1)
+    return frame_from_events(recommender_user, train_events, training_labels(train_events, end, EVENT_TYPES))
 
 
 def _context(train_events: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataFrame:
-    at = (cutoff - train_events["timestamp"].min()).total_seconds() / 86400
-    return pd.DataFrame(
-        [{"user_id": user, **_user_state(items, types, days, at)}
-         for user, _, items, types, days in _per_user(train_events)]
-    )
+    """Every user's feature-service row at the cutoff."""
+    users = sorted(train_events["user_id"].unique())
+    labels = pd.DataFrame({"user_id": users, "event_timestamp": cutoff})
+    return frame_from_events(recommender_user, train_events, labels)
 
 
 def test_train_two_tower_learns_and_checkpoints(ray_session, tmp_path):
@@ -107,7 +87,7 @@ def test_train_two_tower_learns_and_checkpoints(ray_session, tmp_path):
     runs_dir = tmp_path / "runs"
     config = TrainConfig(num_workers=2, use_gpu=False, batch_size=128, epochs=3, lr=1e-2, dim=32,
                          temperature=0.1, seed=0, shuffle_buffer=512)
-    result = train_two_tower(ds, items, config, str(runs_dir), "two_tower_test")
+    result = train_two_tower(ds, items, config, str(runs_dir), "two_tower_test", inputs=INPUTS)
 
     # checkpoints: under runs_dir/run_name, at most two kept, each one a loadable artifact
     run_dir = runs_dir / "two_tower_test"
@@ -117,6 +97,7 @@ def test_train_two_tower_learns_and_checkpoints(ray_session, tmp_path):
     loaded, loaded_vocab = load_artifact(result.checkpoint_path)
     assert loaded.config() == result.model.config()
     assert loaded_vocab == result.vocab and result.vocab.n_items == N_ITEMS
+    assert loaded.inputs == INPUTS and loaded.config()["n_dense"] == INPUTS.n_dense  # the contract is saved
 
     # history: one entry per epoch, all examples seen, loss going down
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
@@ -149,8 +130,9 @@ def test_same_run_name_resumes_from_latest_checkpoint(ray_session, tmp_path):
     items, events = _shop(seed=3)
     ds = ray.data.from_pandas(_examples(events.head(1200)))
     config = TrainConfig(num_workers=1, use_gpu=False, batch_size=64, epochs=1, dim=8, seed=1)
-    first = train_two_tower(ds, items, config, str(tmp_path), "resumable")
-    second = train_two_tower(ds, items, config.model_copy(update={"epochs": 2}), str(tmp_path), "resumable")
+    first = train_two_tower(ds, items, config, str(tmp_path), "resumable", inputs=INPUTS)
+    second = train_two_tower(ds, items, config.model_copy(update={"epochs": 2}), str(tmp_path), "resumable",
+                             inputs=INPUTS)
 
     assert [h["epoch"] for h in first.history] == [1]
     # epoch 1 is carried over from the first call, not retrained
@@ -160,3 +142,7 @@ def test_same_run_name_resumes_from_latest_checkpoint(ray_session, tmp_path):
     assert not torch.equal(
         first.model.item_embedding(torch.arange(3)), second.model.item_embedding(torch.arange(3))
     )
+    # a run cannot continue on other inputs than it was trained on
+    other = UserInputSpec.from_service(recommender_user, exclude=None)
+    with pytest.raises(ConfigError, match="other model inputs"):
+        train_two_tower(ds, items, config.model_copy(update={"epochs": 3}), str(tmp_path), "resumable", inputs=other)

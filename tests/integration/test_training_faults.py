@@ -19,16 +19,19 @@ import pandas as pd
 import pytest
 
 from aiplatform.core.errors import NotFoundError
-from aiplatform.features.compute import training_examples, user_features_at
+from aiplatform.features.pipeline import frame_from_events, training_labels
+from aiplatform.models.inputs import UserInputSpec
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import evaluate_model, popularity_ranking, split_by_time
 from aiplatform.training.train import FaultInjection, latest_epoch_of_run, train_two_tower
+from apps.shop.features import recommender_user
 from apps.shop.generate import ShopSize, generate
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_TYPES = ("view", "click", "add_to_cart", "purchase")
+INPUTS = UserInputSpec.from_service(recommender_user)
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +39,13 @@ def shop() -> dict:
     """A small generated shop, split in time: examples before the cutoff, truth after it."""
     frames = generate(ShopSize(users=250, items=120, categories=8, days=30), seed=11)
     cutoff, train_events, truth = split_by_time(frames["events"], holdout_days=7)
-    end_us = int(cutoff.value) // 1000 + 1  # events at the cutoff are training data
-    examples = training_examples(train_events, 0, end_us, TARGET_TYPES)
+    boundary = cutoff + pd.Timedelta(microseconds=1)  # events at the cutoff are training data
+    # the shop's feature service joined point-in-time in memory (the feature engine, no store)
+    examples = frame_from_events(recommender_user, train_events, training_labels(train_events, boundary, TARGET_TYPES))
     assert 3000 <= len(examples) <= 15000, len(examples)
-    context = user_features_at(train_events, cutoff + pd.Timedelta(microseconds=1))
+    users = sorted(train_events["user_id"].unique())
+    at_cutoff = pd.DataFrame({"user_id": users, "event_timestamp": cutoff})
+    context = frame_from_events(recommender_user, train_events, at_cutoff)
     return {"items": frames["items"], "examples": examples, "truth": truth, "context": context,
             "popular": popularity_ranking(train_events)}
 
@@ -60,7 +66,7 @@ def test_killed_worker_is_replaced_and_the_run_ends_as_good_as_undisturbed(ray_s
     ds = _dataset(ray, shop["examples"])
     config = TrainConfig(num_workers=2, use_gpu=False, batch_size=64, epochs=3, lr=1e-2, dim=16,
                          temperature=0.1, seed=0, shuffle_buffer=256, max_failures=1, checkpoints_to_keep=1)
-    undisturbed = train_two_tower(ds, shop["items"], config, str(tmp_path / "runs"), "undisturbed")
+    undisturbed = train_two_tower(ds, shop["items"], config, str(tmp_path / "runs"), "undisturbed", inputs=INPUTS)
     assert undisturbed.restarts == 0 and undisturbed.steps_redone == 0
     steps_per_epoch = undisturbed.history[1]["steps_per_worker"]
     kill_at = steps_per_epoch // 2
@@ -68,7 +74,8 @@ def test_killed_worker_is_replaced_and_the_run_ends_as_good_as_undisturbed(ray_s
 
     marker = tmp_path / "killed.marker"
     fault = FaultInjection(rank=1, epoch=2, step=kill_at, marker=str(marker))
-    disturbed = train_two_tower(ds, shop["items"], config, str(tmp_path / "runs"), "disturbed", fault=fault)
+    disturbed = train_two_tower(ds, shop["items"], config, str(tmp_path / "runs"), "disturbed", fault=fault,
+                                 inputs=INPUTS)
 
     # the worker really died once, the group was restarted from the epoch-1 checkpoint
     assert "killed rank 1 at epoch 2" in marker.read_text()
@@ -96,7 +103,7 @@ def test_worker_death_without_failure_budget_fails_the_run(ray_session, shop, tm
     config = TrainConfig(num_workers=1, use_gpu=False, batch_size=64, epochs=1, dim=8, max_failures=0)
     fault = FaultInjection(rank=0, epoch=1, step=2, marker=str(tmp_path / "killed.marker"))
     with pytest.raises(ray.train.TrainingFailedError):
-        train_two_tower(ds, shop["items"], config, str(tmp_path), "no_budget", fault=fault)
+        train_two_tower(ds, shop["items"], config, str(tmp_path), "no_budget", fault=fault, inputs=INPUTS)
     assert (tmp_path / "killed.marker").exists()
 
 
@@ -108,7 +115,7 @@ def test_best_checkpoint_is_returned_and_kept(ray_session, shop, tmp_path):
     config = TrainConfig(num_workers=1, use_gpu=False, batch_size=32, epochs=4, lr=0.05, dim=16,
                          temperature=0.05, seed=3, checkpoints_to_keep=1, checkpoint_metric="val_recall",
                          validation_fraction=0.1)
-    result = train_two_tower(ds, shop["items"], config, str(tmp_path), "best")
+    result = train_two_tower(ds, shop["items"], config, str(tmp_path), "best", inputs=INPUTS)
     hist = result.history
     assert all(h["val_rows"] >= 0.09 * len(shop["examples"]) for h in hist)
     assert all(0 < h["val_recall_se"] < 0.1 for h in hist)
@@ -126,15 +133,17 @@ def test_best_checkpoint_is_returned_and_kept(ray_session, shop, tmp_path):
 
 _DRIVER = """
 import os, sys, pandas as pd, ray
+from aiplatform.models.inputs import UserInputSpec
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.train import train_two_tower
+from apps.shop.features import recommender_user
 ray.init(address=sys.argv[1], log_to_driver=False)
 ray.data.DataContext.get_current().enable_progress_bars = False
 examples = pd.read_pickle(sys.argv[2])
 items = pd.read_pickle(sys.argv[3])
 ds = ray.data.from_pandas([examples.iloc[i::4].reset_index(drop=True) for i in range(4)])
 config = TrainConfig(num_workers=1, use_gpu=False, batch_size=64, epochs=50, dim=16, seed=2)
-train_two_tower(ds, items, config, sys.argv[4], "driver_dies")
+train_two_tower(ds, items, config, sys.argv[4], "driver_dies", inputs=UserInputSpec.from_service(recommender_user))
 """
 
 
@@ -165,7 +174,7 @@ def test_run_whose_driver_died_resumes_from_its_latest_checkpoint(ray_session, s
 
     config = TrainConfig(num_workers=1, use_gpu=False, batch_size=64, epochs=done + 1, dim=16, seed=2)
     resumed = train_two_tower(_dataset(ray, shop["examples"]), shop["items"], config, str(runs), "driver_dies",
-                              require_existing=True)
+                              inputs=INPUTS, require_existing=True)
     # the epochs the dead driver finished are carried over as they were, not trained again
     assert [h["epoch"] for h in resumed.history] == list(range(1, done + 2))
     assert resumed.history[:done] == saved["history"]
@@ -175,6 +184,6 @@ def test_run_whose_driver_died_resumes_from_its_latest_checkpoint(ray_session, s
 
     with pytest.raises(NotFoundError, match="no training run 'nope'"):
         train_two_tower(_dataset(ray, shop["examples"]), shop["items"], config, str(runs), "nope",
-                        require_existing=True)
+                        inputs=INPUTS, require_existing=True)
     assert latest_epoch_of_run(str(runs), "nope") is None
     assert np.isfinite(resumed.history[-1]["val_loss"])

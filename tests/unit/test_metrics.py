@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from aiplatform.features.definitions import COUNT_COLUMNS
+from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel
 from aiplatform.training.evaluate import (
     CooccurrenceBaseline,
@@ -14,8 +14,12 @@ from aiplatform.training.evaluate import (
     ndcg_at_k,
     popularity_ranking,
     recall_at_k,
+    score_users,
     split_by_time,
 )
+from apps.shop.features import recommender_user
+
+SPEC = UserInputSpec.from_service(recommender_user)
 
 
 def test_recall_hand_computed():
@@ -92,8 +96,8 @@ def test_evaluate_model_scores_catalogue_and_excludes_purchases():
     items = pd.DataFrame({"item_id": ["a", "b", "c", "d"], "category": ["x", "x", "y", "y"], "price": [1.0, 2, 3, 4]})
     vocab = ItemVocab.from_items(items)
     torch.manual_seed(0)
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=8)
-    zeros = {c: [0.0, 0.0, 0.0] for c in COUNT_COLUMNS}
+    model = TwoTowerModel(**vocab.model_kwargs(), dim=8, inputs=SPEC)
+    zeros = {c: [0.0, 0.0, 0.0] for c in SPEC.dense}
     context = pd.DataFrame(
         {"user_id": ["u1", "u2", "u9"], "last_items": [["a"], [], ["c"]],
          "purchased_items": [["a", "b", "c"], [], []], **zeros}
@@ -111,7 +115,7 @@ def test_evaluate_model_scores_catalogue_and_excludes_purchases():
     assert 0.0 <= res["model"]["ndcg@1"] <= 1.0
 
     with torch.no_grad():
-        hist, dense = vocab.encode_users([[]], np.zeros((1, len(COUNT_COLUMNS))))
+        hist, dense = vocab.encode_users([[]], np.zeros((1, SPEC.n_dense)), SPEC.history_len)
         scores = (model.user_embedding(hist, dense) @ model.all_item_embeddings().T)[0, 1:]
     u2_top = vocab.item_ids[int(scores.argmax())]
     assert res["model"]["recall@1"] == pytest.approx((1.0 + (0.5 if u2_top == "a" else 0.0)) / 2)
@@ -120,9 +124,9 @@ def test_evaluate_model_scores_catalogue_and_excludes_purchases():
 def test_evaluate_model_with_no_overlap_returns_zero_users():
     items = pd.DataFrame({"item_id": ["a", "b"]})
     vocab = ItemVocab.from_items(items)
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=8)
+    model = TwoTowerModel(**vocab.model_kwargs(), dim=8, inputs=SPEC)
     ctx = pd.DataFrame({"user_id": ["u1"], "last_items": [["a"]], "purchased_items": [[]],
-                        **{c: [0.0] for c in COUNT_COLUMNS}})
+                        **{c: [0.0] for c in SPEC.dense}})
     assert evaluate_model(model, vocab, ctx, {"other": {"a"}}, ["a"], k=10)["users"] == 0
 
 
@@ -186,9 +190,9 @@ def test_evaluate_model_compares_all_rankers_on_the_same_users():
     items = pd.DataFrame({"item_id": ["a", "b", "c", "d", "x"], "category": ["k"] * 5, "price": [1.0] * 5})
     vocab = ItemVocab.from_items(items)
     torch.manual_seed(0)
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=8)
+    model = TwoTowerModel(**vocab.model_kwargs(), dim=8, inputs=SPEC)
     cooc = CooccurrenceBaseline.fit(_cooc_events(), popular=["d", "x", "c", "b", "a"])
-    zeros = {c: [0.0, 0.0] for c in COUNT_COLUMNS}
+    zeros = {c: [0.0, 0.0] for c in SPEC.dense}
     ctx = pd.DataFrame({"user_id": ["u1", "u2"], "last_items": [["a"], ["c"]],
                         "purchased_items": [["b"], []], **zeros})
     truth = {"u1": {"b", "c"}, "u2": {"d"}}
@@ -203,3 +207,22 @@ def test_evaluate_model_compares_all_rankers_on_the_same_users():
     # popularity: u1 -> d (miss), u2 -> d (hit); top-2 d, x: same
     assert res["popularity"]["recall@2"] == pytest.approx(0.5)
     assert res["popularity"]["coverage@1"] == pytest.approx(1 / 5)
+
+
+def test_evaluation_reads_the_context_through_the_models_input_spec():
+    """Exclusions and the dense columns come from the model's spec: a spec without an exclusion
+    list excludes nothing, and a context without one of its dense features is refused by name."""
+    items = pd.DataFrame({"item_id": ["a", "b"], "category": ["x", "y"], "price": [1.0, 2.0]})
+    vocab = ItemVocab.from_items(items)
+    ctx = pd.DataFrame({"user_id": ["u1"], "last_items": [["a"]], "purchased_items": [["a", "b"]],
+                        **{c: [1.0] for c in SPEC.dense}})
+    excluding = TwoTowerModel(**vocab.model_kwargs(), dim=8, inputs=SPEC)
+    assert score_users(excluding, vocab, ctx, k=2) == [[]]  # both items were bought
+    keeping = TwoTowerModel(**vocab.model_kwargs(), dim=8,
+                            inputs=UserInputSpec.from_service(recommender_user, exclude=None))
+    assert sorted(score_users(keeping, vocab, ctx, k=2)[0]) == ["a", "b"]
+    with pytest.raises(ValueError, match="purchase_share_7d"):
+        score_users(excluding, vocab, ctx.drop(columns=["purchase_share_7d"]), k=2)
+    bare = TwoTowerModel(**vocab.model_kwargs(), dim=8)
+    with pytest.raises(ValueError, match="input spec"):
+        evaluate_model(bare, vocab, ctx, {"u1": {"a"}}, ["a"], k=1)

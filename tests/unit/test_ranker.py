@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from aiplatform.core.errors import ConfigError, UserInputError
-from aiplatform.features.definitions import COUNT_COLUMNS, HISTORY_LEN
+from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.ranker import (
     LABEL_GAINS,
     RankerModel,
     listwise_loss,
     load_ranker,
     ranker_dir_of,
+    rerank,
     save_ranker,
 )
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel
@@ -21,11 +22,14 @@ from aiplatform.training.ranker import (
     RankerConfig,
     attach_ranker,
     item_count_matrix,
-    rerank,
     retrieve,
 )
+from apps.shop.features import recommender_user
 
 N_ITEMS = 40
+SPEC = UserInputSpec.from_service(recommender_user)
+N_DENSE, HISTORY_LEN = SPEC.n_dense, SPEC.history_len
+ITEM_FEATURES = ["view_7d", "purchase_7d", "mean_price_paid_30d"]
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +42,25 @@ def vocab() -> ItemVocab:
     return ItemVocab.from_items(items)
 
 
-def _ctx(rows: list[list[str]]) -> pd.DataFrame:
-    frame = pd.DataFrame(np.ones((len(rows), len(COUNT_COLUMNS)), np.float32), columns=COUNT_COLUMNS)
-    frame["last_items"] = rows
-    return frame
+def _ranker(vocab, **kw) -> RankerModel:
+    return RankerModel.from_vocab(vocab, inputs=SPEC, item_features=ITEM_FEATURES, **kw)
+
+
+def _tower(vocab) -> TwoTowerModel:
+    return TwoTowerModel(**vocab.model_kwargs(), dim=8, inputs=SPEC)
+
+
+def _batch(item_ids, event_types, histories, dense, **extra) -> dict:
+    """A batch of examples as Ray Data hands it to the encoders (numpy columns)."""
+    return {"item_id": np.array(item_ids, dtype=object), "event_type": np.array(event_types, dtype=object),
+            "last_items": np.array(histories, dtype=object),
+            "purchased_items": np.array([[]] * len(item_ids), dtype=object),
+            **{c: np.asarray(dense, np.float32)[:, j] for j, c in enumerate(SPEC.dense)}, **extra}
 
 
 def test_cross_features_match_their_definition(vocab):
-    model = RankerModel.from_vocab(vocab)
-    hist = torch.from_numpy(vocab.encode_history([["i005", "i001", "i009"]]))  # cats c1, c1, c1
+    model = _ranker(vocab)
+    hist = torch.from_numpy(vocab.encode_history([["i005", "i001", "i009"]], HISTORY_LEN))  # cats c1, c1, c1
     cands = torch.from_numpy(vocab.indices(["i001", "i013", "i002", "i000"])[None, :])  # c1, c1, c2, c0
     f = model.cross_features(hist, cands, None)[0].numpy()
     L = HISTORY_LEN
@@ -59,12 +73,12 @@ def test_cross_features_match_their_definition(vocab):
 
 def test_retrieval_score_is_used_only_when_configured(vocab):
     torch.manual_seed(0)
-    hist = torch.from_numpy(vocab.encode_history([["i005"]]))
-    dense = torch.zeros(1, len(COUNT_COLUMNS))
+    hist = torch.from_numpy(vocab.encode_history([["i005"]], HISTORY_LEN))
+    dense = torch.zeros(1, N_DENSE)
     cands = torch.tensor([[3, 4]])
     rs = torch.tensor([[0.9, -0.9]])
-    with_rs = RankerModel.from_vocab(vocab, use_retrieval_score=True)
-    without = RankerModel.from_vocab(vocab, use_retrieval_score=False)
+    with_rs = _ranker(vocab, use_retrieval_score=True)
+    without = _ranker(vocab, use_retrieval_score=False)
     assert not torch.allclose(with_rs(hist, dense, cands, rs), with_rs(hist, dense, cands, torch.zeros(1, 2)))
     assert torch.allclose(without(hist, dense, cands, rs), without(hist, dense, cands, None))
 
@@ -86,12 +100,15 @@ def test_listwise_loss_prefers_the_positive_and_weights_by_gain():
 
 def test_artifact_round_trip_and_attach(vocab, tmp_path):
     torch.manual_seed(1)
-    model = RankerModel.from_vocab(vocab, dim=8, hidden=16, use_retrieval_score=True)
-    model.set_item_counts(np.arange((N_ITEMS + 1) * len(COUNT_COLUMNS), dtype=np.float32).reshape(N_ITEMS + 1, -1))
+    model = _ranker(vocab, dim=8, hidden=16, use_retrieval_score=True)
+    model.set_item_counts(np.arange((N_ITEMS + 1) * len(ITEM_FEATURES), dtype=np.float32).reshape(N_ITEMS + 1, -1))
+    with pytest.raises(ValueError, match="mean_price_paid_30d"):  # the item table has one column per item feature
+        model.set_item_counts(np.zeros((N_ITEMS + 1, N_DENSE), np.float32))
     save_ranker(model, str(tmp_path / "r"), extra={"epoch": 1})
     loaded = load_ranker(str(tmp_path / "r"))
-    hist = torch.from_numpy(vocab.encode_history([["i001", "i002"], []]))
-    dense, cands, rs = torch.rand(2, len(COUNT_COLUMNS)), torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.rand(2, 3)
+    assert loaded.inputs == SPEC and loaded.item_features == ITEM_FEATURES
+    hist = torch.from_numpy(vocab.encode_history([["i001", "i002"], []], HISTORY_LEN))
+    dense, cands, rs = torch.rand(2, N_DENSE), torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.rand(2, 3)
     with torch.no_grad():
         assert torch.equal(model.eval()(hist, dense, cands, rs), loaded(hist, dense, cands, rs))
     assert torch.equal(loaded.item_counts, model.item_counts)
@@ -120,58 +137,56 @@ def test_config_errors_name_the_field():
 
 def test_rerank_is_batch_independent_and_marks_unknown_items(vocab):
     torch.manual_seed(2)
-    model = RankerModel.from_vocab(vocab, dim=8, hidden=16)
-    ctx = _ctx([["i001", "i005"], ["i002"]])
+    model = _ranker(vocab, dim=8, hidden=16)
+    hists, dense = [["i001", "i005"], ["i002"]], np.ones((2, N_DENSE), np.float32)
     cands = [["i003", "i007", "nope", "i011"], ["i004"]]
-    both = rerank(model, vocab, ctx, cands)
+    both = rerank(model, vocab, hists, dense, cands)
     assert [len(s) for s in both] == [4, 1]
     assert np.isneginf(both[0][2]) and np.isfinite(both[0][[0, 1, 3]]).all()
-    alone = rerank(model, vocab, ctx.iloc[1:], cands[1:])
+    alone = rerank(model, vocab, hists[1:], dense[1:], cands[1:])
     np.testing.assert_allclose(alone[0], both[1], rtol=1e-5)
     # a candidate's score does not depend on the other candidates in its list
-    np.testing.assert_allclose(rerank(model, vocab, ctx.iloc[:1], [["i011"]])[0], both[0][3:], rtol=1e-5)
+    np.testing.assert_allclose(rerank(model, vocab, hists[:1], dense[:1], [["i011"]])[0], both[0][3:], rtol=1e-5)
     with pytest.raises(UserInputError, match="2 users but 1 candidate lists"):
-        rerank(model, vocab, ctx, cands[:1])
+        rerank(model, vocab, hists, dense, cands[:1])
 
 
 def test_list_encoder_builds_hard_and_random_negatives(vocab):
     torch.manual_seed(3)
-    tt = TwoTowerModel(**vocab.model_kwargs(), dim=8)
+    tt = _tower(vocab)
     cfg = RankerConfig(n_hard=5, hard_pool=10, n_random=4, retrieved_positives_only=False)
     hist_items = [["i001", "i002", "i003"], ["i010"], []]
-    batch = {
-        "item_id": np.array(["i020", "i021", "unknown"], dtype=object),
-        "event_type": np.array(["purchase", "click", "view"], dtype=object),
-        "last_items": np.array(hist_items, dtype=object),
-        **{c: np.ones(3, np.float32) for c in COUNT_COLUMNS},
-    }
-    out = ListEncoder(vocab, cfg, tt)(batch)
+    batch = _batch(["i020", "i021", "unknown"], ["purchase", "click", "view"], hist_items, np.ones((3, N_DENSE)))
+    out = ListEncoder(vocab, cfg, tt, SPEC)(batch)
     assert out["cands"].shape == (2, 1 + 5 + 4)  # the unknown target is dropped
     np.testing.assert_array_equal(out["cands"][:, 0], vocab.indices(["i020", "i021"]))
     np.testing.assert_array_equal(out["gains"][:, 0], [LABEL_GAINS["purchase"], LABEL_GAINS["click"]])
     assert (out["gains"][:, 1:] == 0).all()
     assert (out["cands"][:, 1:] != out["cands"][:, :1]).all() and (out["cands"] > 0).all()
     # hard negatives: from the retrieval top-10 after removing the target and the history
-    top, _ = retrieve(tt, vocab, hist_items[:2], np.ones((2, len(COUNT_COLUMNS)), np.float32), 30)
+    top, _ = retrieve(tt, vocab, hist_items[:2], np.ones((2, N_DENSE), np.float32), 30)
     for row in range(2):
         hist = set(vocab.indices(hist_items[row]))
         allowed = [i for i in top[row] if i not in hist and i != out["cands"][row, 0]][:10]
         assert set(out["cands"][row, 1:6]) <= set(allowed)
     # the two-tower score of the positive is the dot product of the towers
     with torch.no_grad():
-        hist_t, dense_t = vocab.encode_users(hist_items[:1], np.ones((1, len(COUNT_COLUMNS)), np.float32))
-        expected = float(tt.user_embedding(hist_t, dense_t)[0] @ tt.item_embedding(torch.tensor([out["cands"][0, 0]]))[0])
+        hist_t, dense_t = vocab.encode_users(hist_items[:1], np.ones((1, N_DENSE), np.float32), HISTORY_LEN)
+        positive = tt.item_embedding(torch.tensor([out["cands"][0, 0]]))[0]
+        expected = float(tt.user_embedding(hist_t, dense_t)[0] @ positive)
     assert out["rscore"][0, 0] == pytest.approx(expected, abs=1e-5)
     # without a retrieval model every negative is random and scores are 0
-    plain = ListEncoder(vocab, cfg, None)(batch)
+    plain = ListEncoder(vocab, cfg, None, SPEC)(batch)
     assert plain["cands"].shape == (2, 10) and (plain["rscore"] == 0).all()
 
 
 def test_item_count_matrix_places_counts_by_index(vocab):
-    frame = pd.DataFrame({"item_id": ["i003", "zzz"], **{c: [2.0, 5.0] for c in COUNT_COLUMNS}})
+    frame = pd.DataFrame({"item_id": ["i003", "zzz"], **{c: [2.0, 5.0] for c in ITEM_FEATURES}})
+    frame.loc[0, "mean_price_paid_30d"] = np.nan  # no purchase in the window: a null feature is 0
     m = item_count_matrix(vocab, frame)
-    assert m.shape == (N_ITEMS + 1, len(COUNT_COLUMNS))
-    assert (m[vocab.index("i003")] == 2.0).all() and m.sum() == 2.0 * len(COUNT_COLUMNS)
+    assert m.shape == (N_ITEMS + 1, len(ITEM_FEATURES))
+    assert m[vocab.index("i003")].tolist() == [2.0, 2.0, 0.0] and m.sum() == 4.0
+    assert item_count_matrix(vocab, frame, ["view_7d"]).shape == (N_ITEMS + 1, 1)
     assert item_count_matrix(vocab, None) is None
 
 
@@ -189,29 +204,27 @@ def test_future_items_within_the_horizon_are_never_hard_negatives(vocab):
     assert out["future_items"].tolist() == [["i002", "i004"], ["i004"], ["i003"], []]
 
     torch.manual_seed(4)
-    tt = TwoTowerModel(**vocab.model_kwargs(), dim=8)
+    tt = _tower(vocab)
     hist = [["i001"]] * 2
-    counts = np.ones((2, len(COUNT_COLUMNS)), np.float32)
+    counts = np.ones((2, N_DENSE), np.float32)
     top, _ = retrieve(tt, vocab, hist, counts, 12)
     future = [vocab.item_ids[i - 1] for i in top[0] if i != vocab.index("i001")][:6]
-    batch = {"item_id": np.array(["i039", "i038"], dtype=object), "event_type": np.array(["click"] * 2, dtype=object),
-             "last_items": np.array(hist, dtype=object), "future_items": np.array([future, []], dtype=object),
-             **{c: counts[:, j] for j, c in enumerate(COUNT_COLUMNS)}}
-    out = ListEncoder(vocab, RankerConfig(n_hard=4, hard_pool=12, n_random=0, retrieved_positives_only=False), tt)(batch)
+    batch = _batch(["i039", "i038"], ["click"] * 2, hist, counts, future_items=np.array([future, []], dtype=object))
+    cfg = RankerConfig(n_hard=4, hard_pool=12, n_random=0, retrieved_positives_only=False)
+    out = ListEncoder(vocab, cfg, tt, SPEC)(batch)
     assert not set(out["cands"][0, 1:]) & set(vocab.indices(future))
     assert set(out["cands"][1, 1:]) & set(vocab.indices(future))  # the same user without them: drawn
 
 
 def test_only_retrieved_positives_make_lists_by_default(vocab):
     torch.manual_seed(5)
-    tt = TwoTowerModel(**vocab.model_kwargs(), dim=8)
+    tt = _tower(vocab)
     hist = [["i001", "i002"]] * 2
-    counts = np.ones((2, len(COUNT_COLUMNS)), np.float32)
+    counts = np.ones((2, N_DENSE), np.float32)
     top, _ = retrieve(tt, vocab, hist, counts, 5)
     inside = vocab.item_ids[top[0][0] - 1]
     outside = next(i for i in vocab.item_ids if vocab.index(i) not in set(top[0]) and i not in hist[0])
-    batch = {"item_id": np.array([outside, inside], dtype=object), "event_type": np.array(["click"] * 2, dtype=object),
-             "last_items": np.array(hist, dtype=object), **{c: counts[:, j] for j, c in enumerate(COUNT_COLUMNS)}}
-    out = ListEncoder(vocab, RankerConfig(n_hard=2, hard_pool=5, n_random=1), tt)(batch)
+    batch = _batch([outside, inside], ["click"] * 2, hist, counts)
+    out = ListEncoder(vocab, RankerConfig(n_hard=2, hard_pool=5, n_random=1), tt, SPEC)(batch)
     assert out["cands"][:, 0].tolist() == [vocab.index(inside)]
     assert set(out["cands"][0, 1:3]) <= set(top[0]) - {vocab.index(inside)}

@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from aiplatform.core.errors import ConfigError
-from aiplatform.features.definitions import COUNT_COLUMNS, HISTORY_LEN
-from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, load_artifact, save_artifact
+from aiplatform.models.inputs import UserInputSpec
+from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, load_artifact, load_input_spec, save_artifact
 from aiplatform.training.config import TrainConfig
+from apps.shop.features import recommender_user
+
+SPEC = UserInputSpec.from_service(recommender_user)
+N_DENSE = SPEC.n_dense
+HISTORY_LEN = SPEC.history_len
 
 
 @pytest.fixture()
@@ -25,7 +30,7 @@ def items() -> pd.DataFrame:
 
 def _model(vocab: ItemVocab, **kw) -> TwoTowerModel:
     torch.manual_seed(0)
-    return TwoTowerModel(**vocab.model_kwargs(), dim=kw.pop("dim", 16), **kw)
+    return TwoTowerModel(**vocab.model_kwargs(), dim=kw.pop("dim", 16), inputs=kw.pop("inputs", SPEC), **kw)
 
 
 def test_vocab_indices_unknown_and_round_trip(items):
@@ -58,29 +63,33 @@ def test_vocab_from_dict_rejects_inconsistent_lengths(items):
 def test_encode_users_pads_truncates_and_logs_counts(items):
     vocab = ItemVocab.from_items(items)
     long_history = ["i1", "i2", "i3", "i4"] * 10  # 40 items, most recent first
-    counts = np.zeros((4, len(COUNT_COLUMNS)), dtype="float32")
+    counts = np.zeros((4, N_DENSE), dtype="float32")
     counts[0, 0] = np.e - 1
     counts[1, 1] = np.nan
-    counts[2, 2] = -3.0
-    hist, dense = vocab.encode_users([["i2", "ghost", "i4"], [], None, long_history], counts)
+    counts[2, 2] = -(np.e - 1)
+    hist, dense = vocab.encode_users([["i2", "ghost", "i4"], [], None, long_history], counts, HISTORY_LEN)
 
     assert hist.dtype == torch.long and hist.shape == (4, HISTORY_LEN)
     assert hist[0, :2].tolist() == [2, 4] and hist[0, 2:].eq(0).all()  # unknown dropped, then 0-padded
     assert hist[1].eq(0).all() and hist[2].eq(0).all()
     assert hist[3].tolist() == [1, 2, 3, 4] * 5  # the first HISTORY_LEN (most recent) are kept
 
-    assert dense.dtype == torch.float32 and dense.shape == (4, len(COUNT_COLUMNS))
+    assert dense.dtype == torch.float32 and dense.shape == (4, N_DENSE)
     assert dense[0, 0].item() == pytest.approx(1.0)
-    assert dense[1, 1].item() == 0.0 and dense[2, 2].item() == 0.0  # NaN and negatives -> 0
+    assert dense[1, 1].item() == 0.0  # NaN -> 0
+    assert dense[2, 2].item() == pytest.approx(-1.0)  # a signed log: negatives keep their order
 
-    with pytest.raises(ValueError, match="columns"):
-        vocab.encode_users([["i1"]], np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="dense rows"):
+        vocab.encode_users([["i1"]], np.zeros((2, 3)), HISTORY_LEN)
+    # the model refuses a dense vector of another width, naming the features it expects
+    with pytest.raises(ValueError, match="purchase_share_7d"):
+        _model(vocab).user_embedding(hist, torch.zeros(4, 3))
 
 
 def test_embeddings_are_normalised_and_padding_history_is_safe(items):
     vocab = ItemVocab.from_items(items)
     model = _model(vocab)
-    hist, dense = vocab.encode_users([[], ["i1"]], np.zeros((2, len(COUNT_COLUMNS))))
+    hist, dense = vocab.encode_users([[], ["i1"]], np.zeros((2, N_DENSE)), HISTORY_LEN)
     u = model.user_embedding(hist, dense)
     v = model.item_embedding(torch.arange(vocab.n_items + 1))
     assert torch.isfinite(u).all()
@@ -91,7 +100,7 @@ def test_embeddings_are_normalised_and_padding_history_is_safe(items):
     h1[0, 0] = 3
     h2 = h1.clone()
     h2[0, 1] = 3
-    d = torch.zeros(1, len(COUNT_COLUMNS))
+    d = torch.zeros(1, N_DENSE)
     assert torch.allclose(model.user_embedding(h1, d), model.user_embedding(h2, d), atol=1e-6)
 
 
@@ -110,7 +119,7 @@ def _toy_batch(n_users: int = 64, n_items: int = 40, n_cats: int = 4, seed: int 
     cats = rng.choice(sorted(by_cat), size=n_users)
     hists = [list(rng.choice(by_cat[c], size=5)) for c in cats]
     targets = [rng.choice(by_cat[c]) for c in cats]
-    hist, dense = vocab.encode_users(hists, rng.poisson(2, (n_users, len(COUNT_COLUMNS))))
+    hist, dense = vocab.encode_users(hists, rng.poisson(2, (n_users, N_DENSE)), HISTORY_LEN)
     return vocab, hist, dense, torch.from_numpy(vocab.indices(targets))
 
 
@@ -134,7 +143,7 @@ def test_duplicate_positives_are_not_negatives(items):
     model = _model(vocab, temperature=0.05)
     hist = torch.zeros(3, HISTORY_LEN, dtype=torch.long)
     hist[:, 0] = torch.tensor([1, 2, 3])
-    dense = torch.zeros(3, len(COUNT_COLUMNS))
+    dense = torch.zeros(3, N_DENSE)
     # Rows 0 and 1 share the positive item 4; only row 2's item 2 is a true negative for them.
     target = torch.tensor([4, 4, 2])
     got = model.loss(hist, dense, target)
@@ -160,7 +169,7 @@ def test_all_duplicates_batch_has_finite_zero_loss(items):
     vocab = ItemVocab.from_items(items)
     model = _model(vocab)
     hist = torch.zeros(4, HISTORY_LEN, dtype=torch.long)
-    loss = model.loss(hist, torch.zeros(4, len(COUNT_COLUMNS)), torch.tensor([3, 3, 3, 3]))
+    loss = model.loss(hist, torch.zeros(4, N_DENSE), torch.tensor([3, 3, 3, 3]))
     assert torch.isfinite(loss) and loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -178,10 +187,13 @@ def test_save_load_artifact_gives_identical_embeddings(items, tmp_path):
     assert not loaded.training
     assert loaded_vocab == vocab
     assert loaded.config() == model.config()
+    # the input contract travels in the model config: the loaded model reads the same columns
+    assert loaded.inputs == SPEC and load_input_spec(str(tmp_path / "a")) == SPEC
+    assert loaded.config()["n_dense"] == SPEC.n_dense and loaded.history_len == SPEC.history_len
     assert json.loads((tmp_path / "a" / "extra.json").read_text()) == {"epoch": 3}
 
     model.eval()
-    hist, dense = vocab.encode_users([["i1", "i3"], []], np.ones((2, len(COUNT_COLUMNS))))
+    hist, dense = vocab.encode_users([["i1", "i3"], []], np.ones((2, N_DENSE)), HISTORY_LEN)
     idx = torch.arange(vocab.n_items + 1)
     with torch.no_grad():
         assert torch.equal(model.item_embedding(idx), loaded.item_embedding(idx))
@@ -222,6 +234,20 @@ def test_load_artifact_names_the_missing_file(tmp_path):
         load_artifact(str(tmp_path))
 
 
+def test_an_artifact_without_an_input_spec_is_refused_by_name(items, tmp_path):
+    """A bare model (no spec: what artifacts trained before the input contract look like) still
+    loads, but asking for its inputs is a clear error that says to retrain, never a guess."""
+    vocab = ItemVocab.from_items(items)
+    bare = TwoTowerModel(**vocab.model_kwargs(), dim=8)
+    assert bare.inputs is None and bare.config()["n_dense"] == 12
+    save_artifact(bare, vocab, str(tmp_path / "old"))
+    assert load_artifact(str(tmp_path / "old"))[0].inputs is None
+    with pytest.raises(ConfigError, match="retrain"):
+        load_input_spec(str(tmp_path / "old"))
+    with pytest.raises(ValueError, match="disagrees"):
+        TwoTowerModel(**vocab.model_kwargs(), dim=8, inputs=SPEC, n_dense=12)
+
+
 def test_train_config_validation_names_field(tmp_path):
     cfg = TrainConfig()
     assert cfg.num_workers == 2 and cfg.use_gpu is None and cfg.min_event_type == "view"
@@ -254,18 +280,22 @@ def test_example_encoder_filters_targets_and_encodes(items):
         "event_type": np.array(["view", "purchase", "purchase", "wishlist"], dtype=object),
         "last_items": np.array([np.array([]), np.array(["i1"]), np.array(["i2"]), np.array(["i4", "i1"])],
                                dtype=object),
-        **{c: np.full(4, 1.0, dtype="float32") for c in COUNT_COLUMNS},
+        "purchased_items": np.array([np.array([])] * 4, dtype=object),
+        **{c: np.full(4, 1.0, dtype="float32") for c in SPEC.dense},
     }
-    every = ExampleEncoder(vocab, "view")(batch)
+    every = ExampleEncoder(vocab, SPEC, "view")(batch)
     # the unknown target item is dropped; an unknown event type counts as a view
     assert every["item"].tolist() == [1, 2, 3]
     assert every["hist"].shape == (3, HISTORY_LEN) and every["hist"][2, :2].tolist() == [4, 1]
-    assert every["dense"].shape == (3, len(COUNT_COLUMNS)) and every["dense"].dtype == np.float32
-    purchases = ExampleEncoder(vocab, "purchase")(batch)
+    assert every["dense"].shape == (3, N_DENSE) and every["dense"].dtype == np.float32
+    assert every["dense"][0].tolist() == pytest.approx([np.log(2.0)] * N_DENSE)  # log1p of each raw value
+    purchases = ExampleEncoder(vocab, SPEC, "purchase")(batch)
     assert purchases["item"].tolist() == [2]
     assert purchases["hist"][0, 0] == 1
     with pytest.raises(ValueError, match="last_items"):
-        ExampleEncoder(vocab)({k: v for k, v in batch.items() if k != "last_items"})
+        ExampleEncoder(vocab, SPEC)({k: v for k, v in batch.items() if k != "last_items"})
+    with pytest.raises(ValueError, match="purchase_share_7d"):  # a dense feature of the service
+        ExampleEncoder(vocab, SPEC)({k: v for k, v in batch.items() if k != "purchase_share_7d"})
 
 
 def test_logq_correction_changes_the_loss_and_checks_its_input():
@@ -359,7 +389,7 @@ def test_item_tower_uses_titles_and_old_artifacts_still_load(items, tmp_path):
 def test_recency_weighting_favours_recent_history(items):
     vocab = ItemVocab.from_items(items)
     model = _model(vocab, dim=8, recency=True)
-    d = torch.zeros(2, len(COUNT_COLUMNS))
+    d = torch.zeros(2, N_DENSE)
     h = torch.zeros(2, HISTORY_LEN, dtype=torch.long)
     h[0, :2] = torch.tensor([1, 3])  # i1 most recent
     h[1, :2] = torch.tensor([3, 1])  # i3 most recent
@@ -373,13 +403,13 @@ def test_recency_weighting_favours_recent_history(items):
 
 def test_uniform_negatives_only_in_training_and_never_the_positive():
     kw = dict(n_items=3, n_categories=1, n_price_buckets=1, item_category=[0, 1, 1, 1],
-              item_price_bucket=[0, 1, 1, 1], dim=8)
+              item_price_bucket=[0, 1, 1, 1], dim=8, inputs=SPEC)
     torch.manual_seed(0)
     plain = TwoTowerModel(**kw)
     torch.manual_seed(0)
     mixed = TwoTowerModel(**kw, uniform_negatives=64)
     hist = torch.tensor([[1] + [0] * (HISTORY_LEN - 1), [2] + [0] * (HISTORY_LEN - 1)])
-    dense = torch.zeros(2, len(COUNT_COLUMNS))
+    dense = torch.zeros(2, N_DENSE)
     target = torch.tensor([3, 3])  # one positive item, so in-batch there is no negative at all
     assert plain.loss(hist, dense, target).item() == pytest.approx(0.0, abs=1e-6)
     # the uniform draws bring negatives (items 1 and 2); draws of item 3 itself are masked
