@@ -333,6 +333,84 @@ def models_list(name: str = typer.Option("two_tower"), home: Optional[str] = Hom
     console.print(table)
 
 
+@models_app.command("show")
+def models_show(name: str = typer.Argument(..., help="Model name, e.g. two_tower."),
+                version: int = typer.Argument(..., min=1, help="Version number."),
+                home: Optional[str] = HomeOpt) -> None:
+    """The model card of one version: its evaluation, gates, aliases and lineage.
+
+    Metrics against every baseline, the evaluation split and its users, the alias moves to it,
+    and lineage: code version, config hash, feature service and view versions with the Lance
+    versions trained on, the lake generation, checkpoint and artifact.
+    """
+    from aiplatform.registry.registry import ModelRegistry
+
+    try:
+        registry = ModelRegistry(Layout.open(Settings.load(home=home).home))
+        mv = registry.get(name, version)
+        aliases = registry.aliases(name)
+        history = {a: registry.alias_history(name, a) for a in aliases}
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    for renderable in _model_card(mv, aliases, history):
+        console.print(renderable)
+
+
+def _model_card(mv, aliases: dict[str, int], history: dict[str, list[dict]]) -> list:
+    """Rich renderables of a version's card (kept here: presentation is the CLI's job)."""
+    from rich.table import Table
+
+    out: list = []
+    mine = sorted(a for a, v in aliases.items() if v == mv.version)
+    out.append(f"[bold]{mv.name} v{mv.version}[/]  registered {mv.created_at:%Y-%m-%d %H:%M UTC}"
+               f"  aliases: {', '.join(mine) or 'none'}")
+    metrics = {k: v for k, v in mv.metrics.items() if isinstance(v, dict) and "recall@10" in v}
+    if metrics:
+        cols = list(next(iter(metrics.values())))
+        table = Table(title="evaluation", show_edge=False)
+        table.add_column("ranker")
+        for c in cols:
+            table.add_column(c, justify="right")
+        for ranker, values in metrics.items():
+            table.add_row(ranker, *(f"{values.get(c, float('nan')):.4f}" for c in cols))
+        out.append(table)
+    evaluation = mv.lineage.get("evaluation", {})
+    if evaluation:
+        out.append(f"split: {evaluation.get('split', '?')}, {evaluation.get('users', '?')} validation users, "
+                   f"cutoff {evaluation.get('cutoff', '?')}")
+    for verdict in (mv.metrics.get("beats_baselines") or {}).items():
+        out.append(f"  {'beats' if verdict[1] else 'does NOT beat'} {verdict[0]}")
+    for gate in mv.metrics.get("gates") or []:
+        out.append(f"  {gate.get('message', gate)}")
+    moves = [(a, h) for a, hs in history.items() for h in hs if h["version"] == mv.version]
+    for alias, move in sorted(moves, key=lambda m: m[1]["set_at"]):
+        out.append(f"  alias {alias} -> v{mv.version} at {move['set_at']:%Y-%m-%d %H:%M} ({move['reason'] or 'no reason'})")
+    lineage = mv.lineage
+    code = lineage.get("code", {})
+    git = code.get("git") or {}
+    table = Table(title="lineage", show_edge=False, show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("code", (f"git {git['sha'][:12]}{' (uncommitted changes)' if git.get('dirty') else ''}, "
+                           if git else "") + f"package {code.get('package', '?')}, source {code.get('source_digest', '?')}")
+    table.add_row("config hash", str(lineage.get("config_hash", "?")))
+    service = lineage.get("feature_service") or {}
+    table.add_row("feature service", f"{service.get('name', '?')} (version {service.get('version', '?')})")
+    for view in service.get("views", []):
+        table.add_row(f"  view {view['name']}", f"version {view['version']}, Lance version {view['lance_version']} "
+                                                f"of {view['table']}")
+    data = lineage.get("data") or {}
+    if data:
+        table.add_row("data", f"lake generation {data.get('lake_generation')} (imported {data.get('imported_at')})")
+    for key in ("events", "items", "examples", "run"):
+        if key in lineage:
+            table.add_row(key, f"{lineage[key]:,}" if isinstance(lineage[key], int) else str(lineage[key]))
+    table.add_row("checkpoint", mv.checkpoint_uri)
+    table.add_row("artifact", mv.artifact_uri)
+    out.append(table)
+    return out
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -48,6 +48,7 @@ from aiplatform.core.storage import Layout, filesystem_for, is_uri
 from aiplatform.data import eventlog, lake
 from aiplatform.features import pipeline as features
 from aiplatform.models.inputs import UserInputSpec
+from aiplatform.registry.lineage import collect as collect_lineage
 from aiplatform.registry.registry import ModelRegistry, ModelVersion
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import (
@@ -186,11 +187,11 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     log.info(baseline_sentence(metrics, config.eval_k))
 
     registry = ModelRegistry(layout)
-    lineage = {
-        "events": int(len(events_pd)), "items": int(len(items)), "examples": int(n_examples),
-        "cutoff": str(cutoff), "run": run_name,
-        "feature_service": {"name": service.name, "version": service.version},
-    }
+    lineage = collect_lineage(
+        layout, service, config.model_dump(mode="json"),
+        evaluation={"split": f"time: last {config.holdout_days} days", "cutoff": str(cutoff),
+                    "users": int(metrics.get("users", len(truth)))},
+        events=int(len(events_pd)), items=int(len(items)), examples=int(n_examples), run=run_name)
     with artifact_to_register(result.checkpoint_path, ranker_path) as artifact_dir:
         version: ModelVersion = registry.register(
             model_name, artifact_dir, metrics=metrics, params=result.params,
