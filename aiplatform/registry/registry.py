@@ -8,6 +8,8 @@ as one on disk) and the artifact files under ``Layout.model_dir(name, version)``
 - ``aliases``: one row per alias move. The current target of an alias is its latest row, so
   the table *is* the history: who pointed ``champion`` where, when and why.
 - ``version_claims``: one row per version number handed out (see "Version numbers").
+- ``indexes``: one row per build or update of a version's item index (``record_index``): its
+  kind, size and measured recall@10, which decides whether serving may use it.
 
 Every write is one Lance commit, and the artifact is copied before its row is appended: a
 version that the registry lists always has its files in place.
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 VERSIONS_TABLE = "model_versions"
 ALIASES_TABLE = "aliases"
 CLAIMS_TABLE = "version_claims"
+INDEXES_TABLE = "indexes"
 MAX_CLAIM_ROUNDS = 20
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -91,6 +94,15 @@ _CLAIMS_SCHEMA = pa.schema(
         pa.field("name", pa.string(), nullable=False),
         pa.field("claim_id", pa.string(), nullable=False),
         pa.field("claimed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+_INDEXES_SCHEMA = pa.schema(
+    [
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("version", pa.int64(), nullable=False),
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("info", pa.string(), nullable=False),
     ]
 )
 
@@ -427,3 +439,28 @@ class ModelRegistry:
             {"version": int(r["version"]), "set_at": _utc(r["set_at"]), "reason": r["reason"]}
             for r in self._alias_rows(name, alias)
         ]
+
+    # ---- index facts (retrieval) ----------------------------------------------------------
+    def record_index(self, name: str, version: int, info: dict[str, Any]) -> None:
+        """Record the facts of a version's item index (kind, rows, measured recall@10, ...).
+
+        Appended to the ``indexes`` table like every other registry write (one commit, never
+        rewritten), so a rebuild or an upsert adds a row and ``index_info`` returns the latest.
+        """
+        self.get(name, version)  # raises NotFoundError naming what exists
+        try:
+            info_json = json.dumps(info or {}, sort_keys=True, default=str)
+        except (TypeError, ValueError) as exc:
+            raise UserInputError(f"index info must be JSON-serialisable: {exc}") from exc
+        row = {"name": name, "version": int(version), "recorded_at": _now(), "info": info_json}
+        self._table(INDEXES_TABLE, _INDEXES_SCHEMA).add(pa.Table.from_pylist([row], schema=_INDEXES_SCHEMA))
+        log.info("recorded the index of %s version %d: %s", name, version, info_json)
+
+    def index_info(self, name: str, version: int) -> dict[str, Any] | None:
+        """The latest recorded index facts of a version (with ``recorded_at``), or None."""
+        _check_name("model name", name)
+        rows = [r for r in self._rows(INDEXES_TABLE, _INDEXES_SCHEMA, name) if int(r["version"]) == int(version)]
+        if not rows:
+            return None
+        last = max(enumerate(rows), key=lambda p: (p[1]["recorded_at"], p[0]))[1]
+        return {**json.loads(last["info"]), "recorded_at": _utc(last["recorded_at"]).isoformat()}

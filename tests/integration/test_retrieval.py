@@ -1,4 +1,5 @@
-"""Item index: Ray Data embedding, one LanceDB table per model version, exact and ANN search."""
+"""Item index: Ray Data embedding, one LanceDB table per model version, exact and HNSW search,
+the measured recall recorded in the registry, upserts embedded with the version's model."""
 
 import numpy as np
 import pandas as pd
@@ -6,9 +7,10 @@ import pytest
 import torch
 
 from aiplatform.core.errors import NotFoundError, UserInputError
+from aiplatform.core.storage import Layout
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, load_artifact, save_artifact
-from aiplatform.retrieval import ItemIndex, build_item_index, vector_table_name
-from aiplatform.retrieval.index import ANN_MIN_ROWS
+from aiplatform.registry.registry import ModelRegistry
+from aiplatform.retrieval import ItemIndex, build_item_index, persist, vector_table_name
 
 pytestmark = pytest.mark.integration
 
@@ -125,15 +127,37 @@ def test_rebuild_replaces_the_table_in_one_step(built, tmp_path):
     assert index.vector_of("item_00100") is None
 
 
-def test_large_catalogue_uses_an_ann_index_with_good_recall(ray_session, tmp_path):
-    n = ANN_MIN_ROWS + 500
+def test_large_catalogue_gets_a_graph_whose_recall_is_recorded(ray_session, tmp_path):
+    n = 1500  # above the (lowered) exact threshold: the HNSW path, at test size
     items = make_items(n)
-    artifact = make_artifact(tmp_path / "artifact", items, dim=32)
-    name = build_item_index(str(tmp_path / "vectors"), "two_tower", 1, artifact, items,
-                            batch_size=2048)
-    index = ItemIndex(str(tmp_path / "vectors"), name)
-    assert len(index) == n
-    assert index._table.list_indices(), "an IVF-PQ index should be built at this size"
+    layout = Layout.at(str(tmp_path / "home"))
+    registry = ModelRegistry(layout)
+    mv = registry.register("two_tower", make_artifact(tmp_path / "artifact", items, dim=32), {}, {}, "")
+    name = build_item_index(layout.vectors, "two_tower", mv.version, mv.artifact_uri, items,
+                            batch_size=512, registry=registry, exact_max_rows=1000)
+    index = ItemIndex(layout.vectors, name)
+    assert len(index) == n and index.kind == "hnsw"
+    assert persist.load_pointer(layout.vectors, name) is not None  # saved: replicas load, not build
+    info = registry.index_info("two_tower", mv.version)
+    assert info["kind"] == "hnsw" and info["rows"] == n and info["mode"] == "overwrite"
+    assert info["recall_at_10"] == pytest.approx(index.recall) and info["recall_at_10"] >= 0.95
     probes = [f"item_{i:05d}" for i in range(0, n, n // 20)]
     first = sum(index.search(index.vector_of(p), k=10)[0][0] == p for p in probes)
     assert first >= len(probes) - 1
+
+
+def test_upsert_embeds_new_items_with_the_version_model(built, tmp_path):
+    vectors = str(tmp_path / "vectors")
+    items = built["items"]
+    build_item_index(vectors, "two_tower", 1, built["artifact"], items.iloc[:200])
+    before = ItemIndex(vectors, "two_tower_v1")
+    changed = items.iloc[[5]].assign(category="moved", price=999.0)
+    build_item_index(vectors, "two_tower", 1, built["artifact"], pd.concat([items.iloc[200:], changed]),
+                     mode="upsert")
+    after = ItemIndex(vectors, "two_tower_v1")
+    assert len(before) == 200 and len(after) == N_ITEMS
+    np.testing.assert_allclose(after.vector_of("item_00250"),
+                               ItemIndex(built["vectors"], built["table"]).vector_of("item_00250"), atol=1e-6)
+    assert after.search(after.vector_of("item_00250"), 1)[0][0] == "item_00250"
+    assert [i for i, _ in after.search(after.vector_of("item_00005"), 1, category="moved")] == ["item_00005"]
+    assert before.refresh() == N_ITEMS - 200 and len(before) == N_ITEMS
