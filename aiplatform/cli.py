@@ -171,7 +171,8 @@ def train(
     resume: Optional[str] = typer.Option(None, help="Continue this run (name under <home>/runs)."),
     home: Optional[str] = HomeOpt,
 ) -> None:
-    """Train, evaluate against two baselines, apply the quality gates and register a model
+    """Train the two-tower model and the candidate ranker, evaluate the pipeline against
+    popularity, co-occurrence and EASE, apply the quality gates and register a model
     (the same code `ray job submit` runs)."""
     from aiplatform.jobs.train import main
 
@@ -378,8 +379,13 @@ def _model_card(mv, aliases: dict[str, int], history: dict[str, list[dict]]) -> 
     if evaluation:
         out.append(f"split: {evaluation.get('split', '?')}, {evaluation.get('users', '?')} validation users, "
                    f"cutoff {evaluation.get('cutoff', '?')}")
-    for verdict in (mv.metrics.get("beats_baselines") or {}).items():
-        out.append(f"  {'beats' if verdict[1] else 'does NOT beat'} {verdict[0]}")
+    if "paired" in mv.metrics:
+        from aiplatform.training.recommender import verdict_lines
+
+        out += [f"  {line}" for line in verdict_lines(mv.metrics)]
+    else:
+        for verdict in (mv.metrics.get("beats_baselines") or {}).items():
+            out.append(f"  {'beats' if verdict[1] else 'does NOT beat'} {verdict[0]}")
     for gate in mv.metrics.get("gates") or []:
         out.append(f"  {gate.get('message', gate)}")
     moves = [(a, h) for a, hs in history.items() for h in hs if h["version"] == mv.version]

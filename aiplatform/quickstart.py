@@ -113,15 +113,22 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
     has_champion = "champion" in registry.aliases(settings.model_name)
     report = stages.run(
         "train", f"training the two-tower model with Ray Train ({config.num_workers} workers)",
-        # A first model is always served; a later one takes over when it passes the quality gates.
+        # A first model is always served; a later one takes over when it passes the quality gates
+        # (which it cannot with too few validation users: the gates do not decide then).
         lambda: run_training(layout, config, settings.model_name, always_promote=not has_champion,
-                             promote=True, settings=settings))
+                             settings=settings))
+    if report.gates_passed and not report.promoted:
+        registry.set_alias(settings.model_name, "champion", report.version, reason="passed the gates (quickstart)")
+        report.aliases.append("champion")
+        report.promoted = True
     result.metrics, result.model_version = report.metrics, report.version
     console.print("  " + format_metrics(report.metrics).replace("\n", "\n  "))
-    verdict = "[green]beats[/]" if report.beats_baseline() else "[red]does not beat[/]"
-    console.print(f"  {settings.model_name} v{report.version} {verdict} the popularity baseline "
-                  f"({report.validation_users:,} validation users, last {config.holdout_days} days held out)"
-                  f"; {'champion' if report.promoted else 'registered, champion unchanged'}")
+    for baseline, won in report.beats_baselines().items():
+        verdict = "[green]beats[/]" if won else "[red]does NOT beat[/]"
+        console.print(f"  {settings.model_name} v{report.version} {verdict} the {baseline} baseline "
+                      "(by two standard errors of the per-user difference, recall@10 and NDCG@10)")
+    console.print(f"  evaluated on {report.validation_users:,} validation users ({report.split}); "
+                  f"{'champion' if report.promoted else 'registered, champion unchanged'}")
 
     from aiplatform.jobs.index import run_index
 

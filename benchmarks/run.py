@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["quickstart_stages.py", "training.py", "features.py"]
+BENCHMARKS = ["quickstart_stages.py", "training.py", "features.py", "features_pit.py", "features_online.py",
+              "retrieval.py", "candidates.py", "served_quality.py", "quality_ceiling.py"]
 
 if __name__ == "__main__":
     for name in BENCHMARKS:

@@ -7,6 +7,10 @@ seconds for timestamps, ints for floats) and converts them to exactly these.
 import pyarrow as pa
 
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
+EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0}
+"""How much an event says about interest: the funnel weights of popularity and of the candidate sources."""
+RELEVANT_EVENTS: tuple[str, ...] = ("click", "add_to_cart", "purchase")
+"""What evaluation counts as a hit after the cutoff (a view is only an impression)."""
 """Known event types; any other value is kept and weighted as ``view``."""
 
 EVENTS = pa.schema(

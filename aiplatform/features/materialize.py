@@ -134,6 +134,16 @@ def _combine(service: FeatureService, latest: dict[FeatureView, pa.Table]) -> pa
     return pa.table({name: columns[name] for name in ordered})
 
 
+def latest_service_rows(service: FeatureService, events) -> pa.Table:
+    """Each entity's latest row of ``service`` computed in memory from ``events`` (a DataFrame
+    that every view of the service reads): what ``materialize`` would write, without the
+    offline store. For data that fits in memory: tests, notebooks."""
+    from aiplatform.features.engine import compute_view_rows
+
+    key = service.entity.join_key
+    return _combine(service, {v: latest_per_entity(compute_view_rows(v, events), key) for v in service.views})
+
+
 def _read(ds, view: FeatureView, service: FeatureService, flt) -> pa.Table:
     key = service.entity.join_key
     cols = [key, TIMESTAMP_COLUMN, BUCKET_COLUMN] + service.selected(view)
@@ -201,4 +211,5 @@ def _empty(table: pa.Table) -> pa.Table:
     return table.slice(0, 0)
 
 
-__all__ = ["MaterializeSummary", "materialize", "latest_by_bucket", "latest_per_entity", "watermark_key"]
+__all__ = ["MaterializeSummary", "materialize", "latest_by_bucket", "latest_per_entity", "latest_service_rows",
+           "watermark_key"]

@@ -6,15 +6,21 @@ This is the entrypoint for ``ray job submit``::
         python -m aiplatform.jobs.train --home /data/aiplatform --epochs 3
 
 It runs on whatever cluster ``RAY_ADDRESS`` names (a job's driver inherits it), reads the
-lake under the storage root, evaluates the model against the popularity and co-occurrence
-baselines on the held-out days and checks the config's quality ``gates``.
+lake under the storage root, and trains and evaluates what is served: the two-tower model
+(Ray Train) and, on top of it, the candidate ranker (``training.candidates``: the two-tower,
+co-occurrence, EASE, popularity and category sources merged by LightGBM LambdaRank). The
+evaluation split adapts (``training.split``: the last ``holdout_days``, or each user's last
+``holdout_fraction`` when that leaves too few users); the pipeline is scored against
+popularity, co-occurrence and EASE with per-user paired verdicts (``training.recommender``).
 
 Features: the model's inputs are derived from the served feature service
 (``models.inputs.UserInputSpec``: its numeric features, the history and exclusion lists named by
-``history_feature``/``exclude_feature``). The job first brings the offline tables up to date, an
-explicit step and the only write to the feature store, then builds every frame it needs with ONE
-point-in-time join: the training examples (features just before each event) and the validation
-users' features at the cutoff are one labels frame, told apart by ``label_kind``.
+``history_feature``/``exclude_feature``; the candidate ranker's recent-events lists, with their
+``n`` and window). The job first brings the offline tables up to date, an explicit step and the
+only write to the feature store, then builds every frame it needs with ONE point-in-time join:
+the training examples (features just before each event), the validation users' features at
+their cutoff and the ranker's window users' at theirs are one labels frame, told apart by
+``label_kind``.
 
 Gates:
 
@@ -23,7 +29,9 @@ Gates:
   model has no champion yet (so a first run can serve) or with ``--promote``;
 - a model that fails a gate gets no alias; the log and the report name the gate and the
   numbers. The exit code stays 0 unless ``--fail-on-gate`` (then 3);
-- ``--always-promote`` makes the new version champion whatever the gates say.
+- ``--always-promote`` makes the new version champion whatever the gates say;
+- fewer validation users than ``min(min_validation_users, all users)``: the gates cannot decide,
+  "not enough validation data", no alias unless ``--promote``.
 """
 
 import argparse
@@ -41,32 +49,35 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from aiplatform.core.errors import AIPlatformError, UserInputError
+from aiplatform.core.errors import AIPlatformError, ConfigError, UserInputError
 from aiplatform.core.runtime import ensure_ray
 from aiplatform.core.settings import Settings
-from aiplatform.core.storage import Layout, filesystem_for, is_uri
+from aiplatform.core.storage import Layout, filesystem_for, is_uri, join
 from aiplatform.data import eventlog, lake
 from aiplatform.features import pipeline as features
+from aiplatform.features.definitions import FeatureService, FeatureView
+from aiplatform.models.candidates import CANDIDATES_DIR, CandidateConfig, CandidateRanker
 from aiplatform.models.inputs import UserInputSpec
 from aiplatform.registry.lineage import collect as collect_lineage
 from aiplatform.registry.registry import ModelRegistry, ModelVersion
+from aiplatform.training.candidates import fit_ranker, ranker_windows
 from aiplatform.training.config import TrainConfig
-from aiplatform.training.evaluate import (
-    CooccurrenceBaseline,
-    check_gates,
-    evaluate_model,
-    popularity_ranking,
-    ranker_verdict,
-    split_by_time,
+from aiplatform.training.evaluate import GateResult, check_gates
+from aiplatform.training.recommender import (
+    BASELINES,
+    TWO_TOWER,
+    TwoTowerSource,
+    evaluate_recommender,
+    fit_ease,
+    verdict_lines,
 )
-from aiplatform.training.ranker import RankerConfig, attach_ranker, evaluate_ranker, train_ranker
+from aiplatform.training.split import EvalSplit, adaptive_split
 from aiplatform.training.train import train_two_tower
 
 log = logging.getLogger("aiplatform.jobs.train")
 
 TARGET_TYPES = ("view", "click", "add_to_cart", "purchase")
 EXIT_GATE_FAILED = 3
-BASELINES = ("popularity", "cooccurrence")
 LABEL_KIND = "label_kind"
 """Marker column of the one labels frame: ``example`` (a training example) or ``context`` (a
 validation user at the cutoff)."""
@@ -86,6 +97,7 @@ class TrainingReport:
     eval_seconds: float
     aliases: list[str] = field(default_factory=list)
     gates: list[dict] = field(default_factory=list)
+    split: str = ""
 
     @property
     def gates_passed(self) -> bool:
@@ -96,7 +108,8 @@ class TrainingReport:
         return [g for g in self.gates if not g["passed"]]
 
     def beats_baselines(self) -> dict[str, bool]:
-        """Per evaluated baseline: is the model ahead on both recall@k and NDCG@k?"""
+        """Per evaluated baseline: is the model ahead on both recall@k and NDCG@k by more than
+        two standard errors of the per-user paired difference?"""
         return dict(self.metrics.get("beats_baselines", {}))
 
     def beats_baseline(self) -> bool:
@@ -107,10 +120,12 @@ class TrainingReport:
 def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tower",
                  always_promote: bool = False, promote: bool = False,
                  settings: Settings | None = None, resume: str | None = None) -> TrainingReport:
-    """Train, evaluate on a time-based split against two baselines, register, apply the gates.
+    """Train the two-tower model and the candidate ranker, evaluate the served pipeline against
+    every baseline on an adaptive split, register, apply the gates.
 
     Aliases: ``challenger`` when every gate passes; ``champion`` as well when none exists yet
-    or ``promote`` is set; ``champion`` whatever the gates say with ``always_promote``.
+    or ``promote`` is set; ``champion`` whatever the gates say with ``always_promote``. Too few
+    validation users is a failed gate: no alias unless ``promote``/``always_promote``.
     """
     if not lake.has_data(layout):
         raise UserInputError(
@@ -120,97 +135,176 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     service = features.served_service(settings)
     # The model's inputs, from the declaration: a bad history/exclusion name fails here, first.
     inputs = UserInputSpec.from_service(service, config.history_feature, config.exclude_feature)
-    popularity = features.popularity_view(settings) if config.ranker else None
+    candidates = candidate_config(service, config) if config.ranker else None
     log.info("model inputs: %s", inputs.describe())
     events_pd = eventlog.read_events(layout).to_pandas()  # the lake plus events pushed since
     items = lake.read_items(layout)
-    cutoff, train_events, truth = split_by_time(events_pd, config.holdout_days)
-    if not truth:
+    split = adaptive_split(events_pd, config.holdout_days, config.min_validation_users, config.holdout_fraction)
+    log.info("evaluation split %s: %d validation users (%s)", split.name, split.n_users, split.reason)
+    if not split.truth:
         raise UserInputError(
-            f"no user has both history before and clicks/carts/purchases after the cutoff "
-            f"{cutoff} ({config.holdout_days} held-out days): bring more days of events or "
-            "lower holdout_days")
-    boundary = cutoff + pd.Timedelta(microseconds=1)  # events at the cutoff are training data
+            f"no user has both history before and clicks/carts/purchases after the evaluation cutoff "
+            f"({split.name}): bring more events, or lower holdout_days / raise holdout_fraction")
+    # The ranker's training windows: inside the training side (the ranker that is evaluated),
+    # and over every event (the ranker that is served: the same procedure, refitted on all).
+    windows = ranker_windows(split.train, candidates) if candidates is not None else []
+    serve_windows = ranker_windows(events_pd, candidates) if candidates is not None else []
     allowed = TARGET_TYPES[TARGET_TYPES.index(config.min_event_type):]
     # Step 1, the only write: bring the offline tables up to date (explicitly, once).
-    views = [*service.views, *([popularity] if popularity is not None else [])]
     started = time.perf_counter()
-    for run in features.update_offline(layout, views):
+    for run in features.update_offline(layout, service.views):
         log.info("offline table %s (version %s): %s, %d rows written", run.view, run.version, run.mode,
                  run.rows_written)
     log.info("offline feature tables up to date in %.1fs", time.perf_counter() - started)
-    # Step 2, reads only: ONE point-in-time join of every label with the service. Each example
-    # gets the user's feature row as of just before its event (the row serving would have read
-    # then); each validation user its row at the cutoff.
-    labels = features.training_labels(events_pd, boundary, allowed).assign(**{LABEL_KIND: "example"})
-    at_cutoff = pd.DataFrame({"user_id": sorted(truth), "event_timestamp": features.utc(cutoff), LABEL_KIND: "context"})
-    frame = features.service_frame(layout, service, pd.concat([labels, at_cutoff], ignore_index=True)).materialize()
+    # Step 2, reads only: ONE point-in-time join of every label with the features the two-tower
+    # reads. Each example gets the user's feature row as of just before its event (the row
+    # serving would have read then); each validation user their row at their cutoff, and each
+    # user of the ranker's windows their row at that window's cutoff (the two-tower source).
+    labels = features.training_labels(split.train, _after(split.train), allowed).assign(**{LABEL_KIND: "example"})
+    seen = [split.user_cutoffs, *(w.split.user_cutoffs for w in (*windows, *serve_windows))]
+    context_rows = pd.concat([pd.DataFrame({"user_id": at.index.astype(str),
+                                            "event_timestamp": pd.to_datetime(list(at), utc=True)}) for at in seen],
+                             ignore_index=True).drop_duplicates().assign(**{LABEL_KIND: "context"})
+    frame = features.service_frame(layout, model_service(service, candidates),
+                                   pd.concat([labels, context_rows], ignore_index=True)).materialize()
     examples = _rows_of(frame, "example").materialize()
-    context = _rows_of(frame, "context").to_pandas()
+    contexts = _rows_of(frame, "context").to_pandas()
     del frame
     n_examples = examples.count()
     if n_examples == 0:
         raise UserInputError("no training examples before the cutoff: bring more events")
-    log.info("%d training examples before %s; %d validation users", n_examples, cutoff, len(truth))
+    log.info("%d training examples; %d validation users (%s)", n_examples, split.n_users, split.name)
     # A run whose driver died continues from its latest checkpoint (Ray Train V2 resumes by name).
     run_name = resume or f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train_two_tower(examples, items, config, layout.runs, run_name, inputs=inputs,
                              require_existing=resume is not None)
 
     eval_started = time.perf_counter()
-    popular = popularity_ranking(train_events)
-    cooc = CooccurrenceBaseline.fit(train_events, popular)
-    metrics = evaluate_model(result.model, result.vocab, context, truth, popular, k=config.eval_k,
-                             cooccurrence=cooc, k_large=config.eval_k_large)
-    ranker_path = None
-    if config.ranker:
-        # Retrieve-then-rank: the ranker re-orders the two-tower's top candidates; it travels
-        # inside the same artifact (``ranker/``), so one registry version carries both.
-        # Item features: the popularity view's latest row per item at the cutoff (point in time).
-        ranker = train_ranker(examples, items, result.vocab, RankerConfig(), layout.runs, run_name + "-ranker",
-                              retrieval_model=result.model, item_counts=_item_features(layout, popularity, cutoff),
-                              inputs=inputs)
-        metrics["ranker"] = evaluate_ranker(ranker.model, result.model, result.vocab, context, truth,
-                                            k=config.eval_k)
-        r, k = metrics["ranker"], config.eval_k
-        log.info("ranker: NDCG@%d %.4f in retrieval order -> %.4f ranked; recall@%d %.4f -> %.4f",
-                 k, r["retrieval"][f"ndcg@{k}"], r["ranked"][f"ndcg@{k}"],
-                 k, r["retrieval"][f"recall@{k}"], r["ranked"][f"recall@{k}"])
-        # Only a ranker that improves the held-out order is served (ranker_min_ndcg_gain).
-        r["attached"], r["verdict"] = ranker_verdict(r, k, config.ranker_min_ndcg_gain)
-        (log.info if r["attached"] else log.warning)(r["verdict"])
-        if r["attached"]:
-            ranker_path = ranker.path
+    catalogue = pd.Index(sorted(set(items["item_id"].astype(str))))
+    ease = fit_ease(split.train, catalogue, config.holdout_days, log.info)
+    two_tower = TwoTowerSource(result.model, result.vocab, candidates.per_source if candidates else 100, contexts)
+    ranker = None
+    if candidates is not None:
+        if ease is not None:
+            candidates.ease_lambda = ease.lam
+        ranker = fit_ranker(split.train, items, candidates, external=two_tower, windows=windows, log=log.info)
+    metrics = evaluate_recommender(ranker, two_tower, split, ease, config.eval_k, config.eval_k_large)
+    served = None
+    if ranker is not None:
+        attached, verdict = pipeline_verdict(metrics, config.eval_k, config.ranker_min_ndcg_gain)
+        metrics["ranker"] = {"attached": attached, "verdict": verdict, **ranker.report}
+        (log.info if attached else log.warning)(verdict)
+        if attached:
+            # What is served: the same procedure refitted on every event (sources and LightGBM
+            # alike, its windows ending where the data ends), as the index covers the catalogue.
+            served = fit_ranker(events_pd, items, candidates, external=two_tower, windows=serve_windows,
+                                log=log.info)
+            metrics["ranker"]["served_fit"] = served.report
+        else:  # what is served is the two-tower alone: so is what the gates judge
+            metrics = evaluate_recommender(None, two_tower, split, ease, config.eval_k,
+                                           config.eval_k_large) | {"ranker": metrics["ranker"]}
+    metrics["split"] = split.summary()
     gates = [asdict(g) for g in check_gates(metrics, config.gates, config.eval_k)]
+    gates.append(asdict(enough_users_gate(split, config.min_validation_users, events_pd)))
     metrics["gates"] = gates
     eval_seconds = time.perf_counter() - eval_started
-    log.info(baseline_sentence(metrics, config.eval_k))
+    for line in verdict_lines(metrics, config.eval_k):
+        log.info(line)
 
     registry = ModelRegistry(layout)
     lineage = collect_lineage(
         layout, service, config.model_dump(mode="json"),
-        evaluation={"split": f"time: last {config.holdout_days} days", "cutoff": str(cutoff),
-                    "users": int(metrics.get("users", len(truth)))},
+        evaluation={"split": split.name, "cutoff": str(split.cutoff), "users": int(metrics["users"]),
+                    "reason": split.reason},
         events=int(len(events_pd)), items=int(len(items)), examples=int(n_examples), run=run_name)
-    with artifact_to_register(result.checkpoint_path, ranker_path) as artifact_dir:
+    with artifact_to_register(result.checkpoint_path, served) as artifact_dir:
         version: ModelVersion = registry.register(
             model_name, artifact_dir, metrics=metrics, params=result.params,
             checkpoint_uri=result.checkpoint_path, lineage=lineage)
     report = TrainingReport(
         model_name=model_name, version=version.version, promoted=False, metrics=metrics,
-        examples=int(n_examples), validation_users=len(truth), cutoff=str(cutoff),
+        examples=int(n_examples), validation_users=int(metrics["users"]), cutoff=str(split.cutoff),
         checkpoint=result.checkpoint_path, train_seconds=result.duration_s, eval_seconds=eval_seconds,
-        gates=gates)
+        gates=gates, split=split.name)
     for g in gates:
         (log.info if g["passed"] else log.warning)(g["message"])
+    enough = next(g["passed"] for g in gates if g["gate"] == "min_validation_users")
     report.aliases = apply_aliases(registry, model_name, version.version, report.gates_passed,
-                                   promote=promote, always_promote=always_promote)
+                                   promote=promote, always_promote=always_promote, enough_data=enough)
     if not report.gates_passed:
         log.warning("model %s v%d failed %d gate(s): %s", model_name, version.version,
-                    len(report.failed_gates), "champion anyway (--always-promote)" if always_promote
+                    len(report.failed_gates), "champion anyway" if "champion" in report.aliases
                     else "registered without an alias")
     report.promoted = "champion" in report.aliases
     return report
+
+
+def _after(events: pd.DataFrame) -> pd.Timestamp:
+    """Just after the last event: every training event may become a training example."""
+    return pd.to_datetime(events["timestamp"], utc=True).max() + pd.Timedelta(microseconds=1)
+
+
+def candidate_config(service, config: TrainConfig) -> CandidateConfig:
+    """The candidate ranker's config, its history rule taken from the served declaration.
+
+    Serving builds a user's history from three aligned ``last_n`` lists of the feature service
+    (``CandidateConfig.events_features``); training must read the same events, so their ``n``
+    and window become ``history_events``/``history_days``. Anything else is a ``ConfigError``
+    that says what to declare."""
+    cfg = CandidateConfig()
+    names = list(cfg.events_features)
+    found = {}
+    for view in service.views:
+        for agg in getattr(view, "aggregations", ()):
+            if agg.name in names and agg.name in service.selected(view):
+                found[agg.name] = agg
+    expected = dict(zip(names, ("item_id", "event_type", "timestamp"), strict=True))
+    problems = [f"{n} (last_n of {c}, not distinct)" for n, c in expected.items()
+                if n not in found or found[n].function != "last_n" or found[n].column != c or found[n].distinct]
+    if not problems and len({(a.n, a.window) for a in found.values()}) != 1:
+        problems = ["the three lists with one n and one window"]
+    if problems:
+        raise ConfigError(
+            f"the candidate ranker reads a user's recent events from feature service {service.name!r}, which "
+            f"lacks {', '.join(problems)}: declare a view like user_recent_events in apps/shop/features.py "
+            "and add it to the service, or set ranker: false in the training config")
+    agg = found[names[0]]
+    cfg.history_events = int(agg.n)
+    cfg.history_days = agg.window.total_seconds() / 86_400
+    return cfg
+
+
+def model_service(service, candidates: CandidateConfig | None):
+    """``service`` without the views that only the candidate ranker reads (its recent-events
+    lists): the two-tower's training frame joins what the model reads, nothing more."""
+    if candidates is None:
+        return service
+    only = set(candidates.events_features)
+    keep = [i for i in service.features
+            if not (isinstance(i, FeatureView) and set(service.selected(i)) <= only)]
+    return FeatureService(service.name, tuple(keep), service.description)
+
+
+def pipeline_verdict(metrics: dict, k: int, min_gain: float) -> tuple[bool, str]:
+    """(serve the candidate ranker?, why): only when the whole pipeline orders the held-out
+    users' items better than the two-tower alone (NDCG@k, by more than ``min_gain``)."""
+    before, after = float(metrics[TWO_TOWER][f"ndcg@{k}"]), float(metrics["model"][f"ndcg@{k}"])
+    need = before * (1.0 + min_gain)
+    ok = min_gain <= -1.0 or after > need
+    verb = "served" if ok else "NOT served (the two-tower alone is)"
+    return ok, (f"candidate ranker {verb}: NDCG@{k} {before:.4f} two-tower alone -> {after:.4f} merged and ranked "
+                f"(needs > {need:.4f}, ranker_min_ndcg_gain {min_gain:g})")
+
+
+def enough_users_gate(split: EvalSplit, min_users: int, events: pd.DataFrame) -> GateResult:
+    """Gates never decide on fewer validation users than ``min(min_users, all users)``."""
+    n_all = int(events["user_id"].astype(str).nunique())
+    need = min(min_users, n_all)
+    ok = split.n_users >= need
+    return GateResult("min_validation_users", ok, float(split.n_users), float(need),
+                      f"gate min_validation_users {'passed' if ok else 'FAILED'}: {split.n_users} validation users "
+                      f"({split.name}; need >= {need})" + ("" if ok else
+                      ": not enough validation data to decide; the model is not promoted unless --promote"))
 
 
 def _rows_of(frame, kind: str):
@@ -219,27 +313,20 @@ def _rows_of(frame, kind: str):
                              batch_size=None)
 
 
-def _item_features(layout: Layout, view, as_of: pd.Timestamp) -> pd.DataFrame:
-    """``item_id`` + the numeric features of ``view``: each item's latest row at ``as_of``."""
-    names = [n for n, t in view.dtypes.items() if t in ("int64", "float64", "bool")]
-    rows = features.latest_item_rows(layout, view, as_of, names)
-    return rows.rename(columns={view.entity.join_key: "item_id"})[["item_id", *names]]
-
-
 @contextlib.contextmanager
-def artifact_to_register(checkpoint: str, ranker_path: str | None = None) -> Iterator[str]:
-    """The folder to register: the run's best checkpoint, with the ranker in ``ranker/`` when
-    one is given.
+def artifact_to_register(checkpoint: str, ranker: CandidateRanker | None = None) -> Iterator[str]:
+    """The folder to register: the run's best checkpoint, with the candidate ranker in
+    ``candidates/`` when one is served.
 
-    A local checkpoint gets the ranker attached in place. A checkpoint in the object store is
-    never written to: it is downloaded to a temporary folder, the ranker is attached there and
+    A local checkpoint gets the ranker written in place. A checkpoint in the object store is
+    never written to: it is downloaded to a temporary folder, the ranker is added there and
     that folder is registered (the registry uploads it to the version's own folder). Without a
     ranker the checkpoint is registered as it is, wherever it is."""
-    if ranker_path is None:
+    if ranker is None:
         yield checkpoint
         return
     if not is_uri(checkpoint):
-        attach_ranker(ranker_path, checkpoint)
+        ranker.save(join(checkpoint, CANDIDATES_DIR))
         yield checkpoint
         return
     with tempfile.TemporaryDirectory(prefix="aiplatform-artifact-") as tmp:
@@ -247,19 +334,27 @@ def artifact_to_register(checkpoint: str, ranker_path: str | None = None) -> Ite
         local.mkdir()
         fs, path = filesystem_for(checkpoint)
         pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        attach_ranker(ranker_path, str(local))
+        ranker.save(str(local / CANDIDATES_DIR))
         yield str(local)
 
 
 def apply_aliases(registry: ModelRegistry, model_name: str, version: int, gates_passed: bool,
-                  promote: bool = False, always_promote: bool = False) -> list[str]:
+                  promote: bool = False, always_promote: bool = False, enough_data: bool = True) -> list[str]:
     """Set and return the aliases a new version earns.
 
     Passing every gate earns ``challenger``; ``champion`` too when the model has none yet (a
     first run must be servable) or with ``promote``. ``always_promote`` makes it champion
-    whatever the gates say. A version that fails a gate and is not forced gets nothing.
+    whatever the gates say. A version that fails a gate and is not forced gets nothing. With
+    too few validation users (``enough_data`` false) the gates cannot decide: nothing, unless
+    ``promote`` (or ``always_promote``) makes it champion.
     """
     aliases: list[str] = []
+    if not enough_data:
+        if promote or always_promote:
+            registry.set_alias(model_name, "champion", version,
+                               reason="not enough validation data to decide; --promote")
+            aliases.append("champion")
+        return aliases
     if gates_passed:
         registry.set_alias(model_name, "challenger", version, reason="passed the quality gates")
         aliases.append("challenger")
@@ -275,23 +370,31 @@ def apply_aliases(registry: ModelRegistry, model_name: str, version: int, gates_
 
 
 def baseline_sentence(metrics: dict, k: int = 10) -> str:
-    """One plain sentence: does the model beat each baseline (recall@k and NDCG@k), by how much."""
-    m = metrics["model"][f"recall@{k}"]
-    parts = []
-    for name, won in metrics.get("beats_baselines", {}).items():
-        b = metrics[name][f"recall@{k}"]
-        ratio = f", {m / b:.2f}x" if b > 0 else ""
-        parts.append(f"{'beats' if won else 'does NOT beat'} {name} (recall@{k} {m:.4f} vs {b:.4f}{ratio})")
-    return "the model " + " and ".join(parts) if parts else "no baseline was evaluated"
+    """One plain sentence: does the model beat each baseline (by two paired standard errors on
+    recall@k and NDCG@k)."""
+    verdicts = metrics.get("beats_baselines", {})
+    if not verdicts:
+        return "no baseline was evaluated"
+    won = [b for b, ok in verdicts.items() if ok]
+    lost = [b for b, ok in verdicts.items() if not ok]
+    parts = ([f"beats {', '.join(won)}"] if won else []) + ([f"does NOT beat {', '.join(lost)}"] if lost else [])
+    return (f"the model {' and '.join(parts)} (by two standard errors of the per-user difference, on "
+            f"{metrics.get('users', 0):,} validation users)")
 
 
 def format_metrics(metrics: dict) -> str:
-    """A fixed-width table: one row per ranker, one column per metric of ``evaluate_model``."""
-    rankers = [r for r in ("model", *BASELINES) if isinstance(metrics.get(r), dict)]
+    """A fixed-width table (one row per ranker, one column per metric), then one verdict line
+    per baseline and the split."""
+    rankers = [r for r in ("model", TWO_TOWER, *BASELINES) if isinstance(metrics.get(r), dict)]
     cols = list(metrics["model"])
     rows = [f"{'':12s} " + " ".join(f"{c:>11s}" for c in cols)]
     for name in rankers:
         rows.append(f"{name:12s} " + " ".join(f"{metrics[name].get(c, float('nan')):11.4f}" for c in cols))
+    k = int(next((c.split("@")[1] for c in cols if c.startswith("ndcg@")), 10))
+    rows += verdict_lines(metrics, k)
+    split = metrics.get("split")
+    if isinstance(split, dict):
+        rows.append(f"evaluation: {split.get('name')}, {metrics.get('users', 0):,} validation users")
     ranker = metrics.get("ranker")
     if isinstance(ranker, dict) and "verdict" in ranker:
         rows.append(ranker["verdict"])

@@ -1,5 +1,12 @@
 """The HTTP API (docs/architecture.md, 'HTTP'): a FastAPI ingress on Ray Serve over the deployments.
 
+A recommendation is: the user's online features -> the two-tower user tower -> the vector
+index's nearest items -> when the served version carries ``candidates/``, the candidate
+pipeline (``Ranker``: those items merged with co-occurrence, EASE, popularity, category x
+popularity and the user's own items, ordered by the LightGBM ranker; the response says
+``ranked: true``); otherwise the nearest items in retrieval order. A user without features gets
+the popular items.
+
 ``app`` is the Serve application builder (one typed argument, ``AppArgs``): ``serve run
 aiplatform.serving.app:app home=…``, ``serve deploy`` of the config ``aiplatform serve build``
 writes, and a KubeRay RayService all build the application through it. ``build_app`` resolves
@@ -28,11 +35,19 @@ from aiplatform.core.errors import NotFoundError, UserInputError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.features.server import online_store_uri
-from aiplatform.models.ranker import ranker_dir_of
+from aiplatform.models.candidates import candidates_dir_of, load_candidate_config
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval.index import ItemIndex, vector_table_name
 from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
-from aiplatform.serving.deployments import Ranker, Retriever, UserFeatureReader, UserTower, check_served_inputs
+from aiplatform.serving.deployments import (
+    Ranker,
+    Retriever,
+    UserFeatureReader,
+    UserTower,
+    check_events_features,
+    check_served_inputs,
+    served_service,
+)
 from aiplatform.serving.schemas import (
     MAX_K,
     ErrorResponse,
@@ -49,20 +64,12 @@ from aiplatform.serving.schemas import (
 log = logging.getLogger(__name__)
 
 POPULAR_FALLBACK = "popular"
-RANK_CANDIDATES = 100
-"""Retrieved candidates the ranker re-orders: ``max(k * 5, RANK_CANDIDATES)``..."""
-MAX_RANK_CANDIDATES = 5 * MAX_K
-"""... but never more than this, whatever ``k`` (bounds the ranker's work per request)."""
-
-
-def rank_candidates(k: int) -> int:
-    """How many items to retrieve for the ranker when ``k`` are asked for."""
-    return min(max(k * 5, RANK_CANDIDATES), MAX_RANK_CANDIDATES)
 
 api = FastAPI(
     title="aiplatform recommendations",
     version="1",
-    description="Recommendations from a two-tower retrieval model, served by Ray Serve.",
+    description="Recommendations from multi-source candidates (a two-tower retrieval model, co-occurrence, "
+                "EASE, popularity) ordered by a LightGBM ranker, served by Ray Serve.",
 )
 
 _FIELD_HINTS = {
@@ -110,7 +117,10 @@ async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
 @serve.ingress(api)
 class RecommendationAPI:
     """Ingress: validates requests and composes features -> user tower -> retriever
-    (-> ranker, when the served version has one)."""
+    (-> the candidate ranker, when the served version has one).
+
+    ``n_candidates``: how many items the retriever returns for the ranker (the ranker's
+    ``per_source``, the two-tower's share of the candidates it was trained with)."""
 
     def __init__(
         self,
@@ -122,11 +132,13 @@ class RecommendationAPI:
         variant: str = "champion",
         ranker: DeploymentHandle | None = None,
         use_ranker: bool = True,
+        n_candidates: int = 100,
     ) -> None:
         self.features = features
         self.tower = tower
         self.retriever = retriever
         self.ranker = ranker if use_ranker else None
+        self.n_candidates = int(n_candidates)
         self.model = ModelRef(name=model_name, version=int(model_version))
         self.variant = variant
 
@@ -138,8 +150,9 @@ class RecommendationAPI:
     async def recommend(self, body: RecommendationRequest) -> RecommendationResponse:
         """Top ``k`` items for a user, leaving out what they already bought. A user without
         features (new or unknown) gets the popular items, marked ``fallback: "popular"``.
-        With a ranker, ``max(k * 5, 100)`` retrieved candidates are re-ordered by it and
-        ``ranked`` is true."""
+        When the served version has a candidate ranker, the two-tower's nearest items join the
+        other sources' candidates, the ranker orders them and ``ranked`` is true; otherwise the
+        nearest items are returned in retrieval order."""
         request_id = uuid.uuid4().hex
         feats = await self.features.get.remote(body.user_id)
         fallback = None
@@ -156,12 +169,14 @@ class RecommendationAPI:
                     vector, body.k, exclude=feats["exclude"]
                 )
             else:
+                # the two-tower source as the ranker was trained with it (training.recommender.
+                # TwoTowerSource): the nearest items the user has not bought, their ranks features
                 candidates = await self.retriever.search.remote(
-                    vector, rank_candidates(body.k), exclude=feats["exclude"]
+                    vector, max(self.n_candidates, body.k), exclude=feats["exclude"]
                 )
                 scored = await self.ranker.rank.remote({
-                    "history": feats["history"], "dense": feats["dense"],
-                    "candidates": candidates, "k": body.k,
+                    "user_id": body.user_id, "events": feats.get("events") or {},
+                    "exclude": feats["exclude"], "candidates": candidates, "k": body.k,
                 })
                 ranked = True
         return RecommendationResponse(
@@ -237,8 +252,9 @@ def build_app(
     Resolved here, where the application is built, and checked before anything is deployed:
     a missing alias, artifact or vector table is a clear ``NotFoundError``, and a model trained
     on another feature service than the served one a ``ConfigError``, now rather than replicas
-    failing to start later. A version whose artifact carries ``ranker/`` is served
-    retrieve-then-rank; otherwise in retrieval order.
+    failing to start later. A version whose artifact carries ``candidates/`` is served through
+    the candidate pipeline (a feature service without the ranker's recent-event features is a
+    ``ConfigError`` here); otherwise in retrieval order.
     """
     layout = home if isinstance(home, Layout) else Layout.at(home)
     settings = settings or Settings.load()
@@ -248,19 +264,28 @@ def build_app(
     check_served_inputs(mv.artifact_uri, settings.features_module, settings.feature_service)
     table = vector_table_name(mv.name, mv.version)
     ItemIndex(layout.vectors, table)  # raises NotFoundError naming the tables that exist
-    has_ranker = ranker_dir_of(mv.artifact_uri) is not None
-    log.info("serving %s v%d (%s) from %s%s", mv.name, mv.version, alias, mv.artifact_uri,
-             " with its ranker" if has_ranker else "")
+    candidates = candidates_dir_of(mv.artifact_uri)
+    config = load_candidate_config(candidates) if candidates is not None else None
+    if config is not None:  # the ranker's recent events must be served (a clear error now, not empty histories)
+        check_events_features(config, served_service(settings.features_module, settings.feature_service),
+                              where=f"serving {candidates} with {settings.features_module}")
+        log.info("serving %s v%d (%s) from %s: candidate pipeline (two-tower top %d + %s, LightGBM ranker)",
+                 mv.name, mv.version, alias, mv.artifact_uri, config.per_source, ", ".join(config.sources))
+    else:
+        log.info("serving %s v%d (%s) from %s: two-tower retrieval order (the version has no %s/)",
+                 mv.name, mv.version, alias, mv.artifact_uri, "candidates")
     return RecommendationAPI.bind(
         UserFeatureReader.bind(layout.root, online_store_uri(settings, layout), settings.features_module,
-                               settings.feature_service, mv.artifact_uri),
+                               settings.feature_service, mv.artifact_uri,
+                               list(config.events_features) if config is not None else None),
         UserTower.bind(mv.artifact_uri),
         Retriever.bind(layout.vectors, table),
         model_name=mv.name,
         model_version=mv.version,
         variant=alias if not version else f"v{mv.version}",
-        ranker=Ranker.bind(mv.artifact_uri),
-        use_ranker=has_ranker,
+        ranker=Ranker.bind(mv.artifact_uri, settings.features_module, settings.feature_service),
+        use_ranker=config is not None,
+        n_candidates=config.per_source if config is not None else 0,
     )
 
 
@@ -315,4 +340,4 @@ def stop(name: str = DEFAULT_APP_NAME) -> None:
         log.debug("serve.delete(%r): %s", name, exc)
 
 
-__all__ = ["api", "app", "RecommendationAPI", "build_app", "rank_candidates", "start", "stop"]
+__all__ = ["api", "app", "RecommendationAPI", "build_app", "start", "stop"]

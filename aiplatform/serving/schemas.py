@@ -31,9 +31,9 @@ class RecommendationRequest(BaseModel):
 
 class ScoredItem(BaseModel):
     item_id: str
-    score: float = Field(..., description="Cosine similarity for retrieval results, the ranker's "
-                                          "relevance score when ranked, popularity for the "
-                                          "'popular' fallback. Higher is better.")
+    score: float = Field(..., description="The candidate ranker's score when ranked, cosine similarity "
+                                          "in retrieval order, popularity for the 'popular' fallback. "
+                                          "Higher is better; comparable within one response only.")
 
 
 class ModelRef(BaseModel):
@@ -54,8 +54,9 @@ class RecommendationResponse(BaseModel):
     )
     ranked: bool = Field(
         False,
-        description="True when the model version's ranker re-ordered the retrieved candidates "
-                    "(scores are then ranker scores); false for retrieval order or a fallback.",
+        description="True when the model version's candidate ranker chose the items (the two-tower's "
+                    "nearest items merged with co-occurrence, EASE, popularity and the user's own items, "
+                    "scores are ranker scores); false for retrieval order or a fallback.",
     )
 
 

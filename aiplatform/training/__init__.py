@@ -6,7 +6,6 @@ code that only needs the config or the metrics.
 
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import (
-    evaluate_model,
     ndcg_at_k,
     popularity_ranking,
     recall_at_k,
@@ -17,7 +16,6 @@ from aiplatform.training.train import TrainResult, train_two_tower
 __all__ = [
     "TrainConfig",
     "TrainResult",
-    "evaluate_model",
     "ndcg_at_k",
     "popularity_ranking",
     "recall_at_k",

@@ -61,7 +61,14 @@ class TrainConfig(BaseModel):
     logq_correction: bool = Field(True, description="Subtract log item frequency from in-batch logits (Yi et al., 2019)")
     price_buckets: int = Field(10, ge=1, le=1000, description="Quantile buckets of item price")
     seed: int = Field(0, ge=0)
-    holdout_days: int = Field(7, ge=1, description="Days at the end of the event log held out for evaluation")
+    holdout_days: int = Field(7, ge=1, description="Days at the end of the event log held out for evaluation "
+                                                   "(the global time split)")
+    min_validation_users: int = Field(
+        500, ge=1, description="The time split is used when it leaves at least min(this, all users) validation "
+                               "users, else each user's last holdout_fraction of events is held out; gates never "
+                               "decide on fewer (the model is then not promoted unless --promote)")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each user's events held out by the "
+                                                                 "per-user split")
     min_event_type: EventTypeName = Field("view", description="Weakest event type that becomes a training target")
     global_shuffle: bool = Field(
         False, description="Re-shuffle all examples every epoch (slow on small clusters); "
@@ -82,10 +89,12 @@ class TrainConfig(BaseModel):
     title_buckets: int = Field(512, ge=0, le=1 << 20, description="Hash buckets of item-title words; 0 = no titles")
     eval_k_large: int = Field(50, ge=1, description="the larger k of recall@k (candidate-generation depth)")
     gates: QualityGates = Field(default_factory=QualityGates, description="What a model needs to become challenger")
-    ranker: bool = Field(True, description="Also train the ranker that re-orders retrieved candidates (served with the model)")
+    ranker: bool = Field(True, description="Also fit the candidate ranker: candidates from the two-tower, "
+                                           "co-occurrence, EASE, popularity and category sources, merged and ordered "
+                                           "by LightGBM LambdaRank (served with the model)")
     ranker_min_ndcg_gain: float = Field(
-        0.0, ge=-1.0, le=10.0, description="The ranker travels with the model (and serving re-ranks) only when "
-                                           "retrieve-then-rank beats retrieval order on NDCG@eval_k of the validation "
+        0.0, ge=-1.0, le=10.0, description="The candidate ranker travels with the model only when the merged and "
+                                           "ranked pipeline beats the two-tower alone on NDCG@eval_k of the validation "
                                            "users by more than this share: 0 = any gain, -1 = always")
     # ---- reliability (checkpoints, validation, precision) ----
     checkpoints_to_keep: int = Field(
@@ -145,41 +154,3 @@ def _describe(exc: ValidationError, model: type[BaseModel], what: str) -> str:
             msg = "unknown setting; valid ones are " + ", ".join((QualityGates if nested else model).model_fields)
         parts.append(f"{what} field '{field}': {msg} (got {err.get('input')!r})")
     return "; ".join(parts)
-
-
-class RankerConfig(BaseModel):
-    """Hyper-parameters of the ranker; unknown keys are refused (a typo is an error)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    num_workers: int = Field(1, ge=1, le=64, description="Ray Train workers")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = Field(False)
-    epochs: int = Field(2, ge=1, description="2 measured best on the shop data (3 overfits: see the T3 report)")
-    batch_size: int = Field(256, ge=1, description="Lists (examples) per step per worker")
-    lr: float = Field(2e-3, gt=0, le=1.0)
-    weight_decay: float = Field(1e-6, ge=0)
-    dim: int = Field(32, ge=4, le=512, description="Item-id embedding size")
-    hidden: int = Field(128, ge=4, le=4096, description="Width of the MLP's first layer")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    n_hard: int = Field(10, ge=0, le=500, description="Hard negatives per list (from retrieval)")
-    hard_pool: int = Field(100, ge=1, le=2000, description="Hard negatives are drawn from this top-n of retrieval")
-    retrieved_positives_only: bool = Field(
-        True, description="Train only on examples whose item is in the retrieval top hard_pool (what "
-                          "the ranker will see at serving time); needs the retrieval model")
-    n_random: int = Field(10, ge=0, le=500, description="Uniform random negatives per list")
-    use_retrieval_score: bool = Field(True, description="Feed the two-tower score as a feature (needs the model)")
-    min_event_type: EventTypeName = Field("view", description="Weakest event type that becomes a positive")
-    negative_horizon_days: float = Field(
-        7.0, ge=0, description="Items the user touches within this many days after an example are "
-                               "never its negatives (they are future positives); 0 = off")
-    shuffle_buffer: int = Field(2048, ge=0)
-    seed: int = Field(0, ge=0)
-    max_failures: int = Field(0, ge=-1)
-    eval_candidates: int = Field(100, ge=1, le=5000, description="Retrieved candidates the ranker reorders")
-
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            raise ConfigError(_describe(exc, RankerConfig, "ranker config")) from exc

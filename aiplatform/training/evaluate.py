@@ -1,8 +1,9 @@
-"""Offline evaluation: a time split, ranking metrics, and two baselines to beat.
+"""Offline evaluation's building blocks: ranking metrics, a time split, two baselines, the gates.
 
-The baselines are the global popularity ranking and an item-to-item co-occurrence ranker: a
-model that does not beat co-occurrence is not worth the serving cost, however far it is
-ahead of popularity. Every ranker is scored on the same users with the same exclusions.
+The baselines here are the global popularity ranking and an item-to-item co-occurrence ranker
+(EASE is in ``baselines``; the evaluation of the whole served pipeline against all three is
+``recommender.evaluate_recommender``; the adaptive split is ``split``): a model that does not
+beat co-occurrence is not worth the serving cost, however far it is ahead of popularity.
 
 Pure numpy/pandas/torch (no Ray), so the same code scores a model in a unit test, in the
 training job and in a quality gate before promotion.
@@ -19,13 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from aiplatform.core.schemas import EVENT_WEIGHTS, RELEVANT_EVENTS  # noqa: F401 (re-exported)
 from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel
 from aiplatform.training.config import QualityGates
 
-EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0}
-"""Popularity weight per event type; any other type counts as a view (docs/architecture.md)."""
-RELEVANT_EVENTS: tuple[str, ...] = ("click", "add_to_cart", "purchase")
 
 
 def recall_at_k(recommended: Sequence[str], relevant: set[str], k: int) -> float:
@@ -120,9 +119,11 @@ def input_spec(model: TwoTowerModel) -> UserInputSpec:
 
 @torch.no_grad()
 def score_users(
-    model: TwoTowerModel, vocab: ItemVocab, context: pd.DataFrame, k: int, batch_size: int = 1024
-) -> list[list[str]]:
-    """Top-``k`` item ids per row of ``context`` by exhaustive dot product over the catalogue.
+    model: TwoTowerModel, vocab: ItemVocab, context: pd.DataFrame, k: int, batch_size: int = 1024,
+    with_scores: bool = False,
+) -> list[list[str]] | tuple[list[list[str]], list[list[float]]]:
+    """Top-``k`` item ids per row of ``context`` by exhaustive dot product over the catalogue
+    (and their scores with ``with_scores``: the two-tower source of the candidate ranker).
 
     ``context`` is read through the model's input spec (its dense, history and exclusion
     features); the padding index and each user's excluded items are never recommended.
@@ -134,6 +135,7 @@ def score_users(
     n_items = item_vecs.shape[0] - 1
     k_eff = min(k, n_items)
     out: list[list[str]] = []
+    out_scores: list[list[float]] = []
     for start in range(0, len(context), batch_size):
         chunk = context.iloc[start : start + batch_size]
         hist, dense = vocab.encode_batch(spec, chunk)
@@ -148,7 +150,8 @@ def score_users(
         for idx_row, score_row in zip(top.indices.numpy(), top.values.numpy(), strict=True):
             # -inf means excluded: a user who bought almost everything gets fewer than k
             out.append([vocab.item_ids[i - 1] for i, s in zip(idx_row, score_row, strict=True) if np.isfinite(s)])
-    return out
+            out_scores.append([float(s) for s in score_row if np.isfinite(s)])
+    return (out, out_scores) if with_scores else out
 
 
 def coverage(recommendations: Sequence[Sequence[str]], n_catalogue: int, k: int) -> float:
@@ -275,52 +278,6 @@ def _ranker_metrics(recs: list[list[str]], relevant: list[set[str]], k: int, k_l
     }
 
 
-def beats(metrics: dict, baseline: str, k: int = 10) -> bool:
-    """The model beats ``baseline`` when both its recall@k and its NDCG@k are higher."""
-    m, b = metrics["model"], metrics[baseline]
-    return m[f"recall@{k}"] > b[f"recall@{k}"] and m[f"ndcg@{k}"] > b[f"ndcg@{k}"]
-
-
-def evaluate_model(
-    model: TwoTowerModel,
-    vocab: ItemVocab,
-    context: pd.DataFrame,
-    truth: dict[str, set[str]],
-    popular: list[str],
-    k: int = 10,
-    cooccurrence: CooccurrenceBaseline | None = None,
-    k_large: int = 50,
-) -> dict:
-    """Recall@k, recall@k_large, NDCG@k and coverage@k of the model and of the baselines.
-
-    Only users present in both ``context`` and ``truth`` are scored, and every ranker gets
-    the same treatment (the user's excluded items removed; co-occurrence uses the same history
-    the model sees: both read through the model's input spec), so the comparison is fair. ``beats_baselines`` says, per
-    baseline, whether the model is ahead on both recall@k and NDCG@k.
-    """
-    ctx = context.copy()
-    ctx["user_id"] = ctx["user_id"].astype(str)
-    ctx = ctx[ctx["user_id"].isin(truth.keys())].drop_duplicates("user_id", keep="last")
-    rankers = ["model", "popularity"] + (["cooccurrence"] if cooccurrence is not None else [])
-    if ctx.empty:
-        empty = {f"recall@{k}": 0.0, f"recall@{k_large}": 0.0, f"ndcg@{k}": 0.0, f"coverage@{k}": 0.0}
-        return {**{r: dict(empty) for r in rankers}, "users": 0,
-                "beats_baselines": {r: False for r in rankers[1:]}}
-
-    depth = max(k, k_large)
-    relevant = [truth[u] for u in ctx["user_id"]]
-    spec = input_spec(model)
-    exclude = [set(ex) for ex in spec.exclusions(ctx)]
-    recs = {"model": score_users(model, vocab, ctx, depth)}
-    recs["popularity"] = [[i for i in popular if i not in ex][:depth] for ex in exclude]
-    if cooccurrence is not None:
-        recs["cooccurrence"] = cooccurrence.recommend(spec.histories(ctx), exclude, depth)
-    out: dict = {r: _ranker_metrics(recs[r], relevant, k, k_large, vocab.n_items) for r in rankers}
-    out["users"] = len(ctx)
-    out["beats_baselines"] = {r: beats(out, r, k) for r in rankers[1:]}
-    return out
-
-
 @dataclass
 class GateResult:
     """One quality gate's verdict, with the numbers behind it (JSON-friendly via ``asdict``)."""
@@ -345,7 +302,7 @@ def _lift_gate(metrics: dict, baseline: str, threshold: float, k: int) -> GateRe
 
 
 def check_gates(metrics: dict, gates: QualityGates, k: int = 10) -> list[GateResult]:
-    """Verdicts of the enabled gates (a threshold of 0 is off) on ``evaluate_model`` output.
+    """Verdicts of the enabled gates (a threshold of 0 is off) on ``recommender.evaluate_recommender`` output.
 
     The co-occurrence gate needs that baseline in ``metrics``; when it was not evaluated the
     gate fails rather than passing silently, so a misconfigured job cannot promote.
@@ -360,7 +317,7 @@ def check_gates(metrics: dict, gates: QualityGates, k: int = 10) -> list[GateRes
             out.append(GateResult("min_recall_lift_over_cooccurrence", False, None,
                                   gates.min_recall_lift_over_cooccurrence,
                                   "gate min_recall_lift_over_cooccurrence FAILED: the co-occurrence "
-                                  "baseline was not evaluated (pass cooccurrence= to evaluate_model)"))
+                                  "baseline was not evaluated"))
     if gates.min_coverage > 0:
         cov = float(metrics["model"][f"coverage@{k}"])
         ok = cov >= gates.min_coverage
@@ -370,30 +327,14 @@ def check_gates(metrics: dict, gates: QualityGates, k: int = 10) -> list[GateRes
     return out
 
 
-def ranker_verdict(ranker_metrics: dict, k: int, min_gain: float) -> tuple[bool, str]:
-    """(attach?, why) from ``evaluate_ranker`` output: a ranker is served only when it improves
-    the order the retrieval model already gives, measured on the held-out users; a ranker that
-    makes recommendations worse must not ship just because it was trained."""
-    before = float(ranker_metrics["retrieval"][f"ndcg@{k}"])
-    after = float(ranker_metrics["ranked"][f"ndcg@{k}"])
-    need = before * (1.0 + min_gain)
-    ok = min_gain <= -1.0 or after > need
-    verb = "attached" if ok else "NOT attached (serving keeps the retrieval order)"
-    return ok, (f"ranker {verb}: NDCG@{k} {before:.4f} in retrieval order -> {after:.4f} ranked "
-                f"(needs > {need:.4f}, ranker_min_ndcg_gain {min_gain:g})")
-
-
 __all__ = [
     "CooccurrenceBaseline",
     "GateResult",
-    "beats",
     "check_gates",
     "coverage",
-    "evaluate_model",
     "input_spec",
     "ndcg_at_k",
     "popularity_ranking",
-    "ranker_verdict",
     "recall_at_k",
     "score_users",
     "split_by_time",

@@ -2,6 +2,8 @@
 
 - ``user_activity``: per user, event counts by type over 1, 7 and 30 days, the last 20 distinct
   items seen (within 30 days) and the last 50 distinct purchases (within 90 days);
+- ``user_recent_events``: per user, the last 100 events within 60 days as three aligned lists
+  (items, event types, times): what the candidate sources and their ranker read;
 - ``item_popularity``: per item, counts by type over 1 and 7 days and the mean price paid;
 - ``item_attributes``: static catalogue columns;
 - ``recommender_user``: what the recommender reads for a user at request time, plus an
@@ -46,6 +48,19 @@ user_activity = FeatureView(
     description="What a user did recently: the user tower's input",
 )
 
+# What the candidate sources and their ranker read: the user's recent events themselves, as three
+# aligned lists (same rows, same order: most recent first). Kept out of the two-tower's training
+# frame (the job joins only what the model reads), so its size costs nothing there.
+user_recent_events = FeatureView(
+    name="user_recent_events",
+    entity=user,
+    source=events,
+    aggregations=tuple(Aggregation("last_n", 60 * DAY, column=c, n=100, name=f"recent_{n}")
+                       for c, n in (("item_id", "items"), ("event_type", "types"), ("timestamp", "times"))),
+    ttl=timedelta(days=90),
+    description="A user's last 100 events within 60 days (item, type, time): the candidate ranker's input",
+)
+
 item_popularity = FeatureView(
     name="item_popularity",
     entity=item,
@@ -86,10 +101,10 @@ purchase_share = OnDemandFeatureView(
 
 recommender_user = FeatureService(
     name="recommender_user",
-    features=(user_activity, purchase_share),
-    description="User features of the two-tower recommender",
+    features=(user_activity, purchase_share, user_recent_events),
+    description="User features of the recommender: the two-tower's inputs and the candidate ranker's recent events",
 )
 
-VIEWS = (user_activity, item_popularity, item_attributes)
+VIEWS = (user_activity, user_recent_events, item_popularity, item_attributes)
 SERVICES = (recommender_user,)
 ON_DEMAND = (purchase_share,)

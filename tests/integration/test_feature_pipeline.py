@@ -20,7 +20,7 @@ from aiplatform.data import eventlog, lake
 from aiplatform.features import pipeline
 from aiplatform.features.online import open_online_store
 from aiplatform.features.server import FeatureServer, open_store
-from apps.shop.features import item_popularity, recommender_user, user_activity
+from apps.shop.features import item_popularity, recommender_user, user_activity, user_recent_events
 from apps.shop.generate import ShopSize, generate, write
 
 pytestmark = pytest.mark.integration
@@ -71,7 +71,8 @@ def test_summary_describes_the_run(shop_home, lake_events):
     # Default as_of: just after the last event, so every event is history.
     assert summary.as_of == lake_events["timestamp"].max() + pd.Timedelta(microseconds=1)
     assert summary.items == len(_popularity_reference(lake_events, summary.as_of)) > 0
-    assert set(summary.offline_versions) == {user_activity.table_name, item_popularity.table_name}
+    assert set(summary.offline_versions) == {user_activity.table_name, user_recent_events.table_name,
+                                             item_popularity.table_name}
     for table, version in summary.offline_versions.items():
         assert lance.dataset(layout.feature_table(table)).version == version
 
@@ -94,6 +95,12 @@ def test_served_rows_equal_the_pandas_reference(shop_home, lake_events):
         # most recent first, distinct (the declared last_n aggregations of apps/shop/features.py)
         assert list(got.columns["last_items"][i]) == list(pd.unique(recent["item_id"][::-1]))[:20], uid
         assert list(got.columns["purchased_items"][i]) == list(pd.unique(bought["item_id"][::-1]))[:50], uid
+        events60 = _window(mine, last[uid], 60)[::-1][:100]  # the candidate ranker's aligned lists
+        if events60["timestamp"].is_unique:  # equal timestamps are ordered by the engine's tie rule
+            assert list(got.columns["recent_items"][i]) == events60["item_id"].tolist(), uid
+            assert list(got.columns["recent_types"][i]) == events60["event_type"].tolist(), uid
+            assert pd.to_datetime(list(got.columns["recent_times"][i]), utc=True).equals(
+                pd.DatetimeIndex(pd.to_datetime(events60["timestamp"], utc=True))), uid
         for t in TYPES:
             for w in (1, 7, 30):
                 want = int((_window(mine, last[uid], w)["event_type"] == t).sum())
@@ -178,7 +185,7 @@ def test_training_frames_are_reads_that_never_write(shop_home, lake_events):
         assert "brand-new" not in list(frame["last_items"][0])  # the new event is not in the tables yet
     assert [lance.dataset(t).version for t in tables] == before
     runs = pipeline.update_offline(layout, recommender_user)
-    assert [r.mode for r in runs] == ["incremental"]
+    assert [r.mode for r in runs] == ["incremental"] * len(recommender_user.views)
     assert all(lance.dataset(t).version > v for t, v in zip(tables, before))  # the write moved them
     frame = pipeline.service_frame(layout, recommender_user, labels).to_pandas()
     assert list(frame["last_items"][0])[0] == "brand-new"

@@ -5,7 +5,7 @@ A copy of ``apps/shop/features.py`` is written as a new module (14-day counts in
 ones, the on-demand purchase share over 14 days, and a new ``sum`` of the value of purchases),
 made importable on every Ray worker and named by ``AIPLATFORM_FEATURES_MODULE``. Then the real
 pipeline runs on tiny data: the feature job (``run_feature_pipeline``), the training job
-(``run_training``, one epoch, the ranker attached), the index job and serving
+(``run_training``, one epoch, the candidate ranker attached), the index job and serving
 (``build_app`` + ``start``). The served model must read the new service (its dense width is
 the new spec's) and give a known user model recommendations, not the popular fallback; the
 same model served with the original definitions is refused at build time.
@@ -26,7 +26,7 @@ from aiplatform.features.pipeline import run_feature_pipeline, served_service
 from aiplatform.jobs.index import run_index
 from aiplatform.jobs.train import run_training
 from aiplatform.models.inputs import UserInputSpec
-from aiplatform.models.ranker import load_ranker, ranker_dir_of
+from aiplatform.models.candidates import CandidateRanker, candidates_dir_of
 from aiplatform.models.two_tower import load_input_spec
 from aiplatform.registry import ModelRegistry
 from aiplatform.serving.app import build_app, start, stop
@@ -91,7 +91,9 @@ def test_a_changed_window_and_a_new_feature_flow_from_features_to_serving(change
     assert report.promoted and report.metrics["ranker"]["attached"]
     mv = ModelRegistry(layout).get_by_alias("two_tower", "champion")
     assert load_input_spec(mv.artifact_uri) == spec  # the contract is in the artifact
-    assert load_ranker(ranker_dir_of(mv.artifact_uri)).inputs == spec
+    # the candidate ranker reads the declared recent-events lists, with their n and window
+    ranker = CandidateRanker.load(candidates_dir_of(mv.artifact_uri))
+    assert (ranker.config.history_events, ranker.config.history_days) == (100, 60.0)
     run_index(layout, "two_tower", "champion")
 
     # the original definitions cannot serve this model: refused at build time, naming the change

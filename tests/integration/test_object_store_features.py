@@ -28,7 +28,7 @@ from aiplatform.features.partition import TIMESTAMP_COLUMN
 from aiplatform.features.pit import asof_join, get_training_frame
 from aiplatform.features.push import push
 from aiplatform.features.server import open_store
-from apps.shop.features import item_attributes, item_popularity, recommender_user, user_activity
+from apps.shop.features import item_attributes, item_popularity, recommender_user, user_activity, user_recent_events
 from apps.shop.generate import ShopSize, generate, write
 from tests.s3_server import BUCKET
 
@@ -81,10 +81,11 @@ def shops(tmp_path_factory, ray_session):
     runs["again"] = offline.run_view(remote, user_activity)
     runs["items"] = offline.run_view(remote, item_attributes)
     runs["items_again"] = offline.run_view(remote, item_attributes)
+    offline.run_view(remote, user_recent_events)  # the service's other view (what materialize reads)
 
     local = Layout.open(str(base / "local"))
     lake.import_files(local, paths["events"], paths["items"], paths["users"])
-    for view in (user_activity, item_attributes):
+    for view in (user_activity, user_recent_events, item_attributes):
         offline.run_view(local, view)
     return {"remote": remote, "local": local, "frames": frames, "runs": runs, "replaced": replaced}
 

@@ -1,5 +1,5 @@
 """Models with the storage root in an object store (moto's S3 server): Ray Train checkpoints
-under s3://…/runs, resuming from them, a ranker attached without writing into the bucket's
+under s3://…/runs, resuming from them, a candidate ranker attached without writing into the bucket's
 checkpoint, the registry and its artifacts in the bucket, and the vector index built from the
 registered artifact and searched there. Nothing here touches a local storage root.
 
@@ -20,13 +20,13 @@ from aiplatform.jobs import index as index_job
 from aiplatform.jobs import train as train_job
 from aiplatform.jobs.train import artifact_to_register
 from aiplatform.models.inputs import UserInputSpec
-from aiplatform.models.ranker import load_ranker, ranker_dir_of
+from aiplatform.models.candidates import CandidateConfig, CandidateRanker, candidates_dir_of
 from aiplatform.models.two_tower import load_artifact, load_vocab, read_extra
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval import ItemIndex, build_item_index
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import split_by_time
-from aiplatform.training.ranker import RankerConfig, train_ranker
+from aiplatform.training.candidates import fit_ranker
 from aiplatform.training.train import latest_epoch_of_run, train_two_tower
 from apps.shop.features import recommender_user
 from apps.shop.generate import ShopSize, generate
@@ -44,7 +44,7 @@ def shop() -> dict:
     labels = training_labels(train_events, cutoff + pd.Timedelta(microseconds=1), TYPES)
     examples = frame_from_events(recommender_user, train_events, labels)
     assert len(examples) > 500
-    return {"items": frames["items"], "examples": examples}
+    return {"items": frames["items"], "examples": examples, "events": train_events}
 
 
 def test_train_register_index_and_search_in_the_bucket(ray_session, s3_root, shop, tmp_path, monkeypatch):
@@ -72,33 +72,29 @@ def test_train_register_index_and_search_in_the_bucket(ray_session, s3_root, sho
     model, vocab = load_artifact(second.checkpoint_path)  # a URI: loaded from a node-local copy
     assert model.config() == second.model.config() and vocab == second.vocab
 
-    # ---- a ranker run in the bucket, attached to a local copy of the checkpoint, registered
-    # (the smallest ranker run: random negatives only, no per-user grouping; what is tested here
-    # is where its checkpoint goes, not its quality)
-    ranker = train_ranker(shop["examples"], shop["items"], second.vocab,
-                          RankerConfig(epochs=1, n_hard=0, n_random=4, batch_size=64, negative_horizon_days=0),
-                          layout.runs, "tt-ranker", inputs=INPUTS)
-    assert ranker.path.startswith(f"{layout.runs}/tt-ranker/")
+    # ---- a candidate ranker (the smallest fit: what is tested here is where it goes, not its quality)
+    ranker = fit_ranker(shop["events"], shop["items"], CandidateConfig(per_source=10, neighbours=10, n_estimators=5,
+                                                                       min_child_samples=5, category_model=False))
     checkpoint_files = storage.list_files(second.checkpoint_path)
     registry = ModelRegistry(layout)
-    with artifact_to_register(second.checkpoint_path, ranker.path) as artifact:
+    with artifact_to_register(second.checkpoint_path, ranker) as artifact:
         assert not storage.is_uri(artifact)
         mv = registry.register("two_tower", artifact, {"loss": second.history[-1]["loss"]}, second.params,
                                checkpoint_uri=second.checkpoint_path, lineage={"run": "tt"})
     # the bucket's checkpoint was not written to; the version holds the checkpoint and the ranker
     assert storage.list_files(second.checkpoint_path) == checkpoint_files
-    assert not storage.exists(f"{second.checkpoint_path}/ranker")
+    assert not storage.exists(f"{second.checkpoint_path}/candidates")
     assert mv.version == 1 and mv.artifact_uri == layout.model_dir("two_tower", 1)
     got = ModelRegistry(Layout.at(s3_root)).get("two_tower", 1)
     assert got.checkpoint_uri == second.checkpoint_path and got.lineage == {"run": "tt"}
-    assert ranker_dir_of(mv.artifact_uri) == f"{mv.artifact_uri}/ranker"
-    assert load_ranker(ranker_dir_of(mv.artifact_uri)).config() == ranker.model.config()
+    assert candidates_dir_of(mv.artifact_uri) == f"{mv.artifact_uri}/candidates"
+    assert CandidateRanker.load(candidates_dir_of(mv.artifact_uri)).feature_names == ranker.feature_names
     assert load_vocab(mv.artifact_uri) == second.vocab
     # a second version from the bucket's checkpoint itself, without a ranker
     with artifact_to_register(second.latest_checkpoint_path) as artifact:
         assert artifact == second.latest_checkpoint_path
         assert registry.register("two_tower", artifact, {}, {}, artifact).version == 2
-    assert ranker_dir_of(layout.model_dir("two_tower", 2)) is None
+    assert candidates_dir_of(layout.model_dir("two_tower", 2)) is None
 
     # ---- the vector index: embedded by Ray Data actors from the registered URI, stored in S3
     table = build_item_index(layout.vectors, "two_tower", mv.version, mv.artifact_uri, shop["items"])

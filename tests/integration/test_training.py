@@ -17,7 +17,9 @@ from aiplatform.features.pipeline import frame_from_events, training_labels
 from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.two_tower import load_artifact
 from aiplatform.training.config import TrainConfig
-from aiplatform.training.evaluate import CooccurrenceBaseline, evaluate_model, popularity_ranking, split_by_time
+from aiplatform.training.evaluate import split_by_time
+from aiplatform.training.recommender import TwoTowerSource, evaluate_recommender
+from aiplatform.training.split import time_split
 from aiplatform.training.train import train_two_tower
 from apps.shop.features import recommender_user
 
@@ -107,9 +109,9 @@ def test_train_two_tower_learns_and_checkpoints(ray_session, tmp_path):
 
     # quality: the model uses history, so it beats random and popularity on the hold-out week
     context = _context(train_events, cutoff)
-    popular = popularity_ranking(train_events, days=7)
-    cooc = CooccurrenceBaseline.fit(train_events, popular)
-    report = evaluate_model(result.model, result.vocab, context, truth, popular, k=K, cooccurrence=cooc)
+    split = time_split(events, holdout_days=7)
+    source = TwoTowerSource(result.model, result.vocab, depth=50, contexts=context)
+    report = evaluate_recommender(None, source, split, ease=None, k=K)
     assert report["users"] >= 100
     random_recall = K / N_ITEMS
     assert report["model"][f"recall@{K}"] > 3 * random_recall

@@ -22,7 +22,8 @@ from aiplatform.core.errors import NotFoundError
 from aiplatform.features.pipeline import frame_from_events, training_labels
 from aiplatform.models.inputs import UserInputSpec
 from aiplatform.training.config import TrainConfig
-from aiplatform.training.evaluate import evaluate_model, popularity_ranking, split_by_time
+from aiplatform.training.recommender import TwoTowerSource, evaluate_recommender
+from aiplatform.training.split import time_split
 from aiplatform.training.train import FaultInjection, latest_epoch_of_run, train_two_tower
 from apps.shop.features import recommender_user
 from apps.shop.generate import ShopSize, generate
@@ -38,7 +39,8 @@ INPUTS = UserInputSpec.from_service(recommender_user)
 def shop() -> dict:
     """A small generated shop, split in time: examples before the cutoff, truth after it."""
     frames = generate(ShopSize(users=250, items=120, categories=8, days=30), seed=11)
-    cutoff, train_events, truth = split_by_time(frames["events"], holdout_days=7)
+    split = time_split(frames["events"], holdout_days=7)
+    cutoff, train_events = split.cutoff, split.train
     boundary = cutoff + pd.Timedelta(microseconds=1)  # events at the cutoff are training data
     # the shop's feature service joined point-in-time in memory (the feature engine, no store)
     examples = frame_from_events(recommender_user, train_events, training_labels(train_events, boundary, TARGET_TYPES))
@@ -46,8 +48,7 @@ def shop() -> dict:
     users = sorted(train_events["user_id"].unique())
     at_cutoff = pd.DataFrame({"user_id": users, "event_timestamp": cutoff})
     context = frame_from_events(recommender_user, train_events, at_cutoff)
-    return {"items": frames["items"], "examples": examples, "truth": truth, "context": context,
-            "popular": popularity_ranking(train_events)}
+    return {"items": frames["items"], "examples": examples, "split": split, "context": context}
 
 
 def _dataset(ray, examples: pd.DataFrame):
@@ -56,7 +57,9 @@ def _dataset(ray, examples: pd.DataFrame):
 
 
 def _recall(result, shop) -> float:
-    report = evaluate_model(result.model, result.vocab, shop["context"], shop["truth"], shop["popular"], k=10)
+    split = shop["split"]
+    source = TwoTowerSource(result.model, result.vocab, depth=50, contexts=shop["context"])
+    report = evaluate_recommender(None, source, split, ease=None, k=10)
     assert report["users"] >= 50
     return report["model"]["recall@10"]
 

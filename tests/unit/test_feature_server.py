@@ -8,7 +8,7 @@ from apps.shop.generate import ShopSize, generate
 from aiplatform.core.errors import UserInputError
 from aiplatform.features.definitions import FeatureService, OnDemandFeatureView
 from aiplatform.features.engine import compute_view_rows
-from aiplatform.features.materialize import latest_per_entity
+from aiplatform.features.materialize import latest_per_entity, latest_service_rows
 from aiplatform.features.online import open_online_store
 from aiplatform.features.server import FeatureServer
 
@@ -16,7 +16,7 @@ from aiplatform.features.server import FeatureServer
 @pytest.fixture()
 def store(tmp_path):
     frames = generate(ShopSize(users=40, items=30, days=10), seed=5)
-    rows = latest_per_entity(compute_view_rows(user_activity, frames["events"]), "user_id")
+    rows = latest_service_rows(recommender_user, frames["events"])
     st = open_online_store(str(tmp_path / "online.sqlite"))
     st.write_features(recommender_user, rows)
     return st, rows.to_pandas().set_index("user_id")

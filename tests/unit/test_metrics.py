@@ -1,16 +1,13 @@
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel
 from aiplatform.training.evaluate import (
     CooccurrenceBaseline,
     coverage,
-    evaluate_model,
     ndcg_at_k,
     popularity_ranking,
     recall_at_k,
@@ -92,44 +89,6 @@ def test_popularity_ranking_weights_and_window():
     assert "old" not in ranking
 
 
-def test_evaluate_model_scores_catalogue_and_excludes_purchases():
-    items = pd.DataFrame({"item_id": ["a", "b", "c", "d"], "category": ["x", "x", "y", "y"], "price": [1.0, 2, 3, 4]})
-    vocab = ItemVocab.from_items(items)
-    torch.manual_seed(0)
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=8, inputs=SPEC)
-    zeros = {c: [0.0, 0.0, 0.0] for c in SPEC.dense}
-    context = pd.DataFrame(
-        {"user_id": ["u1", "u2", "u9"], "last_items": [["a"], [], ["c"]],
-         "purchased_items": [["a", "b", "c"], [], []], **zeros}
-    )
-    truth = {"u1": {"d"}, "u2": {"a", "zzz"}}
-    res = evaluate_model(model, vocab, context, truth, popular=["d", "a", "b"], k=1)
-    assert res["users"] == 2  # u9 has no truth
-    # u1 bought a, b, c: the only item left for the model is d; popularity's top is d too
-    # u2: popularity recommends d (miss); the model's top-1 is whatever it scores highest
-    assert set(res) == {"model", "popularity", "users", "beats_baselines"}
-    assert set(res["beats_baselines"]) == {"popularity"}  # co-occurrence was not asked for
-    assert set(res["model"]) == {"recall@1", "recall@50", "ndcg@1", "coverage@1"}
-    assert res["popularity"]["recall@1"] == pytest.approx((1.0 + 0.0) / 2)
-    assert res["model"]["recall@1"] >= 0.5
-    assert 0.0 <= res["model"]["ndcg@1"] <= 1.0
-
-    with torch.no_grad():
-        hist, dense = vocab.encode_users([[]], np.zeros((1, SPEC.n_dense)), SPEC.history_len)
-        scores = (model.user_embedding(hist, dense) @ model.all_item_embeddings().T)[0, 1:]
-    u2_top = vocab.item_ids[int(scores.argmax())]
-    assert res["model"]["recall@1"] == pytest.approx((1.0 + (0.5 if u2_top == "a" else 0.0)) / 2)
-
-
-def test_evaluate_model_with_no_overlap_returns_zero_users():
-    items = pd.DataFrame({"item_id": ["a", "b"]})
-    vocab = ItemVocab.from_items(items)
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=8, inputs=SPEC)
-    ctx = pd.DataFrame({"user_id": ["u1"], "last_items": [["a"]], "purchased_items": [[]],
-                        **{c: [0.0] for c in SPEC.dense}})
-    assert evaluate_model(model, vocab, ctx, {"other": {"a"}}, ["a"], k=10)["users"] == 0
-
-
 def test_coverage_hand_computed():
     recs = [["a", "b", "c"], ["b", "d"], []]
     assert coverage(recs, n_catalogue=10, k=2) == pytest.approx(3 / 10)  # a, b, d
@@ -186,29 +145,6 @@ def test_cooccurrence_scores_rank_and_exclude():
     assert base.recommend([["a"]], [set()], k=50)[0][-1] in base.item_ids  # k beyond the catalogue
 
 
-def test_evaluate_model_compares_all_rankers_on_the_same_users():
-    items = pd.DataFrame({"item_id": ["a", "b", "c", "d", "x"], "category": ["k"] * 5, "price": [1.0] * 5})
-    vocab = ItemVocab.from_items(items)
-    torch.manual_seed(0)
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=8, inputs=SPEC)
-    cooc = CooccurrenceBaseline.fit(_cooc_events(), popular=["d", "x", "c", "b", "a"])
-    zeros = {c: [0.0, 0.0] for c in SPEC.dense}
-    ctx = pd.DataFrame({"user_id": ["u1", "u2"], "last_items": [["a"], ["c"]],
-                        "purchased_items": [["b"], []], **zeros})
-    truth = {"u1": {"b", "c"}, "u2": {"d"}}
-    res = evaluate_model(model, vocab, ctx, truth, ["d", "x", "c", "b", "a"], k=1,
-                         cooccurrence=cooc, k_large=2)
-    assert res["users"] == 2 and set(res["beats_baselines"]) == {"popularity", "cooccurrence"}
-    # co-occurrence: u1 (a; b bought) -> [x or c...]: cooc(a, c) = cooc(a, x) = 1, x more popular
-    #   top-1 x (miss), top-2 x, c (1 of 2); u2 (c) -> d (cooc 1 with c, most popular) hit
-    assert res["cooccurrence"]["recall@1"] == pytest.approx((0 + 1) / 2)
-    assert res["cooccurrence"]["recall@2"] == pytest.approx((0.5 + 1) / 2)
-    assert res["cooccurrence"]["coverage@1"] == pytest.approx(2 / 5)  # x and d
-    # popularity: u1 -> d (miss), u2 -> d (hit); top-2 d, x: same
-    assert res["popularity"]["recall@2"] == pytest.approx(0.5)
-    assert res["popularity"]["coverage@1"] == pytest.approx(1 / 5)
-
-
 def test_evaluation_reads_the_context_through_the_models_input_spec():
     """Exclusions and the dense columns come from the model's spec: a spec without an exclusion
     list excludes nothing, and a context without one of its dense features is refused by name."""
@@ -221,8 +157,10 @@ def test_evaluation_reads_the_context_through_the_models_input_spec():
     keeping = TwoTowerModel(**vocab.model_kwargs(), dim=8,
                             inputs=UserInputSpec.from_service(recommender_user, exclude=None))
     assert sorted(score_users(keeping, vocab, ctx, k=2)[0]) == ["a", "b"]
+    ids, scores = score_users(keeping, vocab, ctx, k=2, with_scores=True)  # the candidate source's form
+    assert sorted(ids[0]) == ["a", "b"] and scores[0] == sorted(scores[0], reverse=True)
     with pytest.raises(ValueError, match="purchase_share_7d"):
         score_users(excluding, vocab, ctx.drop(columns=["purchase_share_7d"]), k=2)
     bare = TwoTowerModel(**vocab.model_kwargs(), dim=8)
     with pytest.raises(ValueError, match="input spec"):
-        evaluate_model(bare, vocab, ctx, {"u1": {"a"}}, ["a"], k=1)
+        score_users(bare, vocab, ctx, k=1)

@@ -35,7 +35,8 @@ def test_the_shop_service_gives_its_numeric_features_in_order_and_the_two_lists(
     assert spec.dense_dtypes == ("int64",) * 12 + ("float64",)
     assert (spec.history, spec.history_len, spec.exclude) == ("last_items", 20, "purchased_items")
     assert spec.service == "recommender_user" and spec.service_version == recommender_user.version
-    assert spec.entity_key == "user_id" and spec.ignored == ()
+    # the recent-events lists are the candidate ranker's input, not the two-tower's
+    assert spec.entity_key == "user_id" and spec.ignored == ("recent_items", "recent_types", "recent_times")
     assert spec.columns == [*spec.dense, "last_items", "purchased_items"]
     assert UserInputSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 

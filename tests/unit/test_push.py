@@ -11,13 +11,12 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from apps.shop.features import recommender_user, user_activity
+from apps.shop.features import recommender_user
 from apps.shop.generate import ShopSize, generate, write
 from aiplatform.core.errors import DataValidationError
 from aiplatform.core.storage import Layout
 from aiplatform.data import eventlog, lake
-from aiplatform.features.engine import compute_view_rows
-from aiplatform.features.materialize import latest_per_entity
+from aiplatform.features.materialize import latest_service_rows
 from aiplatform.features.online import open_online_store
 from aiplatform.features.push import push
 
@@ -39,7 +38,7 @@ def store(request, tmp_path):
 
 
 def _batch_rows(events: pd.DataFrame) -> pa.Table:
-    return latest_per_entity(compute_view_rows(user_activity, events), "user_id")
+    return latest_service_rows(recommender_user, events)
 
 
 def _load_batch(store, events: pd.DataFrame) -> None:
@@ -61,7 +60,7 @@ def _new_events(frames, users: list[str], start: pd.Timestamp) -> pd.DataFrame:
 def _assert_rows_equal(got: pa.Table, want: pa.Table, users: list[str]) -> None:
     got_df = got.to_pandas().set_index("user_id").loc[users]
     want_df = want.to_pandas().set_index("user_id").loc[users]
-    for col in user_activity.features:
+    for col in recommender_user.stored_dtypes:  # every view's features, the recent-events lists too
         for u in users:
             g, w = got_df.at[u, col], want_df.at[u, col]
             if isinstance(w, (list, np.ndarray)):

@@ -83,14 +83,42 @@ def test_shipped_shop_config_loads():
     assert cfg.gates.min_recall_lift_over_popularity >= 1.0
 
 
+def _paired(m: dict, verdicts: dict[str, bool]) -> dict:
+    m["paired"] = {b: {"recall@10": {"difference": 0.01 if ok else 0.001, "se": 0.002, "beats_by_2se": ok},
+                       "ndcg@10": {"difference": 0.01 if ok else 0.001, "se": 0.002, "beats_by_2se": ok}}
+                   for b, ok in verdicts.items()}
+    m["beats_baselines"] = dict(verdicts)
+    return m
+
+
 def test_report_text_names_each_baseline():
-    m = _metrics(0.3, 0.1, 0.31)
-    m["beats_baselines"] = {"popularity": True, "cooccurrence": False}
+    m = _paired(_metrics(0.3, 0.1, 0.31), {"popularity": True, "cooccurrence": False})
+    m["split"] = {"name": "time: last 7 days"}
     sentence = baseline_sentence(m)
-    assert "beats popularity" in sentence and "does NOT beat cooccurrence" in sentence and "3.00x" in sentence
+    assert "beats popularity" in sentence and "does NOT beat cooccurrence" in sentence
+    assert "two standard errors" in sentence and "10 validation users" in sentence
     table = format_metrics(m).splitlines()
     assert table[0].split() == ["recall@10", "recall@50", "ndcg@10", "coverage@10"]
-    assert [line.split()[0] for line in table[1:]] == ["model", "popularity", "cooccurrence"]
+    assert [line.split()[0] for line in table[1:4]] == ["model", "popularity", "cooccurrence"]
+    text = format_metrics(m)
+    assert "beats popularity: recall@10 0.3000 vs 0.1000 (+0.0100 +/- 0.0020)" in text
+    assert "does NOT beat cooccurrence" in text and "not ahead by two standard errors" in text
+    assert "evaluation: time: last 7 days, 10 validation users" in text
+
+
+def test_too_few_validation_users_fail_a_gate_that_names_the_numbers():
+    from aiplatform.jobs.train import enough_users_gate
+    from aiplatform.training.split import adaptive_split
+
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    events = pd.DataFrame({"user_id": [f"u{i % 30}" for i in range(300)], "item_id": [f"i{i % 7}" for i in range(300)],
+                           "event_type": "click", "timestamp": [t0 + pd.Timedelta(hours=i) for i in range(300)]})
+    split = adaptive_split(events, holdout_days=1, min_users=500)
+    gate = enough_users_gate(split, 500, events)
+    assert gate.threshold == 30  # min(500, all 30 users)
+    assert gate.passed == (split.n_users >= 30)
+    few = enough_users_gate(split, 500, pd.concat([events, events.assign(user_id=events["user_id"] + "x")]))
+    assert not few.passed and "not enough validation data" in few.message and "--promote" in few.message
 
 
 @pytest.fixture()
@@ -130,17 +158,23 @@ def test_aliases_follow_the_gates(registry_with_versions):
     v6 = new_version()
     assert apply_aliases(registry, "m", v6, gates_passed=False, always_promote=True) == ["champion"]
     assert registry.aliases("m") == {"challenger": v5, "champion": v6}
+    # too few validation users: the gates cannot decide, nothing moves, whatever they said ...
+    v7 = new_version()
+    assert apply_aliases(registry, "m", v7, gates_passed=True, enough_data=False) == []
+    assert registry.aliases("m") == {"challenger": v5, "champion": v6}
+    # ... unless --promote
+    v8 = new_version()
+    assert apply_aliases(registry, "m", v8, gates_passed=False, promote=True, enough_data=False) == ["champion"]
+    assert registry.aliases("m") == {"challenger": v5, "champion": v8}
 
 
-def test_a_ranker_that_worsens_the_held_out_order_is_not_attached():
-    from aiplatform.training.evaluate import ranker_verdict
+def test_a_pipeline_that_worsens_the_two_tower_order_is_not_served():
+    from aiplatform.jobs.train import pipeline_verdict
 
-    worse = {"retrieval": {"ndcg@10": 0.25}, "ranked": {"ndcg@10": 0.22}}
-    ok, why = ranker_verdict(worse, 10, 0.0)
-    assert not ok and "NOT attached" in why and "0.2500" in why and "0.2200" in why
-    assert ranker_verdict(worse, 10, -1.0)[0]  # -1: always attach
-    better = {"retrieval": {"ndcg@10": 0.20}, "ranked": {"ndcg@10": 0.21}}
-    assert ranker_verdict(better, 10, 0.0)[0]
-    assert not ranker_verdict(better, 10, 0.10)[0]  # +5% is not the +10% asked for
-    same = {"retrieval": {"ndcg@10": 0.2}, "ranked": {"ndcg@10": 0.2}}
-    assert not ranker_verdict(same, 10, 0.0)[0]  # no gain, no extra serving cost
+    worse = {"two_tower": {"ndcg@10": 0.25}, "model": {"ndcg@10": 0.22}}
+    ok, why = pipeline_verdict(worse, 10, 0.0)
+    assert not ok and "NOT served" in why and "0.2500" in why and "0.2200" in why
+    assert pipeline_verdict(worse, 10, -1.0)[0]  # -1: always serve it
+    better = {"two_tower": {"ndcg@10": 0.20}, "model": {"ndcg@10": 0.21}}
+    assert pipeline_verdict(better, 10, 0.0)[0]
+    assert not pipeline_verdict(better, 10, 0.10)[0]  # +5% is not the +10% asked for

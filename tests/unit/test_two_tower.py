@@ -202,9 +202,9 @@ def test_save_load_artifact_gives_identical_embeddings(items, tmp_path):
 
 def test_artifact_in_an_object_store_saves_loads_and_is_cached_per_node(items, s3_root, tmp_path, monkeypatch):
     """A URI artifact (an S3-compatible server): written object by object, loaded from one
-    node-local download, the ranker found with two existence checks."""
+    node-local download (sub-folders such as the candidate ranker's included)."""
     from aiplatform.core import storage
-    from aiplatform.models.ranker import RankerModel, load_ranker, ranker_dir_of, save_ranker
+    from aiplatform.models.candidates import candidates_dir_of
     from aiplatform.models.two_tower import load_vocab, read_extra
 
     monkeypatch.setenv("AIPLATFORM_CACHE_DIR", str(tmp_path / "cache"))
@@ -212,19 +212,18 @@ def test_artifact_in_an_object_store_saves_loads_and_is_cached_per_node(items, s
     model = _model(vocab, dim=8)
     uri = f"{s3_root}/models/two_tower/1"
     save_artifact(model, vocab, uri, extra={"epoch": 2})
-    assert ranker_dir_of(uri) is None
-    save_ranker(RankerModel.from_vocab(vocab, dim=8, hidden=16), f"{uri}/ranker")
+    assert candidates_dir_of(uri) is None
+    storage.write_json(f"{uri}/candidates/candidates.json", {"format": 1})
     assert read_extra(uri) == {"epoch": 2} and read_extra(f"{s3_root}/missing") == {}
     assert load_vocab(uri) == vocab
 
     loaded, loaded_vocab = load_artifact(uri)
     assert loaded_vocab == vocab and loaded.config() == model.config()
     cached = list((tmp_path / "cache").iterdir())
-    assert len(cached) == 1 and (cached[0] / "ranker" / "ranker.pt").is_file()
+    assert len(cached) == 1 and (cached[0] / "candidates" / "candidates.json").is_file()
     storage.delete_file(f"{uri}/model.pt")  # artifacts never change: the node's copy is used
     assert load_artifact(uri)[0].config() == model.config()
-    assert ranker_dir_of(uri) == f"{uri}/ranker"
-    assert load_ranker(ranker_dir_of(uri)).config()["dim"] == 8
+    assert candidates_dir_of(uri) == f"{uri}/candidates"
     with pytest.raises(FileNotFoundError, match="two_tower/2: no such folder"):
         load_artifact(f"{s3_root}/models/two_tower/2")
 
