@@ -112,7 +112,7 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
     registry = ModelRegistry(layout)
     has_champion = "champion" in registry.aliases(settings.model_name)
     report = stages.run(
-        "train", f"training the two-tower model with Ray Train ({config.num_workers} workers)",
+        "train", f"training the two-tower model with Ray Train ({config.num_workers} workers) and the candidate ranker",
         # A first model is always served; a later one takes over when it passes the quality gates
         # (which it cannot with too few validation users: the gates do not decide then).
         lambda: run_training(layout, config, settings.model_name, always_promote=not has_champion,
@@ -123,12 +123,13 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
         report.promoted = True
     result.metrics, result.model_version = report.metrics, report.version
     console.print("  " + format_metrics(report.metrics).replace("\n", "\n  "))
-    for baseline, won in report.beats_baselines().items():
-        verdict = "[green]beats[/]" if won else "[red]does NOT beat[/]"
-        console.print(f"  {settings.model_name} v{report.version} {verdict} the {baseline} baseline "
-                      "(by two standard errors of the per-user difference, recall@10 and NDCG@10)")
-    console.print(f"  evaluated on {report.validation_users:,} validation users ({report.split}); "
-                  f"{'champion' if report.promoted else 'registered, champion unchanged'}")
+    # format_metrics said, per baseline, whether the model beats it (two paired standard errors)
+    won = [b for b, ok in report.beats_baselines().items() if ok]
+    lost = [b for b, ok in report.beats_baselines().items() if not ok]
+    console.print(f"  {settings.model_name} v{report.version}: "
+                  + (f"[green]beats {', '.join(won)}[/]" if won else "")
+                  + ("; " if won and lost else "") + (f"[red]does NOT beat {', '.join(lost)}[/]" if lost else "")
+                  + f"; {'champion' if report.promoted else 'registered, champion unchanged'}")
 
     from aiplatform.jobs.index import run_index
 
