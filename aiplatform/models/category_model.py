@@ -142,7 +142,9 @@ class CategoryModel:
         out = np.zeros((n_users, self.n_categories))
         if len(row):
             p_row, p_cat, x, _ = pair_features(row, cat, ages, n_users)
-            out[p_row, p_cat] = np.clip(self.booster.predict(x), 1e-6, None)
+            x = np.asarray(x)
+            pred = self.booster.predict(x, num_threads=1) if len(x) < 20_000 else self.booster.predict(x)
+            out[p_row, p_cat] = np.clip(pred, 1e-6, None)
         seen = out > 0
         n_seen = seen.sum(axis=1, keepdims=True)
         mass = out.sum(axis=1, keepdims=True)

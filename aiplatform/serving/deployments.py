@@ -293,11 +293,12 @@ def rank_requests(ranker: "CandidateRanker", requests: list[dict[str, Any]], *,
     ex_rows = np.repeat(np.arange(len(requests)), [len(x) for x in excluded])
     known = ex_codes >= 0
     frame = ranker.candidates(history, external, (ex_rows[known], ex_codes[known].astype(np.int64)))
-    frame = frame.sort_values(["row", "score", "item"], ascending=[True, False, True], kind="stable")
+    row, item, score = frame["row"].to_numpy(), frame["item"].to_numpy(), frame["score"].to_numpy()
+    order = np.lexsort((item, -score, row))  # recommend's order: score, then catalogue order
+    row, item, score = row[order], item[order], score[order]
     ks = np.asarray([int(r["k"]) for r in requests], dtype=np.int64)
-    row = frame["row"].to_numpy()
-    frame = frame[frame.groupby("row").cumcount().to_numpy() < ks[row]]
+    keep = np.arange(len(row)) - np.searchsorted(row, row, side="left") < ks[row]
     out: list[list[tuple[str, float]]] = [[] for _ in requests]
-    for r, i, s in zip(frame["row"].to_numpy(), frame["item"].to_numpy(), frame["score"].to_numpy(), strict=True):
+    for r, i, s in zip(row[keep], item[keep], score[keep], strict=True):
         out[r].append((str(ranker.tables.item_ids[i]), float(s)))
     return out
