@@ -366,8 +366,13 @@ def _model_card(mv, aliases: dict[str, int], history: dict[str, list[dict]]) -> 
     out.append(f"[bold]{mv.name} v{mv.version}[/]  registered {mv.created_at:%Y-%m-%d %H:%M UTC}"
                f"  aliases: {', '.join(mine) or 'none'}")
     metrics = {k: v for k, v in mv.metrics.items() if isinstance(v, dict) and "recall@10" in v}
+    first = ["model", "two_tower", "popularity", "cooccurrence", "ease"]  # what is served, then the baselines
+    metrics = dict(sorted(metrics.items(), key=lambda kv: (first.index(kv[0]) if kv[0] in first else 99, kv[0])))
     if metrics:
-        cols = list(next(iter(metrics.values())))
+        order = ["recall@", "ndcg@", "coverage@"]
+        cols = sorted(next(iter(metrics.values())),
+                      key=lambda c: (next((i for i, p in enumerate(order) if c.startswith(p)), 9),
+                                     int(c.split("@")[1]) if "@" in c and c.split("@")[1].isdigit() else 0))
         table = Table(title="evaluation", show_edge=False)
         table.add_column("ranker")
         for c in cols:
