@@ -1,0 +1,304 @@
+"""The candidate sources and the ranker's features: what one request computes.
+
+Every source is a lookup into arrays fitted offline (``ItemTables``: item neighbour lists for
+co-occurrence and EASE, popularity vectors, per-category top items, the small category model),
+so the per-request work is a few numpy operations over the user's recent events; the features
+(~60 per candidate: each source's score and rank, item popularity and price, the user's
+category shares at several half-lives, the user's own events on the item, activity counts) come
+from the same two inputs. Nothing here can see the future of either.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from aiplatform.models.category_model import CategoryModel
+from aiplatform.models.category_model import session_weights as _session_weights
+from aiplatform.models.user_history import TYPE_WEIGHTS
+
+if TYPE_CHECKING:
+    from aiplatform.models.user_history import History
+
+HALF_LIVES = (1.0, 3.0, 7.0, 21.0, 1e9)  # days; 1e9 = no decay
+POP_WINDOWS = (1, 7, 30)  # days
+INTERNAL_SOURCES = ("cooc", "ease", "pop", "catpop", "own")
+
+
+@dataclass
+class CandidateConfig:
+    """Knobs of the sources, the features and the ranker (saved with the artifact)."""
+
+    per_source: int = 100  # candidates kept per source and user
+    neighbours: int = 100  # neighbour-list length per item (co-occurrence, EASE)
+    cooc_window: int = 10
+    ease_lambda: float = 500.0
+    ease_weighting: str = "binary"
+    history_len: int = 20  # items the item-item sources read (the feature service's last_items)
+    history_events: int = 500  # a user's most recent events the sources and features read ...
+    history_days: float | None = None  # ... within this many days (None: any age)
+    history_window_days: float = 30.0
+    catpop_half_life: float = 7.0  # the category affinity used when there is no category model
+    category_model: bool = True  # learn the next-horizon category distribution (category_model.py)
+    incat_half_life: float = 60.0  # days
+    catpop_categories: int = 5  # a user's top categories the catpop source draws from
+    horizon_days: int = 7
+    n_windows: int = 2  # training windows (T_w = train_end - w * horizon)
+    min_window_users: int = 200  # fewer users in a window's time split: one per-user split instead
+    label: str = "binary"  # "binary" | "graded" (click 1, cart 2, purchase 3)
+    objective: str = "lambdarank"  # LightGBM objective: "lambdarank" (listwise) or "binary" (pointwise)
+    num_leaves: int = 15
+    learning_rate: float = 0.02
+    n_estimators: int = 600
+    min_child_samples: int = 200
+    features: tuple[str, ...] | None = None  # None = all; an ablation drops some
+    sources: tuple[str, ...] = INTERNAL_SOURCES
+    events_features: tuple[str, ...] = ("recent_items", "recent_types", "recent_times")
+    """The feature service's three aligned ``last_n`` lists (item ids, event types, times) that
+    serving builds a ``History`` from; the training job checks them against the declaration and
+    takes ``history_events``/``history_days`` from their ``n`` and window."""
+
+
+@dataclass
+class ItemTables:
+    """Everything about items a request needs, fitted at one time from events up to it."""
+
+    item_ids: np.ndarray
+    category: np.ndarray  # [n] category code (0.. n_cat - 1; unknown categories share one code)
+    n_categories: int
+    log_price: np.ndarray  # [n] (nan unknown)
+    pop: np.ndarray  # [n, len(POP_WINDOWS)] funnel-weighted event counts in the last 1/7/30 days
+    incat: np.ndarray  # [n] share of its category's views (decayed with ``incat_half_life``)
+    cat_top: np.ndarray  # [n_cat, m] item codes by in-category popularity (-1 padding)
+    cooc_idx: np.ndarray  # [n, N] neighbour codes (-1 padding)
+    cooc_val: np.ndarray  # [n, N]
+    ease_idx: np.ndarray
+    ease_val: np.ndarray
+    category_model: CategoryModel | None = None
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def category_probabilities(self, history: "History", config: "CandidateConfig") -> np.ndarray:
+        """[B, n_cat] each user's expected share of next-horizon sessions per category: the
+        category model when fitted, else the session affinity with ``catpop_half_life``."""
+        if self.category_model is not None:
+            return self.category_model.predict(history.row, self.category[history.items], history.ages, len(history))
+        return category_affinity(history, self.n_categories, self.category, config.catpop_half_life)
+
+
+# ---- candidate sources -------------------------------------------------------------------------
+Cands = tuple[np.ndarray, np.ndarray, np.ndarray]  # (row, item code, score)
+
+
+def _top_per_row(row: np.ndarray, item: np.ndarray, score: np.ndarray, m: int) -> Cands:
+    order = np.lexsort((item, -score, row))
+    row, item, score = row[order], item[order], score[order]
+    rank = np.arange(len(row)) - np.searchsorted(row, row, side="left")
+    keep = rank < m
+    return row[keep], item[keep], score[keep]
+
+
+def _aggregate(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: int) -> Cands:
+    key = row.astype(np.int64) * n_items + item
+    uniq, inv = np.unique(key, return_inverse=True)
+    return uniq // n_items, uniq % n_items, np.bincount(inv, weights=weight, minlength=len(uniq))
+
+
+def _neighbour_source(rows: np.ndarray, hist_items: np.ndarray, idx: np.ndarray, val: np.ndarray,
+                      n_items: int, m: int) -> Cands:
+    """Sum of the history items' neighbour weights: co-occurrence and EASE at serving cost."""
+    nb_i, nb_v = idx[hist_items], val[hist_items]  # [H, N]
+    r = np.repeat(rows, nb_i.shape[1])
+    i, v = nb_i.reshape(-1), nb_v.reshape(-1)
+    ok = i >= 0
+    return _top_per_row(*_aggregate(r[ok], i[ok], v[ok], n_items), m)
+
+
+def session_weights(history: "History") -> np.ndarray:
+    """Per event, 1 / (events in its browsing session): summing them counts sessions, not
+    events, so one long session does not outweigh several short ones."""
+    return _session_weights(history.row, history.ages)
+
+
+def category_affinity(history: "History", n_categories: int, category: np.ndarray, half_life: float,
+                      by_session: bool = True) -> np.ndarray:
+    """[B, n_cat] share of the user's sessions (or events) per category, each weighted
+    ``0.5 ** (age / half-life)``: an estimate of where the user's next sessions go."""
+    w = 0.5 ** (history.ages / half_life)
+    if by_session:
+        w = w * session_weights(history)
+    out = np.zeros((len(history), n_categories))
+    np.add.at(out, (history.row, category[history.items]), w)
+    total = out.sum(axis=1, keepdims=True)
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+
+
+def source_candidates(tables: ItemTables, history: "History", config: CandidateConfig) -> dict[str, Cands]:
+    """Each internal source's top ``per_source`` candidates per user (before exclusions)."""
+    m, n = config.per_source, tables.n_items
+    out: dict[str, Cands] = {}
+    rows, hist = history.recent_distinct(config.history_len, config.history_window_days)
+    if "cooc" in config.sources:
+        out["cooc"] = _neighbour_source(rows, hist, tables.cooc_idx, tables.cooc_val, n, m)
+    if "ease" in config.sources and (tables.ease_idx >= 0).any():
+        out["ease"] = _neighbour_source(rows, hist, tables.ease_idx, tables.ease_val, n, m)
+    if "pop" in config.sources:
+        top = np.argsort(-tables.pop[:, 1], kind="stable")[:m]
+        b = len(history)
+        out["pop"] = (np.repeat(np.arange(b), len(top)), np.tile(top, b), np.tile(tables.pop[top, 1], b))
+    if "catpop" in config.sources:
+        aff = tables.category_probabilities(history, config)
+        k = min(config.catpop_categories, tables.n_categories)
+        top_c = np.argsort(-aff, axis=1, kind="stable")[:, :k]  # [B, k]
+        r = np.repeat(np.arange(len(history)), k)
+        c = top_c.reshape(-1)
+        keep = aff[r, c] > 0
+        r, c = r[keep], c[keep]
+        items = tables.cat_top[c]  # [R, m]
+        rr = np.repeat(r, items.shape[1])
+        ii = items.reshape(-1)
+        ok = ii >= 0
+        rr, ii = rr[ok], ii[ok]
+        out["catpop"] = _top_per_row(rr, ii, aff[rr, tables.category[ii]] * tables.incat[ii], m)
+    if "own" in config.sources:
+        w = TYPE_WEIGHTS[history.types] * 0.5 ** (history.ages / 7.0)
+        out["own"] = _top_per_row(*_aggregate(history.row, history.items, w, n), m)
+    return out
+
+
+def dense_source(user_vectors: np.ndarray, item_vectors: np.ndarray, m: int) -> Cands:
+    """Top ``m`` items per user by dot product (an embedding model's candidates, exhaustively).
+
+    ``item_vectors`` [n_items, dim] must be in the tables' catalogue order; serving passes the
+    vector index's answer instead (same ``Cands`` triple)."""
+    scores = np.asarray(user_vectors, dtype="float64") @ np.asarray(item_vectors, dtype="float64").T
+    m = min(m, scores.shape[1])
+    top = np.argpartition(-scores, m - 1, axis=1)[:, :m]
+    rows = np.repeat(np.arange(len(scores)), m)
+    return _top_per_row(rows, top.reshape(-1), np.take_along_axis(scores, top, axis=1).reshape(-1), m)
+
+
+
+# ---- merge and features ----------------------------------------------------------------------------
+def _lookup(keys: np.ndarray, table_keys: np.ndarray, values: np.ndarray, missing: float = np.nan) -> np.ndarray:
+    """values[table_keys == keys] for each key (``table_keys`` sorted), ``missing`` where absent."""
+    out = np.full(len(keys), missing, dtype="float64")
+    if len(table_keys) == 0:
+        return out
+    pos = np.clip(np.searchsorted(table_keys, keys), 0, len(table_keys) - 1)
+    hit = table_keys[pos] == keys
+    out[hit] = values[pos[hit]]
+    return out
+
+
+def candidate_features(tables: ItemTables, history: "History", cands: Mapping[str, Cands], config: CandidateConfig,
+                       exclude: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+    """One row per (user row, candidate item): the union of every source's candidates, minus
+    ``exclude`` (rows, items; default: the user's purchases), with the ranker's features.
+
+    Rows are sorted by user row, so each user's candidates are one contiguous query group.
+    Everything comes from ``history`` (events up to the request time) and ``tables`` (fitted
+    up to the same time): nothing here can see the future of either.
+    """
+    n, b = tables.n_items, len(history)
+    all_keys = [r.astype(np.int64) * n + i for r, i, _ in cands.values()]
+    keys = np.unique(np.concatenate(all_keys)) if all_keys else np.zeros(0, np.int64)
+    ex_rows, ex_items = history.purchased() if exclude is None else exclude
+    if len(ex_rows):
+        keys = keys[~np.isin(keys, ex_rows.astype(np.int64) * n + ex_items)]
+    row, item = keys // n, keys % n
+    f: dict[str, np.ndarray] = {"row": row, "item": item}
+    n_src = np.zeros(len(keys))
+    for name, (r, i, s) in cands.items():
+        k = r.astype(np.int64) * n + i
+        order = np.argsort(k, kind="stable")
+        rank = (np.arange(len(r)) - np.searchsorted(r, r, side="left") + 1).astype("float64")
+        f[f"{name}_score"] = _lookup(keys, k[order], s[order])
+        f[f"{name}_rank"] = _lookup(keys, k[order], rank[order])
+        n_src += np.isfinite(f[f"{name}_score"])
+    f["n_sources"] = n_src
+    # item
+    cat = tables.category[item]
+    for j, days in enumerate(POP_WINDOWS):
+        f[f"pop_{days}d"] = np.log1p(tables.pop[item, j])
+    f["pop_trend"] = np.log1p(tables.pop[item, 1] / 7.0) - np.log1p(tables.pop[item, 2] / 30.0)
+    f["incat"] = tables.incat[item]
+    cat_pop30 = np.bincount(tables.category, weights=tables.pop[:, 2], minlength=tables.n_categories)[cat]
+    f["incat_30d"] = np.divide(tables.pop[item, 2], cat_pop30, out=np.zeros(len(item)), where=cat_pop30 > 0)
+    f["log_price"] = tables.log_price[item]
+    # user x item category
+    log_incat = np.log(tables.incat[item] + 1e-6)
+    for h in HALF_LIVES:
+        name = f"{h:g}d" if h < 1e8 else "all"
+        aff = category_affinity(history, tables.n_categories, tables.category, h)
+        f[f"aff_{name}"] = aff[row, cat]
+        f[f"log_catpop_{name}"] = np.log(aff[row, cat] + 1e-3) + log_incat  # log of the catpop score
+        f[f"aff_events_{name}"] = category_affinity(history, tables.n_categories, tables.category, h,
+                                                    by_session=False)[row, cat]
+        if h == config.catpop_half_life:
+            cat_rank = np.argsort(np.argsort(-aff, axis=1, kind="stable"), axis=1)
+            f["cat_rank"] = cat_rank[row, cat].astype("float64")
+    pcat = tables.category_probabilities(history, config)
+    f["p_category"] = pcat[row, cat]
+    f["log_catpop"] = np.log(pcat[row, cat] + 1e-6) + log_incat
+    hr = history.row
+    first = history.indptr[:-1]
+    has = np.diff(history.indptr) > 0
+    last_cat = np.where(has, tables.category[history.items[np.minimum(first, max(len(history.items) - 1, 0))]]
+                        if len(history.items) else -1, -1)
+    f["same_cat_as_last"] = (last_cat[row] == cat).astype("float64")
+    # user x item: the user's own events on the candidate
+    hk = hr.astype(np.int64) * n + history.items
+    uk, inv = np.unique(hk, return_inverse=True)
+    w = TYPE_WEIGHTS[history.types]
+    f["own_w7"] = _lookup(keys, uk, np.bincount(inv, weights=w * 0.5 ** (history.ages / 7.0)), 0.0)
+    f["own_n"] = _lookup(keys, uk, np.bincount(inv), 0.0)
+    f["own_relevant"] = _lookup(keys, uk, np.bincount(inv, weights=(history.types > 0).astype("float64")), 0.0)
+    min_age = np.full(len(uk), np.inf)
+    np.minimum.at(min_age, inv, history.ages)
+    f["own_age"] = _lookup(keys, uk, min_age)
+    # user
+    u_last = np.full(b, np.nan)
+    u_last[has] = history.ages[first[has]]
+    f["u_last_age"] = u_last[row]
+    for days in (1, 7, 30):
+        f[f"u_n_{days}d"] = np.bincount(hr[history.ages <= days], minlength=b)[row].astype("float64")
+    f["u_n_all"] = np.diff(history.indptr)[row].astype("float64")
+    f["u_relevant_30d"] = np.bincount(hr[(history.ages <= 30) & (history.types > 0)], minlength=b)[row].astype(
+        "float64")
+    aff7 = category_affinity(history, tables.n_categories, tables.category, 7.0)
+    f["u_n_cats"] = (aff7 > 0.05).sum(axis=1)[row].astype("float64")
+    # context across categories: how many sessions the shares rest on, and how concentrated
+    # the user is (a share of 0.1 is a weak preference for a user with three clear ones and
+    # a strong one for a user who browses everything)
+    sw = session_weights(history)
+    sessions = np.zeros((b, tables.n_categories))
+    np.add.at(sessions, (hr, tables.category[history.items]), sw)
+    f["cat_sessions"] = sessions[row, cat]
+    f["u_sessions"] = sessions.sum(axis=1)[row]
+    aff_all = category_affinity(history, tables.n_categories, tables.category, 1e9)
+    ranked_shares = -np.sort(-aff_all, axis=1)
+    for j in range(min(4, tables.n_categories)):
+        f[f"u_share_top{j + 1}"] = ranked_shares[row, j]
+    return pd.DataFrame(f)
+
+
+def feature_columns(frame: pd.DataFrame, config: CandidateConfig) -> list[str]:
+    cols = [c for c in frame.columns if c not in ("row", "item")]
+    return [c for c in cols if c in config.features] if config.features is not None else cols
+
+
+
+def predict(booster, x: np.ndarray) -> np.ndarray:
+    """LightGBM's prediction, on one thread for the small matrices of a request (its thread pool
+    costs more than it saves there), on all for the large ones of an evaluation."""
+    return booster.predict(x, num_threads=1) if len(x) < 20_000 else booster.predict(x)
+
+
+__all__ = ["HALF_LIVES", "INTERNAL_SOURCES", "POP_WINDOWS", "CandidateConfig", "Cands", "ItemTables",
+           "candidate_features", "category_affinity", "dense_source", "feature_columns", "predict", "session_weights",
+           "source_candidates"]
