@@ -1,11 +1,13 @@
-"""The HTTP API (docs/architecture.md, 'HTTP'): a FastAPI ingress on Ray Serve over the deployments.
+"""The HTTP API (docs/architecture.md, 'HTTP'): one FastAPI ingress deployment on Ray Serve that
+runs the served version's whole pipeline.
 
 A recommendation is: the user's online features -> the two-tower user tower -> the vector
 index's nearest items -> when the served version carries ``candidates/``, the candidate
-pipeline (``Ranker``: those items merged with co-occurrence, EASE, popularity, category x
-popularity and the user's own items, ordered by the LightGBM ranker; the response says
-``ranked: true``); otherwise the nearest items in retrieval order. A user without features gets
-the popular items.
+pipeline (those items merged with co-occurrence, EASE, popularity, category x popularity and
+the user's own items, ordered by the LightGBM ranker; the response says ``ranked: true``);
+otherwise the nearest items in retrieval order. A user without features gets the popular
+items. The whole path runs in the ingress replica (``serving.pipeline``), batched across
+concurrent requests: no handle hop.
 
 ``app`` is the Serve application builder (one typed argument, ``AppArgs``): ``serve run
 aiplatform.serving.app:app home=…``, ``serve deploy`` of the config ``aiplatform serve build``
@@ -29,7 +31,6 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from aiplatform.core.errors import NotFoundError, UserInputError
 from aiplatform.core.settings import Settings
@@ -39,11 +40,8 @@ from aiplatform.models.candidates import candidates_dir_of, load_candidate_confi
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval.index import ItemIndex, vector_table_name
 from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
-from aiplatform.serving.deployments import (
-    Ranker,
-    Retriever,
-    UserFeatureReader,
-    UserTower,
+from aiplatform.serving.pipeline import (
+    RecommendPipeline,
     check_events_features,
     check_served_inputs,
     served_service,
@@ -63,7 +61,10 @@ from aiplatform.serving.schemas import (
 
 log = logging.getLogger(__name__)
 
-POPULAR_FALLBACK = "popular"
+BATCH_SIZE = 32
+"""Most requests per pipeline run: the benchmark's 32 in flight fit one batch."""
+BATCH_WAIT_S = 0.0
+"""No wait: a batch is what arrived while the last one ran, so a lone request is not held back."""
 
 api = FastAPI(
     title="aiplatform recommendations",
@@ -112,35 +113,46 @@ async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
 @serve.deployment(
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
     max_ongoing_requests=128,
-    ray_actor_options={"num_cpus": 0.1},
+    ray_actor_options={"num_cpus": 0.25},
 )
 @serve.ingress(api)
 class RecommendationAPI:
-    """Ingress: validates requests and composes features -> user tower -> retriever
-    (-> the candidate ranker, when the served version has one).
+    """The served version: validates requests and runs its whole pipeline in this replica
+    (``serving.pipeline.RecommendPipeline``: online features, user tower, item index, candidate
+    ranker), batched across concurrent requests.
 
-    ``n_candidates``: how many items the retriever returns for the ranker (the ranker's
-    ``per_source``, the two-tower's share of the candidates it was trained with)."""
+    No handle hop: on the 2-core machine each hop between deployments measured several
+    milliseconds and most of the CPU (benchmarks/serving.py, README 'The HTTP API'). To serve
+    more, add replicas of this deployment. The pipeline's arguments are paths the driver
+    resolved (``build_app``): a replica never reads the registry or the environment."""
 
     def __init__(
         self,
-        features: DeploymentHandle,
-        tower: DeploymentHandle,
-        retriever: DeploymentHandle,
+        home: str,
+        online_store: str,
+        features_module: str,
+        service_name: str,
+        artifact_dir: str,
+        vectors_dir: str,
+        table_name: str,
         model_name: str,
         model_version: int,
         variant: str = "champion",
-        ranker: DeploymentHandle | None = None,
-        use_ranker: bool = True,
-        n_candidates: int = 100,
     ) -> None:
-        self.features = features
-        self.tower = tower
-        self.retriever = retriever
-        self.ranker = ranker if use_ranker else None
-        self.n_candidates = int(n_candidates)
+        self.pipeline = RecommendPipeline(home, online_store, features_module, service_name, artifact_dir,
+                                          vectors_dir, table_name)
         self.model = ModelRef(name=model_name, version=int(model_version))
         self.variant = variant
+
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def _recommend(self, requests: list[tuple[str, int]]) -> list[dict]:
+        """The pipeline once for the requests that arrived together (run on the replica's loop:
+        CPU-bound, a thread would only add GIL hand-offs, which measured slower)."""
+        return self.pipeline.recommend(requests)
+
+    def n_dense(self) -> int:
+        """The width of the dense input the served tower reads (its input spec's)."""
+        return self.pipeline.n_dense()
 
     @api.post(
         "/v1/recommendations",
@@ -154,39 +166,15 @@ class RecommendationAPI:
         other sources' candidates, the ranker orders them and ``ranked`` is true; otherwise the
         nearest items are returned in retrieval order."""
         request_id = uuid.uuid4().hex
-        feats = await self.features.get.remote(body.user_id)
-        fallback = None
-        ranked = False
-        if feats is None:
-            scored = await self.features.popular.remote(body.k)
-            fallback = POPULAR_FALLBACK
-        else:
-            vector = await self.tower.embed.remote(
-                {"history": feats["history"], "dense": feats["dense"]}
-            )
-            if self.ranker is None:
-                scored = await self.retriever.search.remote(
-                    vector, body.k, exclude=feats["exclude"]
-                )
-            else:
-                # the two-tower source as the ranker was trained with it (training.recommender.
-                # TwoTowerSource): the nearest items the user has not bought, their ranks features
-                candidates = await self.retriever.search.remote(
-                    vector, max(self.n_candidates, body.k), exclude=feats["exclude"]
-                )
-                scored = await self.ranker.rank.remote({
-                    "user_id": body.user_id, "events": feats.get("events") or {},
-                    "exclude": feats["exclude"], "candidates": candidates, "k": body.k,
-                })
-                ranked = True
+        answer = await self._recommend((body.user_id, body.k))
         return RecommendationResponse(
             user_id=body.user_id,
-            items=[ScoredItem(item_id=i, score=s) for i, s in scored],
+            items=[ScoredItem(item_id=i, score=s) for i, s in answer["items"]],
             model=self.model,
             variant=self.variant,
             request_id=request_id,
-            fallback=fallback,
-            ranked=ranked,
+            fallback=answer["fallback"],
+            ranked=answer["ranked"],
         )
 
     @api.get(
@@ -200,7 +188,7 @@ class RecommendationAPI:
         k: int = Query(10, ge=1, le=MAX_K, description=f"How many items (1..{MAX_K})."),
     ) -> SimilarItemsResponse:
         """Items whose vectors are nearest to this item's (never the item itself)."""
-        scored = await self.retriever.similar.remote(item_id, k)
+        scored = self.pipeline.similar(item_id, k)
         if scored is None:
             raise NotFoundError(
                 f"item {item_id!r} is not in the index of model {self.model.name} "
@@ -227,7 +215,7 @@ class RecommendationAPI:
         for e in events:
             if e["timestamp"].tzinfo is None:
                 e["timestamp"] = e["timestamp"].replace(tzinfo=timezone.utc)
-        result = await self.features.push.remote(events)
+        result = self.pipeline.push(events)
         if "error" in result:  # checked by the data contract after the schema: still the client's fault
             return JSONResponse(status_code=422, content={"message": f"events: {result['error']}",
                                                           "detail": result["error"]})
@@ -237,7 +225,7 @@ class RecommendationAPI:
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
         """The served model and the size of its item index."""
-        return Health(model=self.model, items=await self.retriever.count.remote())
+        return Health(model=self.model, items=self.pipeline.count())
 
 
 def build_app(
@@ -275,17 +263,11 @@ def build_app(
         log.info("serving %s v%d (%s) from %s: two-tower retrieval order (the version has no %s/)",
                  mv.name, mv.version, alias, mv.artifact_uri, "candidates")
     return RecommendationAPI.bind(
-        UserFeatureReader.bind(layout.root, online_store_uri(settings, layout), settings.features_module,
-                               settings.feature_service, mv.artifact_uri,
-                               list(config.events_features) if config is not None else None),
-        UserTower.bind(mv.artifact_uri),
-        Retriever.bind(layout.vectors, table),
+        layout.root, online_store_uri(settings, layout), settings.features_module,
+        settings.feature_service, mv.artifact_uri, layout.vectors, table,
         model_name=mv.name,
         model_version=mv.version,
         variant=alias if not version else f"v{mv.version}",
-        ranker=Ranker.bind(mv.artifact_uri, settings.features_module, settings.feature_service),
-        use_ranker=config is not None,
-        n_candidates=config.per_source if config is not None else 0,
     )
 
 
@@ -340,4 +322,4 @@ def stop(name: str = DEFAULT_APP_NAME) -> None:
         log.debug("serve.delete(%r): %s", name, exc)
 
 
-__all__ = ["api", "app", "RecommendationAPI", "build_app", "start", "stop"]
+__all__ = ["RecommendationAPI", "api", "app", "build_app", "start", "stop"]

@@ -57,10 +57,9 @@ def deployment_options() -> list[dict[str, Any]]:
     from ray.serve.deployment import deployment_to_schema
 
     from aiplatform.serving.app import RecommendationAPI
-    from aiplatform.serving.deployments import Ranker, Retriever, UserFeatureReader, UserTower
 
     out = []
-    for deployment in (RecommendationAPI, UserFeatureReader, UserTower, Retriever, Ranker):
+    for deployment in (RecommendationAPI,):
         schema = deployment_to_schema(deployment).model_dump(exclude_unset=True)
         keep = ("name", "max_ongoing_requests", "autoscaling_config", "ray_actor_options",
                 "max_queued_requests", "graceful_shutdown_timeout_s", "health_check_period_s",
@@ -98,4 +97,4 @@ def dump_config(config: dict[str, Any]) -> str:
     return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100)
 
 
-__all__ = ["APP_IMPORT_PATH", "AppArgs", "DEFAULT_APP_NAME", "deployment_options", "dump_config", "serve_config"]
+__all__ = ["APP_IMPORT_PATH", "DEFAULT_APP_NAME", "AppArgs", "deployment_options", "dump_config", "serve_config"]

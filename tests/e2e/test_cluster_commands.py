@@ -236,15 +236,15 @@ def test_serve_deploy_change_and_delete(cluster):
     config = yaml.safe_load(config_path.read_text())
     app = config["applications"][0]
     assert app["import_path"] == "aiplatform.serving.app:app" and app["args"]["alias"] == "champion"
-    assert {d["name"] for d in app["deployments"]} >= {"RecommendationAPI", "UserTower", "Retriever"}
+    assert {d["name"] for d in app["deployments"]} >= {"RecommendationAPI"}
 
     _wait_for(f"{SERVE_URL}/healthz")
     call = shell.run(readme_block("call"), timeout=120)
     assert call.returncode == 0 and '"items"' in call.stdout, call.stdout
 
     # Change the config (resources and the version to serve), deploy again: served in place.
-    retriever = next(d for d in app["deployments"] if d["name"] == "Retriever")
-    retriever["autoscaling_config"]["max_replicas"] = 3
+    recommender = next(d for d in app["deployments"] if d["name"] == "RecommendationAPI")
+    recommender["autoscaling_config"]["max_replicas"] = 3
     app["args"].update(version=1)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     redeploy = subprocess.run(["serve", "deploy", str(config_path), "--address", DASHBOARD], env=shell.env,
@@ -259,7 +259,7 @@ def test_serve_deploy_change_and_delete(cluster):
     assert resp.status_code == 200 and resp.json()["variant"] == "v1", resp.text
     live = _live_apps(cluster)[0]
     assert live["args"]["version"] == 1
-    assert next(d for d in live["deployments"] if d["name"] == "Retriever")["autoscaling_config"]["max_replicas"] == 3
+    assert next(d for d in live["deployments"] if d["name"] == "RecommendationAPI")["autoscaling_config"]["max_replicas"] == 3
 
     # `aiplatform serve` joins the cluster with a second application; stopping it removes that
     # application only: the deployed one keeps answering.

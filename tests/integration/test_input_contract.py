@@ -102,8 +102,8 @@ def test_a_changed_window_and_a_new_feature_flow_from_features_to_serving(change
 
     url = start(build_app(layout, settings=settings), host="127.0.0.1", port=_free_port(), name=APP)
     try:
-        tower = serve.get_deployment_handle("UserTower", app_name=APP)
-        assert tower.n_dense.remote().result() == spec.n_dense
+        recommender = serve.get_deployment_handle("RecommendationAPI", app_name=APP)
+        assert recommender.n_dense.remote().result() == spec.n_dense
         events = lake.read_events(layout)
         user = str(events.loc[events["timestamp"].idxmax(), "user_id"])  # active at the end: has a row
         with httpx.Client(base_url=url, timeout=60) as client:

@@ -45,7 +45,7 @@ from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval import build_item_index
 from aiplatform.retrieval.index import ItemIndex, vector_table_name
 from aiplatform.serving.app import build_app, start, stop
-from aiplatform.serving.deployments import Ranker, check_events_features
+from aiplatform.serving.pipeline import RecommendPipeline, check_events_features
 from aiplatform.training.candidates import fit_ranker, refresh_sources
 from apps.shop.features import recommender_user, user_recent_events
 from apps.shop.generate import ShopSize, generate, write
@@ -192,7 +192,7 @@ def test_a_user_without_features_gets_popular_items(client):
 
 
 def test_a_service_without_the_events_features_is_refused(shop, importable_dir, monkeypatch):
-    """Build time (``build_app``) and replica start (``Ranker.__init__``) refuse a service that
+    """Build time (``build_app``) and replica start (``RecommendPipeline.__init__``) refuse a service that
     lacks the ranker's recent-event lists, naming them and the fix."""
     (importable_dir / f"{NO_EVENTS_MODULE}.py").write_text(NO_EVENTS_SOURCE)
     monkeypatch.syspath_prepend(str(importable_dir))
@@ -214,7 +214,8 @@ def test_a_service_without_the_events_features_is_refused(shop, importable_dir, 
     with pytest.raises(ConfigError, match=pattern):
         build_app(layout, settings=settings)
     with pytest.raises(ConfigError, match=pattern):
-        Ranker.func_or_class(mv.artifact_uri, NO_EVENTS_MODULE, "recommender_user")
+        RecommendPipeline(layout.root, layout.online_sqlite, NO_EVENTS_MODULE, "recommender_user",
+                          mv.artifact_uri, layout.vectors, vector_table_name("two_tower", mv.version))
     # a service keeping fewer events than the ranker was trained on is refused too
     with pytest.raises(ConfigError, match=rf"trained on a user's last {RECENT.n + 1} events of any age.*keeps only "
                                           rf"{RECENT.n} within"):
