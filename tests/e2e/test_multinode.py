@@ -80,6 +80,8 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 900) -> subproce
 def _ray_json(args: list[str], env: dict[str, str]) -> list[dict]:
     result = _run([str(BIN / "ray"), *args, "--format", "json"], env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+    if result.stdout.strip() == "No resource in the cluster":  # what `ray list` prints, not JSON, while nothing is listed
+        return []
     return json.loads(result.stdout)
 
 
