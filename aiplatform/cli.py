@@ -357,6 +357,112 @@ def models_show(name: str = typer.Argument(..., help="Model name, e.g. two_tower
         console.print(renderable)
 
 
+def _fail_named(exc: Exception) -> "typer.Exit":
+    """A model, version or alias named on the command line that does not exist is bad input (2)."""
+    from aiplatform.core.errors import NotFoundError
+
+    return _fail(UserInputError(str(exc)) if isinstance(exc, NotFoundError) else exc)
+
+
+def _print_move(name: str, move: dict) -> None:
+    who = move["actor"] or "unknown"
+    if not move["changed"]:
+        console.print(f"{move['alias']} of {name} already points at v{move['version']} (set by {who} at "
+                      f"{move['set_at']:%Y-%m-%d %H:%M UTC}): nothing to do", highlight=False)
+        return
+    before = f"v{move['previous']}" if move["previous"] is not None else "unset"
+    console.print(f"[bold]{move['alias']}[/] of {name}: {before} -> [bold]v{move['version']}[/] by {who} "
+                  f"({move['reason'] or 'no reason given'})", highlight=False)
+    console.print(f"running applications that follow '{move['alias']}' switch to v{move['version']} "
+                  "within a few seconds", highlight=False)
+
+
+def _ensure_vector_index(settings: Settings, layout: Layout, name: str, version: int, build: bool) -> None:
+    """A version must have its vector index before an alias that serving follows points at it.
+
+    Missing, it is built here (with Ray, started or joined for this step only) unless ``build``
+    is false; then the move goes ahead with a warning."""
+    from aiplatform.core.errors import NotFoundError
+    from aiplatform.retrieval.index import ItemIndex, vector_table_name
+
+    table = vector_table_name(name, version)
+    try:
+        ItemIndex(layout.vectors, table)
+        return
+    except NotFoundError:
+        pass
+    if not build:
+        err.print(f"[yellow]warning:[/] {name} v{version} has no vector index ({table}); serving it fails until "
+                  f"it is built: python -m aiplatform.jobs.index --model-name {name} --version {version}",
+                  highlight=False)
+        return
+    import ray
+
+    from aiplatform.core.runtime import ensure_ray
+    from aiplatform.jobs.index import run_index
+
+    console.print(f"{name} v{version} has no vector index yet: building {table} with Ray first", highlight=False)
+    try:
+        ensure_ray(settings, quiet=False)
+        run_index(layout, name, version=version)
+    finally:
+        ray.shutdown()
+    ItemIndex(layout.vectors, table)  # what serving will open: fail here, before the alias moves
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str = typer.Argument(..., help="Model name, e.g. two_tower."),
+    version: int = typer.Argument(..., min=1, help="Version to point the alias at."),
+    alias: str = typer.Option("champion", help="Alias to move."),
+    reason: str = typer.Option("", help="Why (kept in the alias history)."),
+    no_build_index: bool = typer.Option(False, "--no-build-index",
+                                        help="Do not build a missing vector index (warn instead)."),
+    home: Optional[str] = HomeOpt,
+) -> None:
+    """Point an alias (default champion) at a version, building its vector index first if missing.
+
+    Compare-and-set: if someone moves the alias between this command reading it and writing,
+    nothing changes and it exits 1 naming that move. Who ($AIPLATFORM_ACTOR, else user@host),
+    when and why go into the alias history (models show).
+    """
+    from aiplatform.registry.registry import ModelRegistry
+
+    try:
+        settings = Settings.load(home=home)
+        layout = Layout.open(settings.home)
+        registry = ModelRegistry(layout)
+        registry.get(name, version)
+        if registry.aliases(name).get(alias) != version:
+            _ensure_vector_index(settings, layout, name, version, build=not no_build_index)
+        move = registry.promote(name, version, alias=alias, reason=reason)
+    except AIPlatformError as exc:
+        raise _fail_named(exc)
+    _print_move(name, move)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: str = typer.Argument(..., help="Model name, e.g. two_tower."),
+    alias: str = typer.Option("champion", help="Alias to move back."),
+    reason: str = typer.Option("", help="Why (kept in the alias history)."),
+    home: Optional[str] = HomeOpt,
+) -> None:
+    """Move an alias back to the version it pointed at before the current one.
+
+    Repeated, it keeps going back (v1 -> v2 -> v3: rollback gives v2, then v1). Compare-and-set
+    like promote.
+    """
+    from aiplatform.registry.registry import ModelRegistry
+
+    try:
+        registry = ModelRegistry(Layout.open(Settings.load(home=home).home))
+        move = registry.rollback(name, alias=alias, reason=reason)
+    except AIPlatformError as exc:
+        raise _fail_named(exc)
+    _print_move(name, move)
+
+
 def _model_card(mv, aliases: dict[str, int], history: dict[str, list[dict]]) -> list:
     """Rich renderables of a version's card (kept here: presentation is the CLI's job)."""
     from rich.table import Table
@@ -395,7 +501,8 @@ def _model_card(mv, aliases: dict[str, int], history: dict[str, list[dict]]) -> 
         out.append(f"  {gate.get('message', gate)}")
     moves = [(a, h) for a, hs in history.items() for h in hs if h["version"] == mv.version]
     for alias, move in sorted(moves, key=lambda m: m[1]["set_at"]):
-        out.append(f"  alias {alias} -> v{mv.version} at {move['set_at']:%Y-%m-%d %H:%M} ({move['reason'] or 'no reason'})")
+        out.append(f"  alias {alias} -> v{mv.version} at {move['set_at']:%Y-%m-%d %H:%M} "
+                   f"by {move.get('actor') or 'unknown'} ({move['reason'] or 'no reason'})")
     lineage = mv.lineage
     code = lineage.get("code", {})
     git = code.get("git") or {}

@@ -103,6 +103,7 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
     console.print(f"  feature service '{settings.feature_service}': {feats.users:,} user rows online; "
                   f"popularity of {feats.items:,} items as of {feats.as_of:%Y-%m-%d %H:%M}")
 
+    from aiplatform.core.errors import ConflictError
     from aiplatform.jobs.train import format_metrics, run_training
     from aiplatform.registry.registry import ModelRegistry
     from aiplatform.training.config import TrainConfig
@@ -110,7 +111,8 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
     overrides = {k: v for k, v in {"epochs": opts.epochs, "num_workers": opts.num_workers}.items() if v}
     config = TrainConfig(**overrides)
     registry = ModelRegistry(layout)
-    has_champion = "champion" in registry.aliases(settings.model_name)
+    champion = registry.aliases(settings.model_name).get("champion")
+    has_champion = champion is not None
     report = stages.run(
         "train", f"training the two-tower model with Ray Train ({config.num_workers} workers) and the candidate ranker",
         # A first model is always served; a later one takes over when it passes the quality gates
@@ -118,9 +120,13 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
         lambda: run_training(layout, config, settings.model_name, always_promote=not has_champion,
                              settings=settings))
     if report.gates_passed and not report.promoted:
-        registry.set_alias(settings.model_name, "champion", report.version, reason="passed the gates (quickstart)")
-        report.aliases.append("champion")
-        report.promoted = True
+        try:  # only over the champion read before training: a move made meanwhile is kept
+            registry.set_alias(settings.model_name, "champion", report.version, reason="passed the gates (quickstart)",
+                               expected=champion)
+            report.aliases.append("champion")
+            report.promoted = True
+        except ConflictError as exc:
+            console.print(f"  [yellow]champion not moved:[/] {exc}", highlight=False)
     result.metrics, result.model_version = report.metrics, report.version
     console.print("  " + format_metrics(report.metrics).replace("\n", "\n  "))
     # format_metrics said, per baseline, whether the model beats it (two paired standard errors)

@@ -54,3 +54,10 @@ class NotFoundError(AIPlatformError):
 
 class ConfigError(UserInputError):
     """A configuration value is invalid."""
+
+
+class ConflictError(AIPlatformError):
+    """A compare-and-set write lost to a concurrent one: what the caller read is stale.
+
+    The message names the write that won; re-read and retry if the change still makes sense.
+    """

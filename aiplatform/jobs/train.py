@@ -49,7 +49,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from aiplatform.core.errors import AIPlatformError, ConfigError, UserInputError
+from aiplatform.core.errors import AIPlatformError, ConfigError, ConflictError, UserInputError
 from aiplatform.core.runtime import ensure_ray
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout, filesystem_for, is_uri, join
@@ -358,11 +358,18 @@ def apply_aliases(registry: ModelRegistry, model_name: str, version: int, gates_
     if gates_passed:
         registry.set_alias(model_name, "challenger", version, reason="passed the quality gates")
         aliases.append("challenger")
-        has_champion = "champion" in registry.aliases(model_name)
-        if promote or not has_champion:
-            registry.set_alias(model_name, "champion", version,
-                               reason="passed the gates; --promote" if promote else "passed the gates; first champion")
+        if promote:
+            registry.set_alias(model_name, "champion", version, reason="passed the gates; --promote")
             aliases.append("champion")
+        elif "champion" not in registry.aliases(model_name):
+            # Compare-and-set on "no champion yet": of two first jobs finishing at once, one
+            # becomes champion; the other keeps its challenger alias and the job succeeds.
+            try:
+                registry.set_alias(model_name, "champion", version, reason="passed the gates; first champion",
+                                   expected=None)
+                aliases.append("champion")
+            except ConflictError as exc:
+                log.info("v%d stays challenger: another version became the first champion (%s)", version, exc)
     if always_promote and "champion" not in aliases:
         registry.set_alias(model_name, "champion", version, reason="forced (--always-promote)")
         aliases.append("champion")

@@ -5,8 +5,8 @@ as one on disk) and the artifact files under ``Layout.model_dir(name, version)``
 
 - ``model_versions``: one row per registered version (metrics, params, checkpoint and artifact
   locations, lineage). Rows are only ever appended.
-- ``aliases``: one row per alias move. The current target of an alias is its latest row, so
-  the table *is* the history: who pointed ``champion`` where, when and why.
+- ``alias_moves``: one row per requested alias move (who, when, why, and the target the mover
+  expected to replace; see "Alias moves"). The table *is* the history of every alias.
 - ``version_claims``: one row per version number handed out (see "Version numbers").
 - ``indexes``: one row per build or update of a version's item index (``record_index``): its
   kind, size and measured recall@10, which decides whether serving may use it.
@@ -32,6 +32,19 @@ number that such a row already uses is skipped, and the first claim appends as m
 as it takes to pass them (in one commit). A registration that fails after its claim leaves its
 number unused: versions are unique and increasing, but not always contiguous.
 
+Alias moves: two people (or a person and a training job) may move ``champion`` at the same
+moment, each having read where it points. A move is therefore compare-and-set, decided by the
+same commit order as version numbers: the row records ``expected_version`` (the target its
+mover read; null = "not set yet") and ``checked``. The current target of an alias is the replay
+of its rows in commit (row) order: an unchecked move always applies, a checked one only when
+``expected_version`` is the target at that point; a rejected row stays in the table and changes
+nothing. After appending its row, ``set_alias`` replays the table *as its own commit made it*
+(the version the append returned): of two promotions from the same expected target exactly one
+applies, the other raises ``ConflictError`` naming the move that won, and every reader replays
+to the same answer. Rollback walks back along the alias's line of versions (``rollback``).
+The ``aliases`` table of older releases (one unconditional move per row) is still read, as moves
+made before every ``alias_moves`` row; it is no longer written.
+
 The tables themselves are created by one commit of table version 1 that is never retried
 (``_table``): on an object store Lance turns a losing concurrent create into an overwrite,
 which could drop rows appended in between.
@@ -46,6 +59,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +69,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from aiplatform.core import storage
-from aiplatform.core.errors import NotFoundError, UserInputError
+from aiplatform.core.errors import ConflictError, NotFoundError, UserInputError
 from aiplatform.core.storage import Layout, filesystem_for, is_uri
+from aiplatform.registry.aliases import MOVES_SCHEMA, UNCHECKED, AliasState, default_actor, describe, replay
+from aiplatform.registry.aliases import utc as _utc
 
 log = logging.getLogger(__name__)
 
 VERSIONS_TABLE = "model_versions"
-ALIASES_TABLE = "aliases"
+ALIASES_TABLE = "aliases"  # older releases' alias moves: read, no longer written
+MOVES_TABLE = "alias_moves"
 CLAIMS_TABLE = "version_claims"
 INDEXES_TABLE = "indexes"
 MAX_CLAIM_ROUNDS = 20
@@ -131,12 +148,6 @@ def _check_name(kind: str, value: str) -> str:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _utc(ts: datetime) -> datetime:
-    if ts.tzinfo is None:
-        return ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc)
 
 
 def _row_to_version(row: dict[str, Any]) -> ModelVersion:
@@ -390,55 +401,146 @@ class ModelRegistry:
         return versions[-1]
 
     # ---- aliases ------------------------------------------------------------------------
-    def set_alias(self, name: str, alias: str, version: int, reason: str = "") -> None:
-        """Point ``alias`` at ``version`` (which must exist); earlier targets stay in history."""
+    def set_alias(self, name: str, alias: str, version: int, reason: str = "", actor: str | None = None,
+                  expected: int | None = UNCHECKED) -> dict[str, Any]:
+        """Point ``alias`` at ``version`` (which must exist); earlier targets stay in history.
+
+        ``expected`` makes the move compare-and-set: it applies only if the alias still points
+        at ``expected`` (None: the alias must not be set yet) when its row is committed;
+        otherwise ``ConflictError`` names the move that got there first, and the alias is left
+        as that move set it. Left out, the move applies whatever the alias points at.
+        Returns the applied move: alias, version, previous, set_at, reason, actor, move_id
+        (and ``changed``, true).
+        """
         _check_name("alias", alias)
         self.get(name, version)  # raises NotFoundError naming what exists
+        checked = expected is not UNCHECKED
+        if checked and expected is not None and (isinstance(expected, bool) or not isinstance(expected, Integral)):
+            raise UserInputError(f"expected={expected!r}: pass the version number the alias points at "
+                                 "now, or None for an alias that is not set yet")
+        move_id = uuid.uuid4().hex
         row = {
-            "name": name,
-            "alias": alias,
-            "version": int(version),
-            "set_at": _now(),
-            "reason": str(reason or ""),
+            "name": name, "alias": alias, "version": int(version), "set_at": _now(),
+            "reason": str(reason or ""), "actor": str(actor or default_actor()), "move_id": move_id,
+            "expected_version": int(expected) if checked and expected is not None else None,
+            "checked": checked,
         }
-        self._table(ALIASES_TABLE, _ALIASES_SCHEMA).add(
-            pa.Table.from_pylist([row], schema=_ALIASES_SCHEMA)
-        )
-        log.info("alias %s/%s -> version %d (%s)", name, alias, version, reason)
+        moves = self._table(MOVES_TABLE, MOVES_SCHEMA)
+        # As with version claims, replay the table as this append's own commit made it: the
+        # moves committed before it decide whether it applies, whatever was committed since.
+        at_commit = lance.write_dataset(pa.Table.from_pylist([row], schema=MOVES_SCHEMA), moves.to_lance().uri,
+                                        mode="append",
+                                        storage_options=storage.storage_options(self.layout.registry) or None)
+        states, rejected = replay(self._legacy_alias_rows(name) + self._move_rows(name, at_commit))
+        state = states.get(alias, AliasState())
+        if move_id in rejected:
+            winner = rejected[move_id]
+            found = f"it was moved to {describe(winner)}" if winner else "it is not set"
+            wanted = f"at v{expected}" if expected is not None else "unset"
+            log.warning("alias %s/%s: move to v%d rejected (expected %s; %s)", name, alias, version, wanted, found)
+            raise ConflictError(
+                f"alias {alias!r} of model {name!r} was not moved to v{version}: you expected it to be "
+                f"{wanted}, but {found}. Re-read it (aiplatform models list --name {name}) and retry "
+                "if the move still makes sense")
+        applied = next((m for m in reversed(state.history) if m["move_id"] == move_id), None)
+        if applied is None:
+            raise RuntimeError(  # pragma: no cover - would be a Lance commit bug
+                f"registry: alias move {move_id} is not in table version {at_commit.version} "
+                "that its own commit created")
+        log.info("alias %s/%s: v%s -> v%d by %s (%s)", name, alias, applied["previous"], version,
+                 row["actor"], reason)
+        return {**applied, "alias": alias, "changed": True}
 
-    def _alias_rows(self, name: str, alias: str | None = None) -> list[dict[str, Any]]:
+    def promote(self, name: str, version: int, alias: str = "champion", reason: str = "",
+                actor: str | None = None) -> dict[str, Any]:
+        """Move ``alias`` to ``version`` from the target read now (compare-and-set).
+
+        If someone moves the alias between this read and the commit, ``ConflictError``: a
+        promotion never silently undoes one it did not see. Promoting the current target
+        changes nothing and returns the move with ``changed`` false.
+        """
+        _check_name("alias", alias)
+        mv = self.get(name, version)
+        state = self._alias_states(name).get(alias, AliasState())
+        if state.target == mv.version:
+            log.info("alias %s/%s already points at v%d: nothing to do", name, alias, mv.version)
+            return {**state.history[-1], "alias": alias, "changed": False}
+        return self.set_alias(name, alias, mv.version, reason=reason, actor=actor, expected=state.target)
+
+    def rollback(self, name: str, alias: str = "champion", reason: str = "",
+                 actor: str | None = None) -> dict[str, Any]:
+        """Move ``alias`` back to the version before its current one (compare-and-set).
+
+        "Before" is along the alias's line of versions: with champion moved v1 -> v2 -> v3,
+        rollback goes to v2, a second rollback to v1, a third has nothing to go back to. A
+        move back to the previous version by ``promote`` steps back the same way; a move to any
+        other version is a new step (v1 -> v2 -> v1 -> v3: rollback goes to v1).
+        """
+        _check_name("alias", alias)
+        states = self._alias_states(name)
+        state = states.get(alias)
+        if state is None or state.target is None:
+            if not self.list_versions(name):
+                raise self._missing_model(name)
+            have = ", ".join(sorted(a for a, st in states.items() if st.target is not None)) or "none set"
+            raise UserInputError(f"alias {alias!r} of model {name!r} is not set (aliases: {have}): nothing "
+                                 f"to roll back; point it at a version with: aiplatform models promote {name} VERSION")
+        if len(state.line) < 2:
+            raise UserInputError(
+                f"alias {alias!r} of model {name!r} points at v{state.target}, the first version in its "
+                f"history: there is nothing earlier to roll back to; move it with: aiplatform models "
+                f"promote {name} VERSION --alias {alias}")
+        target = state.line[-2]
+        return self.set_alias(name, alias, target, reason=reason or f"rollback from v{state.target}",
+                              actor=actor, expected=state.target)
+
+    def _legacy_alias_rows(self, name: str) -> list[dict[str, Any]]:
+        """Moves of an older release's ``aliases`` table (unconditional, before every
+        ``alias_moves`` row). Opened, never created: new registries do not have it."""
+        try:
+            tbl = self._db.open_table(ALIASES_TABLE)
+        except ValueError:  # "Table ... was not found"
+            return []
+        rows = tbl.to_lance().to_table(filter=f"name = '{name}'").to_pylist()
+        # That release took the latest set_at as current (ties: append order); keep its answer.
+        ordered = [r for _, r in sorted(enumerate(rows), key=lambda p: (p[1]["set_at"], p[0]))]
+        return [{**r, "actor": "", "move_id": f"legacy-{i}", "checked": False, "expected_version": None}
+                for i, r in enumerate(ordered)]
+
+    def _move_rows(self, name: str, dataset: Any = None) -> list[dict[str, Any]]:
+        """The model's ``alias_moves`` rows in commit order (appends only, scanned in order),
+        from ``dataset`` (one table version) or the latest."""
+        if dataset is None:
+            dataset = self._table(MOVES_TABLE, MOVES_SCHEMA).to_lance()
+        return dataset.to_table(filter=f"name = '{name}'", scan_in_order=True).to_pylist()
+
+    def _alias_states(self, name: str) -> dict[str, AliasState]:
         _check_name("model name", name)
-        rows = self._rows(ALIASES_TABLE, _ALIASES_SCHEMA, name)
-        if alias is not None:
-            rows = [r for r in rows if r["alias"] == alias]
-        # Lance keeps append order within a table, but sort explicitly: set_at then position.
-        return [r for _, r in sorted(enumerate(rows), key=lambda p: (p[1]["set_at"], p[0]))]
+        return replay(self._legacy_alias_rows(name) + self._move_rows(name))[0]
 
     def aliases(self, name: str) -> dict[str, int]:
         """Current alias -> version map of a model."""
-        current: dict[str, int] = {}
-        for r in self._alias_rows(name):
-            current[r["alias"]] = int(r["version"])
-        return current
+        return {a: st.target for a, st in self._alias_states(name).items() if st.target is not None}
 
     def get_by_alias(self, name: str, alias: str) -> ModelVersion:
-        rows = self._alias_rows(name, alias)
-        if not rows:
+        states = self._alias_states(name)
+        state = states.get(alias)
+        if state is None or state.target is None:
             if not self.list_versions(name):
                 raise self._missing_model(name)
-            have = ", ".join(sorted(self.aliases(name))) or "none set"
+            have = ", ".join(sorted(a for a, st in states.items() if st.target is not None)) or "none set"
             raise NotFoundError(
                 f"model {name!r} has no alias {alias!r} (aliases: {have}); "
                 f"set one with set_alias({name!r}, {alias!r}, version)"
             )
-        return self.get(name, int(rows[-1]["version"]))
+        return self.get(name, state.target)
 
     def alias_history(self, name: str, alias: str) -> list[dict[str, Any]]:
-        """Every move of ``alias``, oldest first: dicts with version, set_at and reason."""
-        return [
-            {"version": int(r["version"]), "set_at": _utc(r["set_at"]), "reason": r["reason"]}
-            for r in self._alias_rows(name, alias)
-        ]
+        """The applied moves of ``alias``, oldest first (commit order): dicts with version,
+        previous (None for the first), set_at, reason, actor and move_id. Rejected
+        compare-and-set moves are not part of it."""
+        state = self._alias_states(name).get(alias)
+        return [dict(m) for m in state.history] if state else []
 
     # ---- index facts (retrieval) ----------------------------------------------------------
     def record_index(self, name: str, version: int, info: dict[str, Any]) -> None:

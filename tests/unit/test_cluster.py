@@ -463,7 +463,7 @@ def test_readme_creates_the_secrets_the_manifests_reference(rendered):
         referenced |= set(re.findall(r'"secretRef": \{"name": "([^"]+)"', text))
         referenced |= set(re.findall(r'"secretName": "([^"]+)"', text))
     assert referenced == {TOKEN_SECRET, STORAGE_SECRET}
-    assert f"docker build -f cluster/docker/Dockerfile -t REGISTRY/aiplatform:0.1.0 ." in readme
+    assert "docker build -f cluster/docker/Dockerfile -t REGISTRY/aiplatform:0.1.0 ." in readme
 
 
 # ------------------------------------------------------------------------------ Terraform

@@ -1,10 +1,13 @@
 """Model registry: version numbering, artifact copies, aliases and their history, errors;
-concurrent registrations from separate processes, on a folder and on an S3-compatible server."""
+concurrent registrations from separate processes, on a folder and on an S3-compatible server;
+compare-and-set alias moves (who/when/why, conflicts, concurrent promotions, rollback) and the
+alias table of older releases."""
 
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,10 +17,16 @@ import pyarrow as pa
 import pytest
 
 from aiplatform.core import storage
-from aiplatform.core.errors import NotFoundError, UserInputError
+from aiplatform.core.errors import ConflictError, NotFoundError, UserInputError
 from aiplatform.core.storage import Layout
 from aiplatform.registry import ModelRegistry
-from aiplatform.registry.registry import _VERSIONS_SCHEMA, VERSIONS_TABLE
+from aiplatform.registry.registry import (
+    _ALIASES_SCHEMA,
+    _VERSIONS_SCHEMA,
+    ALIASES_TABLE,
+    VERSIONS_TABLE,
+    default_actor,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -234,3 +243,212 @@ def test_register_from_an_object_store_folder(s3_root, artifact, tmp_path):
     assert (Path(mv.artifact_uri) / "model.pt").read_bytes() == b"weights-1"
     with pytest.raises(UserInputError, match="does not exist or is empty"):
         local.register("two_tower", f"{s3_root}/runs/missing", {}, {}, "")
+
+
+# ---- alias moves: compare-and-set, who/when/why, rollback ------------------------------------------
+def _registry_with(layout: Layout, artifact: Path, n: int, name: str = "two_tower") -> ModelRegistry:
+    reg = ModelRegistry(layout)
+    for _ in range(n):
+        reg.register(name, str(artifact), {}, {}, "")
+    return reg
+
+
+def test_alias_history_records_who_and_why(layout, artifact, monkeypatch):
+    reg = _registry_with(layout, artifact, 3)
+    monkeypatch.delenv("AIPLATFORM_ACTOR", raising=False)
+    first = reg.set_alias("two_tower", "champion", 1, reason="first model")
+    assert first["actor"].count("@") == 1 and first["previous"] is None  # user@host by default
+    reg.set_alias("two_tower", "champion", 2, reason="better recall", actor="alice")
+    monkeypatch.setenv("AIPLATFORM_ACTOR", "ci-nightly")
+    move = reg.promote("two_tower", 3, reason="passed the A/B test")
+    assert (move["previous"], move["version"], move["actor"], move["changed"]) == (2, 3, "ci-nightly", True)
+
+    history = ModelRegistry(layout).alias_history("two_tower", "champion")
+    assert [(h["previous"], h["version"], h["actor"], h["reason"]) for h in history] == [
+        (None, 1, first["actor"], "first model"), (1, 2, "alice", "better recall"),
+        (2, 3, "ci-nightly", "passed the A/B test")]
+    assert all(h["set_at"].tzinfo is not None for h in history)
+    # promoting the current target is not an error and writes nothing
+    again = reg.promote("two_tower", 3, reason="again")
+    assert again["changed"] is False and again["version"] == 3
+    assert len(reg.alias_history("two_tower", "champion")) == 3
+
+
+def test_a_stale_expected_target_conflicts_and_changes_nothing(layout, artifact):
+    reg = _registry_with(layout, artifact, 3)
+    reg.set_alias("two_tower", "champion", 1, reason="first", actor="alice")
+    seen = reg.aliases("two_tower")["champion"]  # bob reads v1 ...
+    reg.set_alias("two_tower", "champion", 2, reason="better recall", actor="alice", expected=seen)  # alice moves it
+    with pytest.raises(ConflictError) as caught:  # ... and bob's move from v1 loses
+        reg.set_alias("two_tower", "champion", 3, reason="bob's pick", actor="bob", expected=seen)
+    msg = str(caught.value)
+    assert "expected it to be at v1" in msg and "moved to v2 by alice" in msg and "(better recall)" in msg
+    assert "aiplatform models list" in msg and "retry" in msg
+    assert reg.get_by_alias("two_tower", "champion").version == 2
+    # the rejected row is not history
+    assert [h["version"] for h in reg.alias_history("two_tower", "champion")] == [1, 2]
+    # "must not be set yet" is a value too
+    with pytest.raises(ConflictError, match="expected it to be unset, but it was moved to v2 by alice"):
+        reg.set_alias("two_tower", "champion", 3, expected=None)
+    assert reg.set_alias("two_tower", "staging", 3, expected=None)["version"] == 3
+    with pytest.raises(UserInputError, match="expected='2'"):
+        reg.set_alias("two_tower", "champion", 3, expected="2")
+    assert ModelRegistry(layout).aliases("two_tower") == {"champion": 2, "staging": 3}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_promotions_from_one_target_exactly_one_wins(where, tmp_path, artifact, request):
+    """Four movers read champion at v1 and move it to v2..v5 at the same moment: the commit order
+    decides, one move applies, the others get ConflictError naming it, and the alias is the winner's."""
+    root = request.getfixturevalue("s3_root") if where == "s3" else str(tmp_path / "home")
+    reg = _registry_with(Layout.at(root), artifact, 5)
+    reg.set_alias("two_tower", "champion", 1, reason="first")
+    start = threading.Barrier(4)
+    results: dict[int, object] = {}
+
+    def move(version: int) -> None:
+        mine = ModelRegistry(Layout.at(root))  # each mover has its own registry, as separate pods would
+        start.wait()
+        try:
+            results[version] = mine.set_alias("two_tower", "champion", version, reason=f"pick {version}",
+                                              actor=f"mover-{version}", expected=1)
+        except ConflictError as exc:
+            results[version] = exc
+
+    threads = [threading.Thread(target=move, args=(v,)) for v in (2, 3, 4, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 4
+    winners = [v for v, r in results.items() if isinstance(r, dict)]
+    assert len(winners) == 1, results
+    winner = winners[0]
+    for v, r in results.items():
+        if v != winner:
+            assert isinstance(r, ConflictError) and f"moved to v{winner} by mover-{winner}" in str(r)
+    fresh = ModelRegistry(Layout.at(root))
+    assert fresh.aliases("two_tower") == {"champion": winner}
+    assert [(h["version"], h["actor"]) for h in fresh.alias_history("two_tower", "champion")] == [
+        (1, default_actor()), (winner, f"mover-{winner}")]
+
+
+def test_promotions_that_read_the_same_target_do_not_both_apply(layout, artifact):
+    """promote() reads the target and then writes: two promotions whose reads both happen before
+    either write (forced by a barrier after the read) cannot both win."""
+    _registry_with(layout, artifact, 3).set_alias("two_tower", "champion", 1)
+    both_read = threading.Barrier(2)
+
+    class ReadThenWait(ModelRegistry):
+        def _alias_states(self, name):
+            states = super()._alias_states(name)
+            both_read.wait(timeout=60)
+            return states
+
+    results: dict[int, object] = {}
+
+    def promote(version: int) -> None:
+        try:
+            results[version] = ReadThenWait(layout).promote("two_tower", version, reason=f"v{version}")
+        except ConflictError as exc:
+            results[version] = exc
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in (2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    winners = [v for v, r in results.items() if isinstance(r, dict)]
+    assert len(winners) == 1 and isinstance(results[5 - winners[0]], ConflictError), results
+    assert ModelRegistry(layout).aliases("two_tower") == {"champion": winners[0]}
+
+
+def test_rollback_walks_back_along_the_alias_line(layout, artifact):
+    """rollback = the version before the current one on the alias's line: v1 -> v2 -> v3, then
+    rollback gives v2, again v1, and a third has nothing to go back to. Moving to a version
+    that is not the previous one starts a new step (v1 -> v4: rollback gives v1)."""
+    reg = _registry_with(layout, artifact, 4)
+    with pytest.raises(UserInputError, match="'champion' of model 'two_tower' is not set"):
+        reg.rollback("two_tower")
+    with pytest.raises(NotFoundError, match="'ranker' is not registered"):
+        reg.rollback("ranker")
+    for v in (1, 2, 3):
+        reg.promote("two_tower", v, actor="alice")
+    back = reg.rollback("two_tower", reason="v3 hurts conversion", actor="bob")
+    assert (back["previous"], back["version"], back["reason"], back["actor"]) == (3, 2, "v3 hurts conversion", "bob")
+    back = reg.rollback("two_tower", actor="bob")
+    assert (back["previous"], back["version"], back["reason"]) == (2, 1, "rollback from v2")
+    with pytest.raises(UserInputError, match="points at v1, the first version in its history: there is nothing"):
+        reg.rollback("two_tower")
+    assert reg.get_by_alias("two_tower", "champion").version == 1
+    reg.promote("two_tower", 4)
+    assert reg.rollback("two_tower")["version"] == 1
+    assert [h["version"] for h in reg.alias_history("two_tower", "champion")] == [1, 2, 3, 2, 1, 4, 1]
+
+
+def test_rollback_is_compare_and_set(layout, artifact):
+    """A rollback decided on a target that someone moves before it commits does not apply."""
+    reg = _registry_with(layout, artifact, 3)
+    reg.promote("two_tower", 1)
+    reg.promote("two_tower", 2)
+
+    class MovedMeanwhile(ModelRegistry):
+        def _alias_states(self, name):
+            states = super()._alias_states(name)
+            ModelRegistry(self.layout).promote(name, 3, reason="hotfix", actor="carol")
+            return states
+
+    with pytest.raises(ConflictError, match="moved to v3 by carol"):
+        MovedMeanwhile(layout).rollback("two_tower")
+    assert reg.aliases("two_tower") == {"champion": 3}
+
+
+def test_alias_moves_of_an_older_release_are_still_read(layout, artifact):
+    """The old ``aliases`` table (no actor, no compare-and-set) comes before every new move, and
+    nothing is written to it any more."""
+    reg = _registry_with(layout, artifact, 3)
+    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    old = [{"name": "two_tower", "alias": "champion", "version": 1, "set_at": t0, "reason": "first model"},
+           {"name": "two_tower", "alias": "staging", "version": 2, "set_at": t0, "reason": ""},
+           {"name": "two_tower", "alias": "champion", "version": 2, "set_at": t0.replace(day=2), "reason": "better"}]
+    legacy = lancedb.connect(layout.registry).create_table(
+        ALIASES_TABLE, pa.Table.from_pylist(old, schema=_ALIASES_SCHEMA))
+
+    assert reg.aliases("two_tower") == {"champion": 2, "staging": 2}
+    assert reg.get_by_alias("two_tower", "champion").version == 2
+    history = reg.alias_history("two_tower", "champion")
+    assert [(h["previous"], h["version"], h["actor"], h["reason"]) for h in history] == [
+        (None, 1, "", "first model"), (1, 2, "", "better")]
+    with pytest.raises(ConflictError, match="moved to v2 by an older release"):
+        reg.set_alias("two_tower", "champion", 3, expected=1)
+    assert reg.promote("two_tower", 3, actor="alice")["previous"] == 2
+    assert reg.rollback("two_tower")["version"] == 2  # the line runs through the old moves
+    assert reg.rollback("two_tower")["version"] == 1
+    assert legacy.count_rows() == 3
+    assert ModelRegistry(layout).aliases("two_tower") == {"champion": 1, "staging": 2}
+
+
+def test_two_first_training_jobs_do_not_both_become_champion(layout, artifact):
+    """apply_aliases makes a passing version champion when there is none yet: two jobs that both
+    read "no champion" before either writes get one champion; the other job stays challenger."""
+    from aiplatform.jobs.train import apply_aliases
+
+    _registry_with(layout, artifact, 2)
+    both_read = threading.Barrier(2)
+
+    class ReadThenWait(ModelRegistry):
+        def aliases(self, name):
+            current = super().aliases(name)
+            both_read.wait(timeout=60)
+            return current
+
+    results: dict[int, list[str]] = {}
+    threads = [threading.Thread(target=lambda v=v: results.__setitem__(
+        v, apply_aliases(ReadThenWait(layout), "two_tower", v, gates_passed=True))) for v in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(map(len, results.values())) == [1, 2], results  # both challenger, one champion too
+    champion = next(v for v, got in results.items() if "champion" in got)
+    assert ModelRegistry(layout).aliases("two_tower")["champion"] == champion
