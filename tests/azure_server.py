@@ -11,17 +11,15 @@ a fresh ``abfs://container@account.dfs.core.windows.net/prefix`` storage root.
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.servers import answers_http, free_port, serve_process, use_environment
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_DIR = REPO / ".cache" / "azurite"
@@ -33,12 +31,6 @@ KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr
 AZURE_VARIABLES = ("AZURE_STORAGE_USE_EMULATOR", "AZURITE_BLOB_STORAGE_URL", "AZURE_STORAGE_ENDPOINT",
                    "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
                    "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_azurite() -> str | None:
@@ -73,36 +65,13 @@ def install_azurite() -> str:
 @contextmanager
 def azurite(workdir: Path, binary: str, timeout_s: float = 30.0) -> Iterator[str]:
     """Run Azurite's blob service on 127.0.0.1 and yield its URL (without the account)."""
-    port = _free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "azurite.log", "wb")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     cmd = [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir / "data"),
            "--skipApiVersionCheck", "--loose", "--disableTelemetry"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"azurite-blob exited with {proc.returncode}; see {workdir / 'azurite.log'}")
-            try:
-                httpx.get(url, timeout=1)  # any HTTP answer (400 for this bare URL) means it listens
-                break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"azurite-blob did not answer within {timeout_s}s; see {workdir / 'azurite.log'}")
-            time.sleep(0.1)
+    # any HTTP answer (400 for this bare URL) means it listens
+    with serve_process(cmd, workdir, lambda: answers_http(url), "azurite-blob", timeout_s, log_name="azurite.log"):
         yield url
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
 
 
 def azure_environment(url: str) -> dict[str, str]:
@@ -134,12 +103,7 @@ def azure_server(tmp_path_factory) -> Iterator[str]:
 def azure_env(azure_server, monkeypatch) -> dict[str, str]:
     """The Azure variables of the session's Azurite, set for this test (and what it starts);
     other Azure variables are removed so nothing reaches for a real account."""
-    for name in AZURE_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    env = azure_environment(azure_server)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
+    return use_environment(monkeypatch, azure_environment(azure_server), clear=AZURE_VARIABLES)
 
 
 @pytest.fixture()

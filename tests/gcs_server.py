@@ -9,65 +9,32 @@ Not covered by this emulator: the XML API that Lance's object_store client uses 
 tests/unit/test_storage_clouds.py), so Lance tables are proven on S3 and Azure, not on GCS.
 """
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.servers import answers_http, free_port, serve_process, use_environment
 
 BUCKET = "aiplatform-test"
 GCS_VARIABLES = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_SERVICE_ACCOUNT",
                  "GOOGLE_SERVICE_ACCOUNT_KEY", "GOOGLE_SERVICE_ACCOUNT_PATH")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def gcs_emulator(workdir: Path, timeout_s: float = 30.0) -> Iterator[str]:
     """Run gcp-storage-emulator (in memory) on 127.0.0.1 with ``BUCKET`` created; yield its URL."""
-    port = _free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "gcs-emulator.log", "wb")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
            "--in-memory", "--default-bucket", BUCKET]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gcp-storage-emulator exited with {proc.returncode}; "
-                                   f"see {workdir / 'gcs-emulator.log'} (pip install gcp-storage-emulator)")
-            try:
-                if httpx.get(f"{url}/storage/v1/b/{BUCKET}", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gcp-storage-emulator did not answer within {timeout_s}s")
-            time.sleep(0.1)
+    with serve_process(cmd, workdir, lambda: answers_http(f"{url}/storage/v1/b/{BUCKET}", status=200),
+                       "gcp-storage-emulator", timeout_s, log_name="gcs-emulator.log",
+                       hint="pip install gcp-storage-emulator"):
         yield url
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
 
 
 def gcs_environment(url: str) -> dict[str, str]:
@@ -86,12 +53,7 @@ def gcs_server(tmp_path_factory) -> Iterator[str]:
 def gcs_env(gcs_server, monkeypatch) -> dict[str, str]:
     """``STORAGE_EMULATOR_HOST`` of the session's emulator, set for this test; other Google
     credential variables are removed so nothing reaches for a real account."""
-    for name in GCS_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    env = gcs_environment(gcs_server)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
+    return use_environment(monkeypatch, gcs_environment(gcs_server), clear=GCS_VARIABLES)
 
 
 @pytest.fixture()

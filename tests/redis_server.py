@@ -3,15 +3,15 @@ persistence off, stopped by its own pid. ``redis_url`` is registered in tests/co
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tests.servers import free_port, serve_process
+
+_free_port = free_port  # the name other tests import
 
 INSTALL_HINT = ("redis-server is not installed: `sudo apt-get install -y redis-server` (Debian/Ubuntu), "
                 "`brew install redis` (macOS), or set REDIS_SERVER to its path")
@@ -25,12 +25,6 @@ def find_redis_server() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def redis_server(workdir: str | Path, timeout_s: float = 15.0) -> Iterator[str]:
     """Run ``redis-server`` on 127.0.0.1 and yield its ``redis://`` URL; stop it at exit."""
@@ -40,36 +34,20 @@ def redis_server(workdir: str | Path, timeout_s: float = 15.0) -> Iterator[str]:
     import redis
 
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    log = open(workdir / "redis.log", "wb")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}; see {workdir / 'redis.log'}")
-            try:
-                if redis.Redis.from_url(url, socket_timeout=1).ping():
-                    break
-            except redis.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not answer PING within {timeout_s}s")
-            time.sleep(0.05)
+
+    def pings() -> bool:
+        try:
+            with redis.Redis.from_url(url, socket_timeout=1) as client:
+                return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir)]
+    with serve_process(argv, workdir, pings, "redis-server", timeout_s, log_name="redis.log", poll_s=0.05):
         yield url
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -6,28 +6,18 @@ for one test; ``s3_root`` gives that test a fresh ``s3://bucket/prefix`` storage
 Instance-metadata lookups are switched off, so no client ever leaves loopback for credentials.
 """
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.servers import answers_http, free_port, serve_process, use_environment
 
 BUCKET = "aiplatform-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:
@@ -41,35 +31,11 @@ def moto_server(workdir: Path, timeout_s: float = 30.0) -> Iterator[str]:
     """Run moto's S3 server on 127.0.0.1 and yield its endpoint URL; stop it at exit."""
     binary = Path(sys.executable).parent / "moto_server"
     cmd = [str(binary)] if binary.exists() else [sys.executable, "-m", "moto.server"]
-    port = _free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "moto.log", "wb")
-    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=workdir, start_new_session=True)
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {proc.returncode}; see {workdir / 'moto.log'}")
-            try:
-                httpx.get(endpoint, timeout=1)
-                break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not answer within {timeout_s}s")
-            time.sleep(0.1)
+    with serve_process([*cmd, "-H", "127.0.0.1", "-p", str(port)], workdir, lambda: answers_http(endpoint),
+                       "moto_server", timeout_s, log_name="moto.log"):
         yield endpoint
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
 
 
 def create_bucket(endpoint: str, bucket: str = BUCKET) -> None:
@@ -95,10 +61,7 @@ def s3_server(tmp_path_factory) -> Iterator[str]:
 @pytest.fixture()
 def s3_env(s3_server, monkeypatch) -> dict[str, str]:
     """The AWS variables of the session's server, set for this test (and the processes it starts)."""
-    env = s3_environment(s3_server)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
+    return use_environment(monkeypatch, s3_environment(s3_server))
 
 
 @pytest.fixture()
