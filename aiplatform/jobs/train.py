@@ -112,10 +112,6 @@ class TrainingReport:
         two standard errors of the per-user paired difference?"""
         return dict(self.metrics.get("beats_baselines", {}))
 
-    def beats_baseline(self) -> bool:
-        """Ahead of the popularity baseline (the check older callers use)."""
-        return bool(self.beats_baselines().get("popularity", False))
-
 
 def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tower",
                  always_promote: bool = False, promote: bool = False,
