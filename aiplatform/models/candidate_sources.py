@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from aiplatform.models.category_model import CategoryModel
+from aiplatform.models.category_model import lgb_predict as predict
 from aiplatform.models.category_model import session_weights as _session_weights
 from aiplatform.models.user_history import TYPE_WEIGHTS
 
@@ -291,12 +292,6 @@ def feature_columns(frame: pd.DataFrame, config: CandidateConfig) -> list[str]:
     cols = [c for c in frame.columns if c not in ("row", "item")]
     return [c for c in cols if c in config.features] if config.features is not None else cols
 
-
-
-def predict(booster, x: np.ndarray) -> np.ndarray:
-    """LightGBM's prediction, on one thread for the small matrices of a request (its thread pool
-    costs more than it saves there), on all for the large ones of an evaluation."""
-    return booster.predict(x, num_threads=1) if len(x) < 20_000 else booster.predict(x)
 
 
 __all__ = ["HALF_LIVES", "INTERNAL_SOURCES", "POP_WINDOWS", "CandidateConfig", "Cands", "ItemTables",

@@ -73,6 +73,16 @@ def pair_features(row: np.ndarray, cat: np.ndarray, ages: np.ndarray, n_users: i
     return p_row, p_cat, np.stack([cols[c] for c in names], axis=1) if len(uk) else np.zeros((0, len(names))), names
 
 
+
+SMALL_PREDICT_ROWS = 20_000
+"""Below this many rows LightGBM predicts on one thread: a request's matrix is small and its
+thread pool costs more than it saves; an evaluation's large matrices use every thread."""
+
+
+def lgb_predict(booster, x: np.ndarray) -> np.ndarray:
+    """``booster.predict`` with the thread rule above (shared by every LightGBM model served)."""
+    return booster.predict(x, num_threads=1) if len(x) < SMALL_PREDICT_ROWS else booster.predict(x)
+
 @dataclass
 class CategoryModel:
     """A fitted next-horizon category distribution (LightGBM booster + the unseen mass)."""
@@ -143,7 +153,7 @@ class CategoryModel:
         if len(row):
             p_row, p_cat, x, _ = pair_features(row, cat, ages, n_users)
             x = np.asarray(x)
-            pred = self.booster.predict(x, num_threads=1) if len(x) < 20_000 else self.booster.predict(x)
+            pred = lgb_predict(self.booster, x)
             out[p_row, p_cat] = np.clip(pred, 1e-6, None)
         seen = out > 0
         n_seen = seen.sum(axis=1, keepdims=True)
