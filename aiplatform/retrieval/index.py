@@ -49,7 +49,7 @@ ANN_MIN_ROWS = EXACT_MAX_ROWS + 1
 """From this many rows up the serving index is an HNSW graph; below, search is exact."""
 MODES = ("overwrite", "upsert")
 
-__all__ = ["ANN_MIN_ROWS", "HnswParams", "ItemIndex", "LowRecallError", "build_item_index",
+__all__ = ["ANN_MIN_ROWS", "HnswParams", "ItemIndex", "LowRecallError", "build_item_index", "require_table",
            "vector_table_name", "write_item_vectors"]
 
 
@@ -83,6 +83,17 @@ def _table_names(db: Any, vectors_dir: str) -> list[str]:
     if not (storage.is_uri(vectors_dir) or storage.is_dir(vectors_dir)):
         return []
     return list(db.list_tables().tables)
+
+
+def require_table(vectors_dir: str, table_name: str) -> None:
+    """Raise ``NotFoundError`` naming the tables that exist unless ``table_name`` is one: the
+    check before a version is served, without loading its index."""
+    tables = _table_names(_connect(vectors_dir), vectors_dir)
+    if table_name not in tables:
+        raise NotFoundError(
+            f"vector table {table_name!r} not found in {vectors_dir} (tables: {', '.join(tables) or 'none'}); "
+            "build it with build_item_index() (or `aiplatform models promote`, which builds it first)"
+        )
 
 
 def _check_mode(mode: str) -> None:
@@ -287,14 +298,8 @@ class ItemIndex:
         exact_max_rows: int = EXACT_MAX_ROWS,
     ) -> None:
         self.vectors_dir, self.table_name = vectors_dir, table_name
+        require_table(vectors_dir, table_name)
         db = _connect(vectors_dir)
-        tables = _table_names(db, vectors_dir)
-        if table_name not in tables:
-            have = ", ".join(tables) or "none"
-            raise NotFoundError(
-                f"vector table {table_name!r} not found in {vectors_dir} (tables: {have}); "
-                "build it with build_item_index()"
-            )
         self._table = db.open_table(table_name)
         self.dim = int(self._table.schema.field(VECTOR_COLUMN).type.list_size)
         self._lock = threading.RLock()

@@ -22,6 +22,7 @@ the request-body annotations as strings and treat the body as query parameters (
 would get a 422).
 """
 
+import asyncio
 import logging
 import uuid
 from datetime import timezone
@@ -31,21 +32,17 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from aiplatform.core.errors import NotFoundError, UserInputError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.features.server import online_store_uri
-from aiplatform.models.candidates import candidates_dir_of, load_candidate_config
 from aiplatform.registry import ModelRegistry
-from aiplatform.retrieval.index import ItemIndex, vector_table_name
 from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
-from aiplatform.serving.pipeline import (
-    RecommendPipeline,
-    check_events_features,
-    check_served_inputs,
-    served_service,
-)
+from aiplatform.serving.pipeline import RecommendPipeline
+from aiplatform.serving.resilience import ResilienceConfig
+from aiplatform.serving.versions import Served, ServedVersion, VersionSwitcher, resolve_version
 from aiplatform.serving.schemas import (
     MAX_K,
     ErrorResponse,
@@ -65,6 +62,13 @@ BATCH_SIZE = 32
 """Most requests per pipeline run: the benchmark's 32 in flight fit one batch."""
 BATCH_WAIT_S = 0.0
 """No wait: a batch is what arrived while the last one ran, so a lone request is not held back."""
+MAX_QUEUED_REQUESTS = 256
+"""Requests waiting for a replica beyond this are refused with 503: two seconds of a replica's
+throughput at most, so a queued request still has a chance within the HTTP deadline."""
+RETRY_AFTER_S = 1.0
+"""The ``Retry-After`` of a refused request."""
+REQUEST_TIMEOUT_S = 10.0
+"""The HTTP deadline of every request (Serve's proxy answers 408 after it)."""
 
 api = FastAPI(
     title="aiplatform recommendations",
@@ -113,6 +117,9 @@ async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
 @serve.deployment(
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
     max_ongoing_requests=128,
+    # overload is refused at once (503 + Retry-After) rather than queued into unbounded latency
+    max_queued_requests=MAX_QUEUED_REQUESTS,
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
     ray_actor_options={"num_cpus": 0.25},
 )
 @serve.ingress(api)
@@ -132,23 +139,50 @@ class RecommendationAPI:
         online_store: str,
         features_module: str,
         service_name: str,
-        artifact_dir: str,
-        vectors_dir: str,
-        table_name: str,
-        model_name: str,
-        model_version: int,
-        variant: str = "champion",
+        first: ServedVersion,
+        alias: str = "champion",
+        follow_alias: bool = True,
+        alias_poll_s: float = 2.0,
+        variant: str | None = None,
+        resilience: ResilienceConfig | None = None,
     ) -> None:
-        self.pipeline = RecommendPipeline(home, online_store, features_module, service_name, artifact_dir,
-                                          vectors_dir, table_name)
-        self.model = ModelRef(name=model_name, version=int(model_version))
-        self.variant = variant
+        self.versions = VersionSwitcher(home, online_store, features_module, service_name, first.name, first,
+                                        variant or alias, resilience)
+        if follow_alias:
+            self.versions.follow(alias, alias_poll_s)
+        self.alias = alias
+
+    async def reconfigure(self, config: dict) -> None:
+        """Serve's in-place update of ``user_config``: ``{"version": N}`` pins version N (the
+        variant is ``vN``), ``{"alias": "champion"}`` follows an alias again. The new version is
+        loaded in a worker thread while the current one keeps answering (``serving.versions``)."""
+        config = dict(config or {})
+        unknown = set(config) - {"version", "alias", "alias_poll_s"}
+        if unknown:
+            raise ValueError(f"user_config: unknown keys {sorted(unknown)}; use version, alias, alias_poll_s")
+        if config.get("version") is not None:
+            self.versions.unfollow()
+            version = int(config["version"])
+            await asyncio.to_thread(self.versions.switch, version=version, variant=f"v{version}")
+        elif config.get("alias"):
+            alias = str(config["alias"])
+            await asyncio.to_thread(self.versions.switch, alias=alias, variant=alias)
+            self.versions.follow(alias, float(config.get("alias_poll_s", 2.0)))
+            self.alias = alias
+
+    @property
+    def pipeline(self) -> RecommendPipeline:
+        """The served version's pipeline, as of now."""
+        return self.versions.current.pipeline
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _recommend(self, requests: list[tuple[str, int]]) -> list[dict]:
+    async def _recommend(self, requests: list[tuple[str, int]]) -> list[tuple[dict, Served]]:
         """The pipeline once for the requests that arrived together (run on the replica's loop:
-        CPU-bound, a thread would only add GIL hand-offs, which measured slower)."""
-        return self.pipeline.recommend(requests)
+        CPU-bound, a thread would only add GIL hand-offs, which measured slower). The served
+        version is read once, so the whole batch is answered by one version, which each answer
+        carries."""
+        served = self.versions.current
+        return [(answer, served) for answer in served.pipeline.recommend(requests)]
 
     def n_dense(self) -> int:
         """The width of the dense input the served tower reads (its input spec's)."""
@@ -164,14 +198,21 @@ class RecommendationAPI:
         features (new or unknown) gets the popular items, marked ``fallback: "popular"``.
         When the served version has a candidate ranker, the two-tower's nearest items join the
         other sources' candidates, the ranker orders them and ``ranked`` is true; otherwise the
-        nearest items are returned in retrieval order."""
+        nearest items are returned in retrieval order. When a part of the pipeline fails (the
+        online store is down, say), the answer is the user's last good one or the popular items,
+        marked ``fallback: "degraded"``: never a 5xx."""
         request_id = uuid.uuid4().hex
-        answer = await self._recommend((body.user_id, body.k))
+        try:
+            answer, served = await self._recommend((body.user_id, body.k))
+        except Exception:  # the pipeline degrades per component; this is the last line of defence
+            log.exception("recommendation pipeline failed; answering degraded")
+            served = self.versions.current
+            answer = served.pipeline.degraded_answer(body.user_id, body.k)
         return RecommendationResponse(
             user_id=body.user_id,
             items=[ScoredItem(item_id=i, score=s) for i, s in answer["items"]],
-            model=self.model,
-            variant=self.variant,
+            model=ModelRef(name=served.version.name, version=served.version.version),
+            variant=served.variant,
             request_id=request_id,
             fallback=answer["fallback"],
             ranked=answer["ranked"],
@@ -188,16 +229,18 @@ class RecommendationAPI:
         k: int = Query(10, ge=1, le=MAX_K, description=f"How many items (1..{MAX_K})."),
     ) -> SimilarItemsResponse:
         """Items whose vectors are nearest to this item's (never the item itself)."""
-        scored = self.pipeline.similar(item_id, k)
+        served = self.versions.current
+        scored = served.pipeline.similar(item_id, k)
+        model = ModelRef(name=served.version.name, version=served.version.version)
         if scored is None:
             raise NotFoundError(
-                f"item {item_id!r} is not in the index of model {self.model.name} "
-                f"v{self.model.version}; it may be new since the index was built"
+                f"item {item_id!r} is not in the index of model {model.name} "
+                f"v{model.version}; it may be new since the index was built"
             )
         return SimilarItemsResponse(
             item_id=item_id,
             items=[ScoredItem(item_id=i, score=s) for i, s in scored],
-            model=self.model,
+            model=model,
             request_id=uuid.uuid4().hex,
         )
 
@@ -210,7 +253,9 @@ class RecommendationAPI:
     async def events(self, body: EventsRequest) -> EventsAccepted:
         """Record real-time events: they are appended to the event log (which the batch
         pipeline reads too) and the touched users' online features are recomputed at once,
-        so the next recommendation sees them."""
+        so the next recommendation sees them. While the online store is down: 503 with
+        ``recorded`` saying whether the events reached the event log (false: send them again after
+        ``Retry-After`` seconds; true: do not, their features catch up at the next feature job)."""
         events = [e.model_dump() for e in body.events]
         for e in events:
             if e["timestamp"].tzinfo is None:
@@ -219,13 +264,42 @@ class RecommendationAPI:
         if "error" in result:  # checked by the data contract after the schema: still the client's fault
             return JSONResponse(status_code=422, content={"message": f"events: {result['error']}",
                                                           "detail": result["error"]})
+        if "unavailable" in result:
+            return JSONResponse(status_code=503, headers={"Retry-After": str(result["retry_after_s"])},
+                                content={"message": f"events: {result['unavailable']}",
+                                         "recorded": result["recorded"], "detail": result["unavailable"]})
         return EventsAccepted(accepted=result["accepted"], entities_updated=result["entities_updated"],
                               request_id=uuid.uuid4().hex)
 
     @api.get("/healthz", response_model=Health)
-    async def healthz(self) -> Health:
-        """The served model and the size of its item index."""
-        return Health(model=self.model, items=self.pipeline.count())
+    async def healthz(
+        self,
+        detail: bool = Query(False, description="Add `serving`: cache hit rates, degraded answers per "
+                                                "component, circuit breakers."),
+    ) -> Health:
+        """The served model, the size of its item index, the alias it follows and, when the last
+        switch to another version failed, why (the replica keeps serving the version named).
+        ``status`` is "degraded" while a component's circuit breaker is not closed (answers
+        come from caches and the popular items; a restart would not help, so this is still a
+        200); ``?detail=true`` adds this replica's counters."""
+        served = self.versions.current
+        serving = served.pipeline.serving_status()
+        health = Health(status="ok" if serving["healthy"] else "degraded",
+                        model=ModelRef(name=served.version.name, version=served.version.version),
+                        items=served.pipeline.count(), variant=served.variant, **self.versions.status(),
+                        serving=serving)
+        if detail:
+            return health
+        return JSONResponse(content=jsonable_encoder(health, exclude={"serving"}))
+
+    def check_health(self) -> None:
+        """Serve's replica health check: raise only when this replica cannot answer at all (no
+        pipeline loaded), which a restart fixes. A down online store is not that: answers
+        degrade instead (``/healthz`` says so), and restarting replicas would not bring Redis
+        back, only drop their caches and popular-items snapshots."""
+        served = getattr(getattr(self, "versions", None), "current", None)
+        if served is None or getattr(served, "pipeline", None) is None:
+            raise RuntimeError("no model version is loaded in this replica")
 
 
 def build_app(
@@ -234,8 +308,13 @@ def build_app(
     alias: str = "champion",
     settings: Settings | None = None,
     version: int | None = None,
+    follow_alias: bool = True,
+    alias_poll_s: float = 2.0,
+    options: dict | None = None,
 ) -> serve.Application:
-    """The Serve application for the version ``alias`` points at (or ``version``).
+    """The Serve application for the version ``alias`` points at (or ``version``), following
+    the alias afterwards unless ``follow_alias`` is false or a version is pinned. ``options``
+    are Serve deployment options over the declared ones (``user_config``, ``max_queued_requests``, …).
 
     Resolved here, where the application is built, and checked before anything is deployed:
     a missing alias, artifact or vector table is a clear ``NotFoundError``, and a model trained
@@ -246,28 +325,16 @@ def build_app(
     """
     layout = home if isinstance(home, Layout) else Layout.at(home)
     settings = settings or Settings.load()
-    registry = ModelRegistry(layout)
-    mv = registry.get(model_name, version) if version else registry.get_by_alias(model_name, alias)
-    # the model's inputs must be the served feature service's (a clear error now, not zeros later)
-    check_served_inputs(mv.artifact_uri, settings.features_module, settings.feature_service)
-    table = vector_table_name(mv.name, mv.version)
-    ItemIndex(layout.vectors, table)  # raises NotFoundError naming the tables that exist
-    candidates = candidates_dir_of(mv.artifact_uri)
-    config = load_candidate_config(candidates) if candidates is not None else None
-    if config is not None:  # the ranker's recent events must be served (a clear error now, not empty histories)
-        check_events_features(config, served_service(settings.features_module, settings.feature_service),
-                              where=f"serving {candidates} with {settings.features_module}")
-        log.info("serving %s v%d (%s) from %s: candidate pipeline (two-tower top %d + %s, LightGBM ranker)",
-                 mv.name, mv.version, alias, mv.artifact_uri, config.per_source, ", ".join(config.sources))
-    else:
-        log.info("serving %s v%d (%s) from %s: two-tower retrieval order (the version has no %s/)",
-                 mv.name, mv.version, alias, mv.artifact_uri, "candidates")
-    return RecommendationAPI.bind(
-        layout.root, online_store_uri(settings, layout), settings.features_module,
-        settings.feature_service, mv.artifact_uri, layout.vectors, table,
-        model_name=mv.name,
-        model_version=mv.version,
-        variant=alias if not version else f"v{mv.version}",
+    first = resolve_version(ModelRegistry(layout), layout, settings.features_module, settings.feature_service,
+                            model_name, alias, version)
+    log.info("serving %s v%d (%s) from %s", first.name, first.version,
+             "pinned" if version else f"alias {alias}" + (", followed" if follow_alias else ""), first.artifact_dir)
+    deployment = RecommendationAPI.options(**options) if options else RecommendationAPI
+    return deployment.bind(
+        layout.root, online_store_uri(settings, layout), settings.features_module, settings.feature_service,
+        first, alias=alias, follow_alias=bool(follow_alias and not version), alias_poll_s=alias_poll_s,
+        variant=f"v{first.version}" if version else alias,
+        resilience=ResilienceConfig.from_env(),  # read here, where the app is built, like every setting
     )
 
 
@@ -279,7 +346,8 @@ def app(args: AppArgs) -> serve.Application:
     a bad root fails the deploy with a message that names it."""
     settings = args.settings()
     layout = Layout.open(settings.home)
-    return build_app(layout, args.model_name, args.alias, settings=settings, version=args.version)
+    return build_app(layout, args.model_name, args.alias, settings=settings, version=args.version,
+                     follow_alias=args.follow_alias, alias_poll_s=args.alias_poll_s)
 
 
 def start(
@@ -294,7 +362,7 @@ def start(
     HTTP options are fixed when Serve first starts on a Ray cluster: on a cluster whose Serve
     already listens elsewhere, the application joins that proxy (Serve warns).
     """
-    serve.start(http_options={"host": host, "port": int(port)})
+    serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(application, name=name, route_prefix=route_prefix)
     host, port = _proxy_address(host, int(port))
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"

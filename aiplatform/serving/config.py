@@ -33,6 +33,9 @@ class AppArgs(BaseModel):
     model_name: str = Field("two_tower", description="Registered model to serve")
     alias: str = Field("champion", description="Alias whose version is served")
     version: int | None = Field(None, ge=1, description="Serve this version instead of the alias")
+    follow_alias: bool = Field(True, description="Switch in place when the alias moves (aiplatform models "
+                                                 "promote / rollback); ignored when a version is pinned")
+    alias_poll_s: float = Field(2.0, gt=0, le=3600, description="How often each replica reads the alias")
     online_store: str | None = Field(None, description="'sqlite' (under a local root), sqlite:///path or "
                                                        "redis://host:port/db; default $AIPLATFORM_ONLINE_STORE")
     features_module: str | None = Field(None, description="Module declaring the feature definitions; "
@@ -47,8 +50,13 @@ class AppArgs(BaseModel):
                              model_name=self.model_name)
 
     def as_config_args(self) -> dict[str, Any]:
-        """The arguments as a config's ``args:`` (unset ones left to the environment)."""
-        return self.model_dump(exclude_none=True)
+        """The arguments as a config's ``args:`` (unset ones left to the environment; the
+        rollout knobs only when they differ from their defaults)."""
+        args = self.model_dump(exclude_none=True)
+        for knob in ("follow_alias", "alias_poll_s"):
+            if args.get(knob) == type(self).model_fields[knob].default:
+                args.pop(knob)
+        return args
 
 
 def deployment_options() -> list[dict[str, Any]]:
@@ -62,7 +70,7 @@ def deployment_options() -> list[dict[str, Any]]:
     for deployment in (RecommendationAPI,):
         schema = deployment_to_schema(deployment).model_dump(exclude_unset=True)
         keep = ("name", "max_ongoing_requests", "autoscaling_config", "ray_actor_options",
-                "max_queued_requests", "graceful_shutdown_timeout_s", "health_check_period_s",
+                "max_queued_requests", "backpressure_config", "graceful_shutdown_timeout_s", "health_check_period_s",
                 "health_check_timeout_s", "num_replicas")
         out.append({k: schema[k] for k in keep if k in schema and schema[k] is not None})
     return out
@@ -75,9 +83,11 @@ def serve_config(args: AppArgs, *, name: str = DEFAULT_APP_NAME, route_prefix: s
     RayService's ``serveConfigV2``."""
     from ray.serve.schema import ServeDeploySchema
 
+    from aiplatform.serving.app import REQUEST_TIMEOUT_S
+
     config = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": host, "port": int(port)},
+        "http_options": {"host": host, "port": int(port), "request_timeout_s": REQUEST_TIMEOUT_S},
         "applications": [{
             "name": name,
             "route_prefix": route_prefix,

@@ -16,20 +16,52 @@ uvicorn process, the peer the Serve app is measured against.
 The checks below (``check_served_inputs``, ``check_events_features``) run where the application
 is built and again when the object is made: a model served against another feature service
 fails with a message naming both, instead of reading zeros.
+
+Failures degrade answers, never into errors (``serving.resilience``): each component (the online
+store, the user tower, the index search, the ranker) is called through a circuit breaker, and a
+request whose component failed, or whose breaker is open, is answered with the user's last good
+answer (its first ``k`` items) or, without one, the popular items of this replica's snapshot
+(refreshed whenever the store answers), marked ``fallback: "degraded"`` and counted per
+component for ``/healthz``. A stopped Redis thus costs a few failed reads, then answers come from
+memory at once; one trial read every ``reset_after_s`` brings the store back when it returns.
+
+Per replica, user feature rows and answers are cached for a short TTL (2 s by default,
+``ResilienceConfig``): ``push`` drops the touched users' entries in this replica at once, other
+replicas see a user's new events after at most the TTL.
 """
 
-from typing import TYPE_CHECKING, Any
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+
+from aiplatform.serving.resilience import MISS, BreakerOpen, CountingTTLCache, ResilienceConfig, bound_redis_client
 
 if TYPE_CHECKING:
     from aiplatform.features.definitions import FeatureService
     from aiplatform.models.candidates import CandidateConfig, CandidateRanker
     from aiplatform.models.inputs import UserInputSpec
 
+log = logging.getLogger(__name__)
+
 POPULAR_FALLBACK = "popular"
+DEGRADED_FALLBACK = "degraded"
+COMPONENTS = ("online_store", "tower", "retriever", "ranker")
+"""What a request can be degraded by (each has its own breaker)."""
+POPULAR_SNAPSHOT = 100
+"""Popular items read at once and kept for when the store is down (the largest ``k`` a request may ask)."""
 Scored = list[tuple[str, float]]
+
+
+class Answer(NamedTuple):
+    """A computed answer kept for reuse: ``items`` were the top ``k``."""
+
+    k: int
+    items: Scored
+    fallback: str | None
+    ranked: bool
 
 
 def served_service(features_module: str, service_name: str) -> "FeatureService":
@@ -131,12 +163,19 @@ class RecommendPipeline:
     candidate ranker.
 
     ``recommend`` takes a batch of ``(user_id, k)`` and returns, per request, ``{'items':
-    [(item_id, score)], 'fallback': None | 'popular', 'ranked': bool}``: a user with features
-    gets the ranker's top ``k`` of the merged candidates (or, without a ranker, the index's
-    nearest items in retrieval order); a user without features gets the popular items."""
+    [(item_id, score)], 'fallback': None | 'popular' | 'degraded', 'ranked': bool}``: a user
+    with features gets the ranker's top ``k`` of the merged candidates (or, without a ranker,
+    the index's nearest items in retrieval order); a user without features gets the popular
+    items; a request whose component failed gets a degraded answer (module docstring).
+
+    ``config`` (default: ``ResilienceConfig()``; the driver may pass ``ResilienceConfig.from_env()``)
+    sets the caches and breakers; ``timer`` is their clock (tests pass a fake one)."""
 
     def __init__(self, home: str, online_store: str, features_module: str, service_name: str,
-                 artifact_dir: str, vectors_dir: str, table_name: str) -> None:
+                 artifact_dir: str, vectors_dir: str, table_name: str,
+                 config: ResilienceConfig | None = None, timer: Callable[[], float] | None = None) -> None:
+        import time
+
         import torch
 
         from aiplatform.core.storage import Layout
@@ -160,13 +199,29 @@ class RecommendPipeline:
             self.events_features = [n for n in names if n in self.service.stored_dtypes]
         else:
             self.catalogue, self.n_candidates, self.events_features = None, 0, []
+        self.config = config or ResilienceConfig()
+        timer = timer or time.monotonic
         self.store = open_online_store(online_store)
+        bound_redis_client(self.store, self.config.store_timeout_s, self.config.store_retries)
         self.server = FeatureServer(self.store, self.service)
         torch.set_num_threads(1)  # request-sized batches: threads cost more than they give
         self._torch = torch
         self.model, self.vocab = load_artifact(artifact_dir)
         self.model.eval()
         self.index = ItemIndex(vectors_dir, table_name)
+
+        cfg = self.config
+        self.breakers = {name: cfg.breaker(name, timer) for name in COMPONENTS}
+        self.feature_cache = CountingTTLCache(cfg.cache_size, cfg.feature_ttl_s, timer)
+        self.answer_cache = CountingTTLCache(cfg.cache_size, cfg.answer_ttl_s, timer)
+        self.last_good = CountingTTLCache(cfg.cache_size, cfg.last_good_ttl_s, timer)
+        self.degraded = dict.fromkeys((*COMPONENTS, "pipeline"), 0)
+        self.degraded_sources = {"last_good": 0, "popular": 0}
+        self.events_refused = self.events_not_applied = 0
+        self._popular_snapshot: Scored = []
+        if self._popular_items(POPULAR_SNAPSHOT) is None:  # a replica starts with the store down:
+            log.warning("online store unreachable at start: degraded answers have no popular items "
+                        "until it answers")  # it serves, and fills the snapshot when the store returns
 
     @property
     def ranked(self) -> bool:
@@ -180,8 +235,39 @@ class RecommendPipeline:
     def features(self, user_ids: list[str]) -> list[dict[str, Any] | None]:
         """Per user, the model inputs ``{'history', 'exclude', 'dense'}`` (raw values in the
         spec's order) plus ``'events'`` (the ranker's recent-event lists) when served; None for a
-        user without a feature row. One online-store read for the whole batch."""
-        feats = self.server.get(list(user_ids))
+        user without a feature row. At most one online-store read for the whole batch (users
+        read within ``feature_ttl_s`` come from the cache); raises what the store raised, or
+        ``BreakerOpen``."""
+        rows, error = self._user_rows(list(user_ids))
+        if error is not None:
+            raise error
+        return [rows[u] for u in user_ids]
+
+    def _user_rows(self, user_ids: list[str]) -> "tuple[dict[str, dict[str, Any] | None], Exception | None]":
+        """The rows of the users the cache holds or the store gave; the store's error, if its
+        read failed (those users are then absent)."""
+        rows: dict[str, dict[str, Any] | None] = {}
+        todo = []
+        for user in dict.fromkeys(user_ids):
+            row = self.feature_cache.get(user)
+            if row is MISS:
+                todo.append(user)
+            else:
+                rows[user] = row
+        if not todo:
+            return rows, None
+        try:
+            read = self.breakers["online_store"].call(self._read_features, todo)
+        except Exception as exc:
+            self._log_failure("online_store", exc)
+            return rows, exc
+        for user, row in zip(todo, read, strict=True):
+            self.feature_cache.put(user, row)
+            rows[user] = row
+        return rows, None
+
+    def _read_features(self, user_ids: list[str]) -> list[dict[str, Any] | None]:
+        feats = self.server.get(user_ids)
         spec = self.inputs
         out: list[dict[str, Any] | None] = []
         for i in range(len(user_ids)):
@@ -206,39 +292,146 @@ class RecommendPipeline:
             return self.model.user_embedding(hist, dense).cpu().numpy().astype(np.float32)
 
     def recommend(self, requests: list[tuple[str, int]]) -> list[dict[str, Any]]:
-        """The answers to a batch of ``(user_id, k)`` requests, in order (see the class)."""
-        users = self.features([u for u, _ in requests])
+        """The answers to a batch of ``(user_id, k)`` requests, in order (see the class). Never
+        raises for a failing store, tower, index or ranker: those requests are degraded."""
         answers: list[dict[str, Any] | None] = [None] * len(requests)
-        known = [i for i, f in enumerate(users) if f is not None]
-        for i, f in enumerate(users):
-            if f is None:
-                answers[i] = {"items": self.popular(int(requests[i][1])), "fallback": POPULAR_FALLBACK,
-                              "ranked": False}
-        if known:
-            vectors = self.embed([users[i] for i in known])
-            if self.ranker is None:
-                for i, vec in zip(known, vectors, strict=True):
-                    items = self.index.search(vec, int(requests[i][1]), exclude=frozenset(users[i]["exclude"]))
-                    answers[i] = {"items": items, "fallback": None, "ranked": False}
+        pending = []
+        for i, (user, k) in enumerate(requests):
+            hit = self.answer_cache.get(user)
+            if hit is not MISS and self._reusable(hit, int(k)):
+                answers[i] = {"items": hit.items[:int(k)], "fallback": hit.fallback, "ranked": hit.ranked}
             else:
-                # the two-tower source as the ranker was trained with it (training.recommender.
-                # TwoTowerSource): the nearest items the user has not bought, their ranks features
-                batch = []
-                for i, vec in zip(known, vectors, strict=True):
-                    k = int(requests[i][1])
-                    feats = users[i]
-                    candidates = self.index.search(vec, max(self.n_candidates, k), exclude=frozenset(feats["exclude"]))
-                    batch.append({"user_id": requests[i][0], "events": feats.get("events") or {},
-                                  "exclude": feats["exclude"], "candidates": candidates, "k": k})
-                ranked = rank_requests(self.ranker, batch, catalogue=self.catalogue, as_of=self.ranker.as_of)
-                for i, items in zip(known, ranked, strict=True):
-                    answers[i] = {"items": items, "fallback": None, "ranked": True}
+                pending.append(i)
+        if not pending:
+            return answers  # type: ignore[return-value]
+        rows, _ = self._user_rows([requests[i][0] for i in pending])
+        known, unknown = [], []
+        for i in pending:
+            user, k = requests[i]
+            if user not in rows:  # the store's read failed
+                answers[i] = self._degrade(user, int(k), "online_store")
+            elif rows[user] is None:
+                unknown.append(i)
+            else:
+                known.append(i)
+        if unknown:
+            popular = self._popular_items(max(int(requests[i][1]) for i in unknown))
+            for i in unknown:
+                user, k = requests[i][0], int(requests[i][1])
+                if popular is None:
+                    answers[i] = self._degrade(user, k, "online_store")
+                else:
+                    answers[i] = self._keep(user, k, popular[:k], POPULAR_FALLBACK, False)
+        if known:
+            self._recommend_known(requests, known, rows, answers)
         return answers  # type: ignore[return-value]
 
+    def _recommend_known(self, requests: list[tuple[str, int]], known: list[int],
+                         rows: dict[str, dict[str, Any] | None], answers: list[dict[str, Any] | None]) -> None:
+        """The model's answers for the requests ``known`` (users with a feature row), in place."""
+        users = [rows[requests[i][0]] for i in known]
+        try:
+            vectors = self.breakers["tower"].call(self.embed, users)
+        except Exception as exc:
+            self._log_failure("tower", exc)
+            for i, feats in zip(known, users, strict=True):
+                answers[i] = self._degrade(requests[i][0], int(requests[i][1]), "tower", feats["exclude"])
+            return
+        batch, batch_rows = [], []
+        for i, vec, feats in zip(known, vectors, users, strict=True):
+            user, k = requests[i][0], int(requests[i][1])
+            # the two-tower source as the ranker was trained with it (training.recommender.
+            # TwoTowerSource): the nearest items the user has not bought, their ranks features
+            n = k if self.ranker is None else max(self.n_candidates, k)
+            try:
+                candidates = self.breakers["retriever"].call(self.index.search, vec, n,
+                                                             exclude=frozenset(feats["exclude"]))
+            except Exception as exc:
+                self._log_failure("retriever", exc)
+                answers[i] = self._degrade(user, k, "retriever", feats["exclude"])
+                continue
+            if self.ranker is None:
+                answers[i] = self._keep(user, k, candidates, None, False)
+                continue
+            batch.append({"user_id": user, "events": feats.get("events") or {},
+                          "exclude": feats["exclude"], "candidates": candidates, "k": k})
+            batch_rows.append(i)
+        if not batch:
+            return
+        try:
+            ranked = self.breakers["ranker"].call(rank_requests, self.ranker, batch, catalogue=self.catalogue,
+                                                  as_of=self.ranker.as_of)
+        except Exception as exc:
+            self._log_failure("ranker", exc)
+            for i, req in zip(batch_rows, batch, strict=True):
+                answers[i] = self._degrade(req["user_id"], req["k"], "ranker", req["exclude"])
+            return
+        for i, req, items in zip(batch_rows, batch, ranked, strict=True):
+            answers[i] = self._keep(req["user_id"], req["k"], items, None, True)
+
+    def _keep(self, user: str, k: int, items: Scored, fallback: str | None, ranked: bool) -> dict[str, Any]:
+        """An answer computed now: cached for reuse and, when the model made it, as the user's
+        last good answer."""
+        answer = Answer(k, items, fallback, ranked)
+        self.answer_cache.put(user, answer)
+        if fallback is None:
+            self.last_good.put(user, answer)
+        return {"items": items, "fallback": fallback, "ranked": ranked}
+
+    def _reusable(self, hit: Answer, k: int) -> bool:
+        """Whether a cached answer for ``hit.k`` items is what a computation for ``k`` would give:
+        its first ``k`` items for the popular list, and for the ranker while the candidate pool
+        (``max(per_source, k)``) is the same; the exact ``k`` otherwise (an approximate index's
+        top k need not begin its top k+1)."""
+        if k == hit.k:
+            return True
+        if k > hit.k:
+            return False
+        if hit.fallback == POPULAR_FALLBACK:
+            return True
+        return hit.ranked and max(self.n_candidates, k) == max(self.n_candidates, hit.k)
+
+    def _degrade(self, user: str, k: int, component: str, exclude: "list[str] | None" = None) -> dict[str, Any]:
+        """The answer when ``component`` failed: the user's last good answer (its first ``k``
+        items), else the snapshot's popular items (less what the user bought, when known)."""
+        self.degraded[component] += 1
+        last = self.last_good.peek(user)
+        if last is not MISS:
+            self.degraded_sources["last_good"] += 1
+            items = last.items[:k]
+        else:
+            self.degraded_sources["popular"] += 1
+            skip = set(exclude or ())
+            items = [p for p in self._popular_snapshot if p[0] not in skip][:k]
+        return {"items": items, "fallback": DEGRADED_FALLBACK, "ranked": False}
+
+    def degraded_answer(self, user_id: str, k: int, component: str = "pipeline") -> dict[str, Any]:
+        """A degraded answer for a request the pipeline could not answer at all (the caller's
+        last line of defence: ``recommend`` itself degrades per component)."""
+        return self._degrade(user_id, int(k), component)
+
+    def _log_failure(self, component: str, exc: Exception) -> None:
+        if not isinstance(exc, BreakerOpen):  # rejections are counted, not logged: one line per real failure
+            log.warning("%s failed, answering degraded (%s breaker: %s): %s: %s", component, component,
+                        self.breakers[component].state, type(exc).__name__, exc)
+
+    def _popular_items(self, n: int) -> Scored | None:
+        """The first ``max(n, POPULAR_SNAPSHOT)`` popular items from the store, which also
+        refresh the snapshot; None when the store failed or its breaker is open."""
+        try:
+            items = self.breakers["online_store"].call(self.store.get_popular_items, max(n, POPULAR_SNAPSHOT))
+        except Exception as exc:
+            self._log_failure("online_store", exc)
+            return None
+        self._popular_snapshot = list(items)
+        return items
+
     def popular(self, k: int, exclude: list[str] | None = None) -> Scored:
-        """The ``k`` most popular items, leaving out ``exclude``."""
+        """The ``k`` most popular items, leaving out ``exclude`` (from the snapshot when the store
+        does not answer)."""
         skip = set(exclude or ())
-        return [p for p in self.store.get_popular_items(k + len(skip)) if p[0] not in skip][:k]
+        items = self._popular_items(k + len(skip))
+        return [p for p in (self._popular_snapshot if items is None else items) if p[0] not in skip][:k]
 
     def similar(self, item_id: str, k: int) -> Scored | None:
         """Items nearest to ``item_id`` in the version's index; None if it is not indexed."""
@@ -249,17 +442,89 @@ class RecommendPipeline:
         return len(self.index)
 
     def push(self, events: list[dict[str, Any]]) -> dict[str, Any]:
-        """Append ``events`` to the event log and update the touched users' online rows.
-        Returns {'accepted', 'entities_updated'} or {'error': message} for invalid events."""
+        """Append ``events`` to the event log and update the touched users' online rows, then
+        drop those users' cached rows and answers in this replica (other replicas see the
+        events after at most ``feature_ttl_s``).
+
+        Returns {'accepted', 'entities_updated'}; {'error': message} for invalid events; or
+        {'unavailable': message, 'recorded': bool, 'retry_after_s'} when the online store is
+        down: with its breaker open nothing is written (``recorded`` false: send them again
+        later); when a store call fails during the push, the events are already in the event
+        log (``features.push`` appends them first), so ``recorded`` is true and the users' rows
+        catch up at the next feature job run."""
         from aiplatform.core.errors import UserInputError
         from aiplatform.features.push import push
 
+        breaker = self.breakers["online_store"]
+        retry_after = max(1, int(np.ceil(self.config.reset_after_s)))
+        if breaker.state == "open":
+            self.events_refused += 1
+            return {"unavailable": f"the online store is unavailable ({breaker.last_error}); nothing was "
+                                   f"recorded: send the events again in {retry_after}s",
+                    "recorded": False, "retry_after_s": retry_after}
+        store = _WatchedStore(self.store)
         try:
-            result = push(self.layout, events, [self.service], self.store)
+            result = push(self.layout, events, [self.service], store)
         except UserInputError as exc:
             return {"error": str(exc)}
+        except Exception as exc:
+            if store.failed is None:  # not the store: a real error, for the caller to see
+                raise
+            breaker.record_failure(exc)
+            self._log_failure("online_store", exc)
+            self._invalidate(events)
+            self.events_not_applied += 1
+            return {"unavailable": f"the events were recorded in the event log, but the online store failed "
+                                   f"({type(exc).__name__}: {exc}): the users' features catch up at the next "
+                                   "feature job run; sending them again records them twice unless they carry "
+                                   "event_id", "recorded": True, "retry_after_s": retry_after}
+        if store.called:
+            breaker.record_success()
+        self._invalidate(events)
         return {"accepted": result.events, "entities_updated": result.entities_updated}
 
+    def _invalidate(self, events: list[dict[str, Any]]) -> None:
+        """Drop the cached rows and answers of the users ``events`` touch (in this replica)."""
+        key = self.service.entity.join_key
+        for entity in {str(e[key]) for e in events if e.get(key) is not None}:
+            self.feature_cache.invalidate(entity)
+            self.answer_cache.invalidate(entity)
+            self.last_good.invalidate(entity)
 
-__all__ = ["POPULAR_FALLBACK", "RecommendPipeline", "check_events_features", "check_served_inputs",
-           "rank_requests", "served_service"]
+    def serving_status(self) -> dict[str, Any]:
+        """Counters for ``/healthz``: cache hits/misses/hit rates, degraded answers per
+        component and where they came from, each component's breaker, refused events."""
+        return {"healthy": all(b.state == "closed" for b in self.breakers.values()),
+                "caches": {"features": self.feature_cache.stats(), "answers": self.answer_cache.stats(),
+                           "last_good": self.last_good.stats()},
+                "degraded": dict(self.degraded), "degraded_from": dict(self.degraded_sources),
+                "breakers": {name: b.stats() for name, b in self.breakers.items()},
+                "popular_snapshot": len(self._popular_snapshot),
+                "events_refused": self.events_refused, "events_not_applied": self.events_not_applied}
+
+
+class _WatchedStore:
+    """The online store as ``features.push`` uses it, noting whether a call to it was made and
+    whether one failed (so a store failure is told apart from any other)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store, self.called, self.failed = store, False, None
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            self.called = True
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                self.failed = exc
+                raise
+
+        return watched
+
+
+__all__ = ["COMPONENTS", "DEGRADED_FALLBACK", "POPULAR_FALLBACK", "RecommendPipeline", "check_events_features",
+           "check_served_inputs", "rank_requests", "served_service"]

@@ -50,7 +50,9 @@ class RecommendationResponse(BaseModel):
     fallback: str | None = Field(
         None,
         description="Why the model was not used, if it was not: 'popular' when the user has "
-                    "no features (a new or unknown user) and popular items were returned.",
+                    "no features (a new or unknown user) and popular items were returned; 'degraded' "
+                    "when a part of the serving path failed (e.g. the online store is down) and the "
+                    "user's last good answer (its first k items) or else the popular items were returned.",
     )
     ranked: bool = Field(
         False,
@@ -68,9 +70,19 @@ class SimilarItemsResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = "ok"
+    status: str = Field("ok", description="'ok', or 'degraded' while a part of the serving path is failing "
+                                          "and answers come from caches and popular items (still a 200: "
+                                          "restarting the replica would not help).")
     model: ModelRef
     items: int = Field(..., description="Number of items in the served vector table.")
+    variant: str = Field(..., description="How responses name what is served: the alias, or vN when pinned.")
+    following: str | None = Field(None, description="The alias this replica follows (switching in place "
+                                                    "when it moves), or null when a version is pinned.")
+    switch_error: str | None = Field(None, description="Why the last switch to another version failed; "
+                                                       "the model above is still served.")
+    serving: dict | None = Field(None, description="With ?detail=true: this replica's cache hit rates, degraded "
+                                                  "answers per component (online_store, tower, retriever, ranker) "
+                                                  "and circuit breakers (state, failures, rejections).")
 
 
 class ErrorResponse(BaseModel):

@@ -217,7 +217,8 @@ def test_healthz(client):
     resp = client.get("/healthz")
     assert resp.status_code == 200
     assert resp.json() == {"status": "ok", "model": {"name": "two_tower", "version": 2},
-                           "items": N_ITEMS}
+                           "items": N_ITEMS, "variant": "champion", "following": "champion",
+                           "switch_error": None}
 
 
 def test_openapi_documents_the_api(client):
