@@ -580,6 +580,10 @@ class Layout:
     def eventlog(self) -> str:
         return self._join("eventlog")
 
+    @property
+    def experiments(self) -> str:
+        return self._join("experiments")
+
     def ensure(self) -> None:
         if not is_uri(self.root):
             for sub in ("lake", "features", "registry", "models", "runs", "vectors", "eventlog"):

@@ -24,6 +24,7 @@ would get a 422).
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import timezone
 
@@ -40,6 +41,7 @@ from aiplatform.core.storage import Layout
 from aiplatform.features.server import online_store_uri
 from aiplatform.registry import ModelRegistry
 from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
+from aiplatform.serving.experiments import ExperimentRouter, Routing
 from aiplatform.serving.pipeline import RecommendPipeline
 from aiplatform.serving.resilience import ResilienceConfig
 from aiplatform.serving.versions import Served, ServedVersion, VersionSwitcher, resolve_version
@@ -145,12 +147,14 @@ class RecommendationAPI:
         alias_poll_s: float = 2.0,
         variant: str | None = None,
         resilience: ResilienceConfig | None = None,
+        experiments: bool = True,
     ) -> None:
         self.versions = VersionSwitcher(home, online_store, features_module, service_name, first.name, first,
                                         variant or alias, resilience)
         if follow_alias:
             self.versions.follow(alias, alias_poll_s)
         self.alias = alias
+        self.experiments = ExperimentRouter(self.versions, poll_s=alias_poll_s) if experiments else None
 
     async def reconfigure(self, config: dict) -> None:
         """Serve's in-place update of ``user_config``: ``{"version": N}`` pins version N (the
@@ -176,13 +180,38 @@ class RecommendationAPI:
         return self.versions.current.pipeline
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _recommend(self, requests: list[tuple[str, int]]) -> list[tuple[dict, Served]]:
+    async def _recommend(self, requests: list[tuple[str, int]]) -> list[tuple[dict, Served, "Routing | None"]]:
         """The pipeline once for the requests that arrived together (run on the replica's loop:
-        CPU-bound, a thread would only add GIL hand-offs, which measured slower). The served
-        version is read once, so the whole batch is answered by one version, which each answer
-        carries."""
-        served = self.versions.current
-        return [(answer, served) for answer in served.pipeline.recommend(requests)]
+        CPU-bound, a thread would only add GIL hand-offs, which measured slower). What is served
+        is read once, so each answer comes from one version, which it carries: the replica's
+        version, or during an experiment the user's variant (one pipeline run per variant)."""
+        routing = self.experiments.current if self.experiments is not None else None
+        if routing is None:
+            served = self.versions.current
+            return [(answer, served, None) for answer in served.pipeline.recommend(requests)]
+        groups: dict[str, list[int]] = {}
+        chosen = [routing.served_for(user) for user, _ in requests]
+        for i, served in enumerate(chosen):
+            groups.setdefault(served.variant, []).append(i)
+        out: list = [None] * len(requests)
+        for rows in groups.values():
+            served = chosen[rows[0]]
+            for i, answer in zip(rows, served.pipeline.recommend([requests[i] for i in rows]), strict=True):
+                out[i] = (answer, served, routing)
+        return out
+
+    async def _mirror(self, routing: "Routing", request_id: str, user_id: str, k: int, live: Served,
+                      live_items: list[str]) -> None:
+        """The shadow variant's answer to a mirrored request, after the live answer went out:
+        only its latency and overlap with the live answer are kept."""
+        started = time.perf_counter()
+        try:
+            answer = routing.shadow.pipeline.recommend([(user_id, k)])[0]
+        except Exception as exc:  # a failing shadow never touches live traffic
+            log.warning("shadow %s failed: %s", routing.shadow.variant, exc)
+            return
+        self.experiments.shadowed(routing, request_id, live, live_items, [i for i, _ in answer["items"]], k,
+                                  (time.perf_counter() - started) * 1000)
 
     def n_dense(self) -> int:
         """The width of the dense input the served tower reads (its input spec's)."""
@@ -202,12 +231,24 @@ class RecommendationAPI:
         online store is down, say), the answer is the user's last good one or the popular items,
         marked ``fallback: "degraded"``: never a 5xx."""
         request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        status = "ok"
         try:
-            answer, served = await self._recommend((body.user_id, body.k))
+            answer, served, routing = await self._recommend((body.user_id, body.k))
         except Exception:  # the pipeline degrades per component; this is the last line of defence
             log.exception("recommendation pipeline failed; answering degraded")
-            served = self.versions.current
+            routing = self.experiments.current if self.experiments is not None else None
+            served = routing.served_for(body.user_id) if routing is not None else self.versions.current
             answer = served.pipeline.degraded_answer(body.user_id, body.k)
+            status = "error"
+        if routing is not None:
+            if status == "ok" and answer["fallback"]:
+                status = answer["fallback"]  # popular or degraded
+            self.experiments.expose(routing, request_id, body.user_id, body.k, served, status,
+                                    (time.perf_counter() - started) * 1000)
+            if routing.shadow is not None and routing.experiment.mirrored(request_id):
+                asyncio.get_running_loop().create_task(self._mirror(
+                    routing, request_id, body.user_id, body.k, served, [i for i, _ in answer["items"]]))
         return RecommendationResponse(
             user_id=body.user_id,
             items=[ScoredItem(item_id=i, score=s) for i, s in answer["items"]],
@@ -260,6 +301,9 @@ class RecommendationAPI:
         for e in events:
             if e["timestamp"].tzinfo is None:
                 e["timestamp"] = e["timestamp"].replace(tzinfo=timezone.utc)
+        followed = [dict(e) for e in events if e.get("request_id")]
+        for e in events:  # the event log keeps the events contract; the link goes to the experiment store
+            e.pop("request_id", None)
         result = self.pipeline.push(events)
         if "error" in result:  # checked by the data contract after the schema: still the client's fault
             return JSONResponse(status_code=422, content={"message": f"events: {result['error']}",
@@ -268,6 +312,8 @@ class RecommendationAPI:
             return JSONResponse(status_code=503, headers={"Retry-After": str(result["retry_after_s"])},
                                 content={"message": f"events: {result['unavailable']}",
                                          "recorded": result["recorded"], "detail": result["unavailable"]})
+        if followed and self.experiments is not None:
+            self.experiments.outcomes(followed)
         return EventsAccepted(accepted=result["accepted"], entities_updated=result["entities_updated"],
                               request_id=uuid.uuid4().hex)
 
@@ -287,6 +333,7 @@ class RecommendationAPI:
         health = Health(status="ok" if serving["healthy"] else "degraded",
                         model=ModelRef(name=served.version.name, version=served.version.version),
                         items=served.pipeline.count(), variant=served.variant, **self.versions.status(),
+                        experiment=self.experiments.status() if self.experiments is not None else None,
                         serving=serving)
         if detail:
             return health
@@ -311,6 +358,7 @@ def build_app(
     follow_alias: bool = True,
     alias_poll_s: float = 2.0,
     options: dict | None = None,
+    experiments: bool = True,
 ) -> serve.Application:
     """The Serve application for the version ``alias`` points at (or ``version``), following
     the alias afterwards unless ``follow_alias`` is false or a version is pinned. ``options``
@@ -335,6 +383,7 @@ def build_app(
         first, alias=alias, follow_alias=bool(follow_alias and not version), alias_poll_s=alias_poll_s,
         variant=f"v{first.version}" if version else alias,
         resilience=ResilienceConfig.from_env(),  # read here, where the app is built, like every setting
+        experiments=experiments,
     )
 
 
@@ -347,7 +396,7 @@ def app(args: AppArgs) -> serve.Application:
     settings = args.settings()
     layout = Layout.open(settings.home)
     return build_app(layout, args.model_name, args.alias, settings=settings, version=args.version,
-                     follow_alias=args.follow_alias, alias_poll_s=args.alias_poll_s)
+                     follow_alias=args.follow_alias, alias_poll_s=args.alias_poll_s, experiments=args.experiments)
 
 
 def start(

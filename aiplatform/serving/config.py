@@ -35,7 +35,10 @@ class AppArgs(BaseModel):
     version: int | None = Field(None, ge=1, description="Serve this version instead of the alias")
     follow_alias: bool = Field(True, description="Switch in place when the alias moves (aiplatform models "
                                                  "promote / rollback); ignored when a version is pinned")
-    alias_poll_s: float = Field(2.0, gt=0, le=3600, description="How often each replica reads the alias")
+    alias_poll_s: float = Field(2.0, gt=0, le=3600, description="How often each replica reads the alias "
+                                                               "and the active experiment")
+    experiments: bool = Field(True, description="Route users to the variants of the model's active experiment "
+                                                "(aiplatform experiments start / canary)")
     online_store: str | None = Field(None, description="'sqlite' (under a local root), sqlite:///path or "
                                                        "redis://host:port/db; default $AIPLATFORM_ONLINE_STORE")
     features_module: str | None = Field(None, description="Module declaring the feature definitions; "
@@ -53,7 +56,7 @@ class AppArgs(BaseModel):
         """The arguments as a config's ``args:`` (unset ones left to the environment; the
         rollout knobs only when they differ from their defaults)."""
         args = self.model_dump(exclude_none=True)
-        for knob in ("follow_alias", "alias_poll_s"):
+        for knob in ("follow_alias", "alias_poll_s", "experiments"):
             if args.get(knob) == type(self).model_fields[knob].default:
                 args.pop(knob)
         return args

@@ -173,7 +173,8 @@ class RecommendPipeline:
 
     def __init__(self, home: str, online_store: str, features_module: str, service_name: str,
                  artifact_dir: str, vectors_dir: str, table_name: str,
-                 config: ResilienceConfig | None = None, timer: Callable[[], float] | None = None) -> None:
+                 config: ResilienceConfig | None = None, timer: Callable[[], float] | None = None,
+                 service_version: str | None = None) -> None:
         import time
 
         import torch
@@ -187,6 +188,14 @@ class RecommendPipeline:
 
         self.layout = Layout.at(home)
         self.service = served_service(features_module, service_name)
+        if service_version and self.service.version != service_version:
+            from aiplatform.core.errors import ConfigError
+
+            raise ConfigError(
+                f"feature service {service_name!r} in {features_module} is version {self.service.version} here, "
+                f"but the application was deployed reading version {service_version}: a replica never reads "
+                "other features than its deployment's. Run every replica from the same code (one image), or "
+                "deploy the application again to serve the new definitions")
         self.inputs = check_served_inputs(artifact_dir, features_module, service_name)
         directory = candidates_dir_of(artifact_dir)
         self.ranker = CandidateRanker.load(directory) if directory is not None else None

@@ -80,6 +80,9 @@ class Health(BaseModel):
                                                     "when it moves), or null when a version is pinned.")
     switch_error: str | None = Field(None, description="Why the last switch to another version failed; "
                                                        "the model above is still served.")
+    experiment: dict | None = Field(None, description="The active experiment this replica routes by: its name, "
+                                                      "revision, each variant's model version and the shadow's; "
+                                                      "null when none is active.")
     serving: dict | None = Field(None, description="With ?detail=true: this replica's cache hit rates, degraded "
                                                   "answers per component (online_store, tower, retriever, ranker) "
                                                   "and circuit breakers (state, failures, rejections).")
@@ -105,6 +108,10 @@ class Event(BaseModel):
     timestamp: datetime = Field(..., description="ISO 8601; a time without a zone is UTC")
     value: float | None = Field(None, description="A price or rating")
     event_id: str | None = Field(None, max_length=256, description="Unique id, used to drop duplicates")
+    request_id: str | None = Field(None, min_length=1, max_length=64,
+                                   description="The request_id of the recommendation this event followed (a click "
+                                               "on a recommended item, say): links it to the experiment variant "
+                                               "that answered, for `aiplatform experiments report`.")
 
 
 class EventsRequest(BaseModel):

@@ -47,6 +47,9 @@ class ServedVersion:
     vectors_dir: str
     table: str
     ranked: bool
+    service_version: str = ""
+    """The feature service's definition version where the application was built: every
+    pipeline of the replica must read this one (``RecommendPipeline`` refuses another)."""
 
 
 def resolve_version(registry: ModelRegistry, layout: Layout, features_module: str, service_name: str,
@@ -68,7 +71,8 @@ def resolve_version(registry: ModelRegistry, layout: Layout, features_module: st
                  mv.name, mv.version, config.per_source, ", ".join(config.sources))
     else:
         log.info("%s v%d: two-tower retrieval order (the version has no candidates/)", mv.name, mv.version)
-    return ServedVersion(mv.name, mv.version, mv.artifact_uri, layout.vectors, table, config is not None)
+    return ServedVersion(mv.name, mv.version, mv.artifact_uri, layout.vectors, table, config is not None,
+                         served_service(features_module, service_name).version)
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,10 @@ class VersionSwitcher:
                  resilience: ResilienceConfig | None = None) -> None:
         self.layout = Layout.at(home)
         self.resilience = resilience
+        self.service_version = first.service_version  # fixed at deploy time, like the model version
         self.online_store, self.features_module, self.service_name = online_store, features_module, service_name
         self.model_name = model_name
-        self.current = Served(self._load(first), first, variant)
+        self.current = Served(self.load(first), first, variant)
         self.last_error: str | None = None
         self._failed: dict[int, float] = {}
         self._switch_lock = threading.Lock()
@@ -102,9 +107,11 @@ class VersionSwitcher:
         self._thread: threading.Thread | None = None
         self._alias: str | None = None
 
-    def _load(self, version: ServedVersion) -> RecommendPipeline:
+    def load(self, version: ServedVersion) -> RecommendPipeline:
+        """A new pipeline of ``version`` with this replica's stores and settings."""
         return RecommendPipeline(str(self.layout.root), self.online_store, self.features_module, self.service_name,
-                                 version.artifact_dir, version.vectors_dir, version.table, config=self.resilience)
+                                 version.artifact_dir, version.vectors_dir, version.table, config=self.resilience,
+                                 service_version=self.service_version or None)
 
     def switch(self, alias: str | None = None, version: int | None = None, variant: str | None = None) -> bool:
         """Serve ``version`` (or the one ``alias`` points at) from now on; True if it changed.
@@ -119,7 +126,7 @@ class VersionSwitcher:
             try:
                 resolved = resolve_version(registry, self.layout, self.features_module, self.service_name,
                                            self.model_name, version=target)
-                pipeline = self._load(resolved)
+                pipeline = self.load(resolved)
             except Exception as exc:
                 self._failed[target] = time.monotonic()
                 self.last_error = f"cannot serve {self.model_name} v{target}: {exc}"

@@ -6,12 +6,10 @@ stops is loaded when it starts, as a Redis with persistence would), or frozen wi
 hung server: reads time out instead of failing at once). The application serves a storage root
 whose online store is that Redis, under a closed loop of requests."""
 
-import asyncio
 import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -41,6 +39,8 @@ from aiplatform.serving.resilience import ResilienceConfig
 from aiplatform.serving.versions import VersionSwitcher, resolve_version
 from apps.shop.features import recommender_user
 from tests.redis_server import INSTALL_HINT, find_redis_server
+
+from tests.load import ClosedLoop
 
 pytestmark = pytest.mark.integration
 
@@ -191,54 +191,6 @@ def base_url(ray_session, home, redis_proc):
     stop(APP)
 
 
-class ClosedLoop:
-    """``concurrency`` clients, each sending the next request when its answer arrives (users
-    u0..u39 in turn), in a thread of its own; every answer is kept as (status, user, fallback,
-    item ids)."""
-
-    def __init__(self, url: str, concurrency: int) -> None:
-        self.url, self.concurrency = url, concurrency
-        self.results: list[tuple[int, str, str | None, tuple[str, ...]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _client(self, client: httpx.AsyncClient, worker: int) -> None:
-        n = worker
-        while not self._stop.is_set():
-            n += self.concurrency
-            user = f"u{n % N_USERS}"
-            try:
-                resp = await client.post("/v1/recommendations", json={"user_id": user, "k": K})
-            except httpx.HTTPError:
-                self.results.append((0, user, None, ()))
-                continue
-            body = resp.json() if resp.status_code == 200 else {}
-            self.results.append((resp.status_code, user, body.get("fallback"),
-                                 tuple(i["item_id"] for i in body.get("items", []))))
-
-    async def _run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=60) as client:
-            await asyncio.gather(*(self._client(client, w) for w in range(self.concurrency)))
-
-    def __enter__(self) -> "ClosedLoop":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-    def wait_until(self, what: str, done: Callable[[list], bool], timeout: float = 60) -> float:
-        """Until ``done(last answers)`` holds; returns the seconds it took."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            tail = self.results[-2 * self.concurrency:]
-            if len(tail) == 2 * self.concurrency and done(tail):
-                return time.monotonic() - started
-            time.sleep(0.1)
-        raise AssertionError(f"{what} did not happen within {timeout}s: last answers {self.results[-5:]}")
-
-
 def _health(url: str) -> dict:
     with httpx.Client(base_url=url, timeout=60) as client:
         resp = client.get("/healthz", params={"detail": "true"})
@@ -249,12 +201,12 @@ def _health(url: str) -> dict:
 def _ride_out(base_url: str, begin: Callable[[], None], end: Callable[[], None]) -> dict:
     """A c=8 closed loop: normal answers, then ``begin`` (the outage) until answers are degraded
     and a while longer, then ``end`` until they are normal again. Returns what was seen."""
-    with ClosedLoop(base_url, concurrency=8) as load:
+    with ClosedLoop(base_url, concurrency=8, n_users=N_USERS, k=K) as load:
         load.wait_until("answers for every user", lambda tail: len(load.results) >= 3 * N_USERS)
-        normal = {u: items for s, u, f, items in load.results if s == 200 and f is None}
+        normal = {a.user: a.items for a in load.results if a.status == 200 and a.fallback is None}
         before = len(load.results)
         begin()
-        to_degraded = load.wait_until("degraded answers", lambda tail: all(f == "degraded" for _, _, f, _ in tail))
+        to_degraded = load.wait_until("degraded answers", lambda tail: all(a.fallback == "degraded" for a in tail))
         time.sleep(3)
         during = _health(base_url)
         with httpx.Client(base_url=base_url, timeout=60) as client:
@@ -263,7 +215,7 @@ def _ride_out(base_url: str, begin: Callable[[], None], end: Callable[[], None])
                                                                 "event_type": "view",
                                                                 "timestamp": "2026-11-28T12:00:00Z"}]})
         end()
-        to_normal = load.wait_until("normal answers", lambda tail: all(f is None for _, _, f, _ in tail))
+        to_normal = load.wait_until("normal answers", lambda tail: all(a.fallback is None for a in tail))
         time.sleep(1)
     return {"results": load.results, "normal": normal, "before": before, "during": during, "stranger": stranger,
             "event": event, "to_degraded_s": to_degraded, "to_normal_s": to_normal, "after": _health(base_url)}
@@ -271,11 +223,11 @@ def _ride_out(base_url: str, begin: Callable[[], None], end: Callable[[], None])
 
 def _check_ride(seen: dict) -> None:
     results = seen["results"]
-    statuses = [s for s, _, _, _ in results]
+    statuses = [a.status for a in results]
     bad = len(statuses) - statuses.count(200)
     assert bad <= ERROR_BUDGET * len(statuses), {s: statuses.count(s) for s in set(statuses)}
     outage = results[seen["before"]:]
-    degraded = [(u, items) for s, u, f, items in outage if f == "degraded"]
+    degraded = [(a.user, a.items) for a in outage if a.fallback == "degraded"]
     assert len(degraded) > 50
     # a user answered before the outage gets that last good answer again, not an error
     assert all(items == seen["normal"][u] for u, items in degraded if u in seen["normal"])

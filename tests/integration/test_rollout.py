@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +27,7 @@ from aiplatform.retrieval import build_item_index
 from aiplatform.serving.app import build_app, start, stop
 from apps.shop.features import recommender_user
 from tests.feature_rows import write_user_rows
+from tests.load import Answer, ClosedLoop
 
 pytestmark = pytest.mark.integration
 
@@ -47,9 +47,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
+    return make_root(tmp_path_factory.mktemp("rollout"))
+
+
+def make_root(root: Path) -> Layout:
     """Versions 1 and 2 (different weights, both indexed) with champion -> v1, version 3 without
     an index, and online features for ``N_USERS`` users."""
-    root = tmp_path_factory.mktemp("rollout")
     layout = Layout.at(str(root / "home"))
     layout.ensure()
     items = pd.DataFrame({"item_id": [f"item_{i:03d}" for i in range(N_ITEMS)],
@@ -83,51 +86,6 @@ def base_url(ray_session, home):
     stop(APP)
 
 
-class ClosedLoop:
-    """``concurrency`` clients, each sending the next request when its answer arrives, in a
-    thread of its own; every answer is kept as (status, model version, variant)."""
-
-    def __init__(self, url: str, concurrency: int) -> None:
-        self.url, self.concurrency = url, concurrency
-        self.results: list[tuple[int, int | None, str | None]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _client(self, client: httpx.AsyncClient, worker: int) -> None:
-        n = worker
-        while not self._stop.is_set():
-            n += self.concurrency
-            try:
-                resp = await client.post("/v1/recommendations", json={"user_id": f"u{n % N_USERS}", "k": 5})
-            except httpx.HTTPError:
-                self.results.append((0, None, None))
-                continue
-            body = resp.json() if resp.status_code == 200 else {}
-            self.results.append((resp.status_code, (body.get("model") or {}).get("version"), body.get("variant")))
-
-    async def _run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=30) as client:
-            await asyncio.gather(*(self._client(client, w) for w in range(self.concurrency)))
-
-    def __enter__(self) -> "ClosedLoop":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-    def wait_for_version(self, version: int, timeout: float = 90) -> None:
-        """Until the last answers all come from ``version``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            tail = self.results[-self.concurrency:]
-            if len(tail) == self.concurrency and all(v == version for _, v, _ in tail):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"answers did not switch to v{version}: last {self.results[-10:]}")
-
-
 def _cli(home: Layout, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIPLATFORM_")}
     result = subprocess.run([*CLI, *args, "--home", home.root], env=env, cwd=ROOT, capture_output=True,
@@ -136,10 +94,10 @@ def _cli(home: Layout, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def _versions_in_order(results: list[tuple[int, int | None, str | None]]) -> list[int]:
+def _versions_in_order(results: list[Answer]) -> list[int]:
     """The served versions with repeats collapsed: [1, 2, 1] for a promote then a rollback."""
     out: list[int] = []
-    for _, version, _ in results:
+    for version in (a.version for a in results):
         if version is not None and (not out or out[-1] != version):
             out.append(version)
     return out
@@ -152,16 +110,16 @@ def test_promote_and_rollback_under_load_lose_no_request(base_url, home):
     with ClosedLoop(base_url, concurrency=8) as load:
         time.sleep(5)
         promoted = _cli(home, "models", "promote", "two_tower", "2", "--reason", "rollout test")
-        load.wait_for_version(2)
+        load.wait_until("answers from v2", lambda tail: all(a.version == 2 for a in tail))
         time.sleep(5)
         _cli(home, "models", "rollback", "two_tower", "--reason", "rollout test: back")
-        load.wait_for_version(1)
+        load.wait_until("answers from v1", lambda tail: all(a.version == 1 for a in tail))
         time.sleep(max(0.0, 32 - (time.monotonic() - started)))
-    statuses = [s for s, _, _ in load.results]
+    statuses = load.statuses()
     assert len(statuses) > 100
     assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
     assert _versions_in_order(load.results) == [1, 2, 1]
-    assert {variant for _, _, variant in load.results} == {"champion"}
+    assert {a.variant for a in load.results} == {"champion"}
     assert "v2" in promoted.stdout
     history = ModelRegistry(home).alias_history("two_tower", "champion")
     assert [h["version"] for h in history] == [1, 2, 1]

@@ -218,7 +218,7 @@ def test_healthz(client):
     assert resp.status_code == 200
     assert resp.json() == {"status": "ok", "model": {"name": "two_tower", "version": 2},
                            "items": N_ITEMS, "variant": "champion", "following": "champion",
-                           "switch_error": None}
+                           "switch_error": None, "experiment": None}
 
 
 def test_openapi_documents_the_api(client):
@@ -253,3 +253,15 @@ def test_build_app_refuses_a_model_trained_on_other_inputs(home, tmp_path):
         with pytest.raises(ConfigError, match=error):
             build_app(layout.root)
 
+
+
+def test_a_replica_refuses_other_feature_definitions_than_its_deployment(home):
+    """The feature service's definition version is fixed where the application is built: a
+    replica started later (autoscaling) from code declaring another version refuses to load
+    rather than read other features than its siblings."""
+    from aiplatform.serving.pipeline import RecommendPipeline
+
+    layout = home["layout"]
+    with pytest.raises(ConfigError, match="deployed reading version 0123abcd"):
+        RecommendPipeline(layout.root, f"sqlite:///{layout.online_sqlite}", "apps.shop.features", "recommender_user",
+                          home["artifact"], layout.vectors, "two_tower_v2", service_version="0123abcd")
