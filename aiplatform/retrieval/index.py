@@ -85,15 +85,18 @@ def _table_names(db: Any, vectors_dir: str) -> list[str]:
     return list(db.list_tables().tables)
 
 
-def require_table(vectors_dir: str, table_name: str) -> None:
-    """Raise ``NotFoundError`` naming the tables that exist unless ``table_name`` is one: the
-    check before a version is served, without loading its index."""
-    tables = _table_names(_connect(vectors_dir), vectors_dir)
+def require_table(vectors_dir: str, table_name: str, nonempty: bool = False) -> None:
+    """Raise ``NotFoundError`` naming the tables that exist unless ``table_name`` is one (and,
+    with ``nonempty``, holds rows): the check before a version is served, without loading its
+    index."""
+    db = _connect(vectors_dir)
+    tables = _table_names(db, vectors_dir)
+    fix = "build it with build_item_index() (or `aiplatform models promote`, which builds it first)"
     if table_name not in tables:
         raise NotFoundError(
-            f"vector table {table_name!r} not found in {vectors_dir} (tables: {', '.join(tables) or 'none'}); "
-            "build it with build_item_index() (or `aiplatform models promote`, which builds it first)"
-        )
+            f"vector table {table_name!r} not found in {vectors_dir} (tables: {', '.join(tables) or 'none'}); {fix}")
+    if nonempty and db.open_table(table_name).count_rows() == 0:
+        raise NotFoundError(f"vector table {table_name!r} in {vectors_dir} is empty: no item can be served; {fix}")
 
 
 def _check_mode(mode: str) -> None:

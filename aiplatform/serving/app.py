@@ -44,7 +44,7 @@ from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
 from aiplatform.serving.experiments import ExperimentRouter, Routing
 from aiplatform.serving.pipeline import RecommendPipeline
 from aiplatform.serving.resilience import ResilienceConfig
-from aiplatform.serving.versions import Served, ServedVersion, VersionSwitcher, resolve_version
+from aiplatform.serving.versions import Served, ServedVersion, VersionSwitcher, check_online_store, resolve_version
 from aiplatform.serving.schemas import (
     MAX_K,
     ErrorResponse,
@@ -365,7 +365,8 @@ def build_app(
     are Serve deployment options over the declared ones (``user_config``, ``max_queued_requests``, …).
 
     Resolved here, where the application is built, and checked before anything is deployed:
-    a missing alias, artifact or vector table is a clear ``NotFoundError``, and a model trained
+    a missing alias, artifact or vector table (or an empty one) is a clear ``NotFoundError``, a
+    missing, unreachable or never-materialized online store a ``ConfigError``, and a model trained
     on another feature service than the served one a ``ConfigError``, now rather than replicas
     failing to start later. A version whose artifact carries ``candidates/`` is served through
     the candidate pipeline (a feature service without the ranker's recent-event features is a
@@ -375,11 +376,13 @@ def build_app(
     settings = settings or Settings.load()
     first = resolve_version(ModelRegistry(layout), layout, settings.features_module, settings.feature_service,
                             model_name, alias, version)
+    online_store = online_store_uri(settings, layout)
+    check_online_store(online_store)
     log.info("serving %s v%d (%s) from %s", first.name, first.version,
              "pinned" if version else f"alias {alias}" + (", followed" if follow_alias else ""), first.artifact_dir)
     deployment = RecommendationAPI.options(**options) if options else RecommendationAPI
     return deployment.bind(
-        layout.root, online_store_uri(settings, layout), settings.features_module, settings.feature_service,
+        layout.root, online_store, settings.features_module, settings.feature_service,
         first, alias=alias, follow_alias=bool(follow_alias and not version), alias_poll_s=alias_poll_s,
         variant=f"v{first.version}" if version else alias,
         resilience=ResilienceConfig.from_env(),  # read here, where the app is built, like every setting

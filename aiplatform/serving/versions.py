@@ -61,7 +61,7 @@ def resolve_version(registry: ModelRegistry, layout: Layout, features_module: st
     mv = registry.get(model_name, version) if version else registry.get_by_alias(model_name, alias)
     check_served_inputs(mv.artifact_uri, features_module, service_name)
     table = vector_table_name(mv.name, mv.version)
-    require_table(layout.vectors, table)  # NotFoundError naming the tables that exist
+    require_table(layout.vectors, table, nonempty=True)  # NotFoundError naming the tables that exist
     candidates = candidates_dir_of(mv.artifact_uri)
     config = load_candidate_config(candidates) if candidates is not None else None
     if config is not None:
@@ -73,6 +73,35 @@ def resolve_version(registry: ModelRegistry, layout: Layout, features_module: st
         log.info("%s v%d: two-tower retrieval order (the version has no candidates/)", mv.name, mv.version)
     return ServedVersion(mv.name, mv.version, mv.artifact_uri, layout.vectors, table, config is not None,
                          served_service(features_module, service_name).version)
+
+
+def check_online_store(uri: str) -> None:
+    """Refuse, where the application is built, an online store that cannot serve: a SQLite file
+    that does not exist, a Redis that does not answer, or a store that was never materialized
+    (no popular items: the feature job has not run against it). A replica that starts later
+    while the store is briefly down still starts and degrades (``serving.resilience``)."""
+    import os
+
+    from aiplatform.core.errors import ConfigError
+    from aiplatform.features.online import open_online_store
+
+    fix = "run the feature job against it first (python -m aiplatform.jobs.features, or aiplatform quickstart)"
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri
+    if "://" not in path and not os.path.exists(path):
+        raise ConfigError(f"online store {path} does not exist: {fix}, or set AIPLATFORM_ONLINE_STORE")
+    try:
+        store = open_online_store(uri)
+        try:
+            popular = store.get_popular_items(1)
+        finally:
+            store.close()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"online store {uri} cannot be read ({type(exc).__name__}: {exc}): check that it "
+                          "is running and reachable from here, or set AIPLATFORM_ONLINE_STORE") from exc
+    if not popular:
+        raise ConfigError(f"online store {uri} is empty (no popular items, no features materialized): {fix}")
 
 
 @dataclass(frozen=True)
@@ -181,4 +210,4 @@ class VersionSwitcher:
         return {"following": self._alias, "switch_error": self.last_error}
 
 
-__all__ = ["Served", "ServedVersion", "VersionSwitcher", "resolve_version"]
+__all__ = ["Served", "ServedVersion", "VersionSwitcher", "check_online_store", "resolve_version"]

@@ -265,3 +265,29 @@ def test_a_replica_refuses_other_feature_definitions_than_its_deployment(home):
     with pytest.raises(ConfigError, match="deployed reading version 0123abcd"):
         RecommendPipeline(layout.root, f"sqlite:///{layout.online_sqlite}", "apps.shop.features", "recommender_user",
                           home["artifact"], layout.vectors, "two_tower_v2", service_version="0123abcd")
+
+
+def test_build_app_refuses_a_missing_unreachable_or_empty_online_store_and_an_empty_index(base_url, home, tmp_path):
+    """Deploy time, before any replica starts: each refusal names what is wrong and the fix."""
+    import lancedb
+    import pyarrow as pa
+
+    from aiplatform.core.settings import Settings
+    from aiplatform.retrieval.index import require_table
+
+    root = home["layout"].root
+    missing = tmp_path / "nope.sqlite"
+    with pytest.raises(ConfigError, match="nope.sqlite does not exist.*feature job"):
+        build_app(root, settings=Settings.load(home=root, online_store=f"sqlite:///{missing}"))
+    assert not missing.exists()  # the check creates nothing
+    empty = tmp_path / "empty.sqlite"
+    SQLiteOnlineStore(str(empty)).close()
+    with pytest.raises(ConfigError, match="empty.sqlite is empty.*feature job"):
+        build_app(root, settings=Settings.load(home=root, online_store=f"sqlite:///{empty}"))
+    with pytest.raises(ConfigError, match="redis://127.0.0.1:1/0 cannot be read"):
+        build_app(root, settings=Settings.load(home=root, online_store="redis://127.0.0.1:1/0"))
+    vectors = str(tmp_path / "vectors")
+    lancedb.connect(vectors).create_table("two_tower_v9", schema=pa.schema(
+        [pa.field("item_id", pa.string()), pa.field("vector", pa.list_(pa.float32(), 4))]))
+    with pytest.raises(NotFoundError, match="two_tower_v9.*is empty"):
+        require_table(vectors, "two_tower_v9", nonempty=True)
