@@ -6,6 +6,10 @@ person who brought the data can fix it without reading code.
 
 import csv
 import io
+import os
+import unicodedata
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -16,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from aiplatform.core import schemas
-from aiplatform.core.errors import DataValidationError
+from aiplatform.core.errors import ConfigError, DataValidationError
 from aiplatform.core.storage import filesystem_for
 
 
@@ -207,3 +211,90 @@ def check_references(events: pa.Table, items: pa.Table, events_path: str) -> Non
             events_path, f"names items that are not in the items file (e.g. '{example}')",
             column="item_id", failed_rows=bad, expected="every item_id to appear in the items file",
         )
+
+
+# ---- real-time events: what the batch contract cannot see ------------------------------------
+
+DEFAULT_MAX_EVENT_SKEW_S = 300.0
+"""How far past now a pushed event's time may be: clients' clocks drift, but an event from the
+future would sit at the top of every window and hide the user's real activity until then."""
+MAX_EVENT_SKEW_ENV = "AIPLATFORM_MAX_EVENT_SKEW_S"
+ID_COLUMNS = ("user_id", "item_id", "event_type", "event_id")
+"""The text fields of the events contract that are ids: refused with control characters."""
+CONTROL_CHARACTERS = "printable text without control or format characters (Unicode Cc/Cf: U+0000..U+001F, " \
+                     "U+007F..U+009F, zero-width and direction marks)"
+
+
+@lru_cache(maxsize=1)
+def max_event_skew_s() -> float:
+    """The allowed skew, read once per process from ``AIPLATFORM_MAX_EVENT_SKEW_S`` (seconds,
+    default 300). Read where events are validated: in a Serve replica that is the replica's
+    environment (a cluster's ``runtime_env.env_vars``), not the shell that deployed it."""
+    raw = os.environ.get(MAX_EVENT_SKEW_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_EVENT_SKEW_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{MAX_EVENT_SKEW_ENV}={raw!r}: expected a number of seconds >= 0 "
+                          f"(default {DEFAULT_MAX_EVENT_SKEW_S:g})")
+    return value
+
+
+def latest_event_time(now: datetime | None = None) -> datetime:
+    """The latest time an event may carry now (UTC)."""
+    return (now or datetime.now(timezone.utc)) + timedelta(seconds=max_event_skew_s())
+
+
+def control_character(text: str) -> tuple[int, str] | None:
+    """The position and the first control or format character (Unicode Cc/Cf) in ``text``, or
+    None. Such characters are the online rows' list separators (U+001E, U+001F) and terminal or
+    log escapes: an id carrying one would split into other ids downstream."""
+    if text.isprintable():  # no Cc/Cf (the common case, one C loop)
+        return None
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) in ("Cc", "Cf"):
+            return i, ch
+    return None
+
+
+def describe_control_character(text: str) -> str | None:
+    """``'U+001E at position 3'`` for the first control character of ``text``, or None."""
+    found = control_character(text)
+    return None if found is None else f"U+{ord(found[1]):04X} at position {found[0]}"
+
+
+def check_pushed_events(table: pa.Table, path: str, now: datetime | None = None) -> None:
+    """Refuse events (already in the contract's types) that a file import would let through
+    but a real-time push must not: times later than now + the allowed skew, and ids with
+    control characters. Raises ``DataValidationError`` naming the column, the rows and the bound."""
+    for col in ID_COLUMNS:
+        if col not in table.column_names:
+            continue
+        values = pc.unique(table.column(col).drop_null()).to_pylist()
+        bad = [v for v in values if control_character(v) is not None]
+        if bad:
+            rows = int(pc.sum(pc.is_in(table.column(col), value_set=pa.array(bad, pa.string()))).as_py() or 0)
+            raise DataValidationError(
+                path, f"has control characters (e.g. {bad[0]!r}: {describe_control_character(bad[0])})",
+                column=col, failed_rows=rows, expected=CONTROL_CHARACTERS)
+    if "timestamp" in table.column_names and table.num_rows:
+        bound = latest_event_time(now)
+        ts = table.column("timestamp")
+        late = pc.greater(ts, pa.scalar(bound, ts.type))
+        n = int(pc.sum(late).as_py() or 0)
+        if n:
+            raise DataValidationError(
+                path, f"has times in the future (latest {_timestamp_text(pc.max(ts))})", column="timestamp",
+                failed_rows=n, expected=f"times no later than now + {max_event_skew_s():g}s "
+                                        f"({bound.isoformat(timespec='seconds')}); {MAX_EVENT_SKEW_ENV} sets the "
+                                        "allowed clock skew")
+
+
+def _timestamp_text(value: pa.Scalar) -> str:
+    try:
+        return value.as_py().isoformat()
+    except (ValueError, OverflowError):  # past year 9999: Python's datetime cannot hold it
+        return f"{value.cast(pa.int64()).as_py()} microseconds after 1970"

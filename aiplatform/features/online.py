@@ -18,10 +18,15 @@ table (SQLite) or key prefix (Redis) and never reads rows of the old one.
 Writes keep the newer ``event_timestamp`` per entity (ties: the later write wins, so a corrected
 offline row at the same time replaces the old one; writing the same rows twice changes nothing)
 and are atomic per call: one SQLite transaction, one Redis Lua script.
+
+The store also holds the event ids ``features.push`` accepted lately (``claim_event_ids``): it is
+the one place every serving replica shares, so a retried event is refused by whichever replica
+it reaches.
 """
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from pathlib import Path
@@ -56,6 +61,11 @@ class OnlineStore(Protocol):
         """Replace the popular-items list (the fallback for unknown users) in one atomic write."""
     def get_popular_items(self, k: int) -> list[tuple[str, float]]:
         """The first ``k`` (item_id, score) pairs, in the order they were written."""
+    def claim_event_ids(self, ids: Sequence[str], ttl_s: float) -> list[bool]:
+        """Claim each id for ``ttl_s`` seconds: True where this call claimed it, False where a
+        live claim exists (an event already accepted). Atomic per id across processes."""
+    def release_event_ids(self, ids: Sequence[str]) -> None:
+        """Drop claims (the events they guarded were not written after all)."""
 
 
 def meta_prefix(service: FeatureService) -> str:
@@ -70,6 +80,8 @@ CREATE TABLE IF NOT EXISTS popular_items (
     score REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS event_ids (event_id TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS event_ids_expiry ON event_ids (expires_at);
 """
 
 
@@ -116,6 +128,26 @@ class SQLiteOnlineStore:
 
     def set_meta(self, key: str, value: str) -> None:
         self._conn().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def claim_event_ids(self, ids: Sequence[str], ttl_s: float) -> list[bool]:
+        """Claim ids until now + ``ttl_s``, in one write transaction (so two processes racing
+        for one id see one winner); expired claims are pruned first, which keeps the table at
+        about one window of ids."""
+        now = time.time()
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM event_ids WHERE expires_at <= ?", (now,))
+            won = [conn.execute("INSERT OR IGNORE INTO event_ids VALUES (?, ?)",
+                                (str(i), now + float(ttl_s))).rowcount == 1 for i in ids]
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return won
+
+    def release_event_ids(self, ids: Sequence[str]) -> None:
+        self._conn().executemany("DELETE FROM event_ids WHERE event_id = ?", [(str(i),) for i in ids])
 
     # ---- reads --------------------------------------------------------------------------
     def get_popular_items(self, k: int) -> list[tuple[str, float]]:

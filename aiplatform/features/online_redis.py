@@ -4,7 +4,8 @@ One key per entity, ``<prefix>:<service>__<version>:<entity id>``, holding the b
 ``online_codec.RowCodec`` (its first 8 bytes are the event timestamp). A read is ONE ``MGET``; a write
 is ONE Lua script that compares each row's timestamp with the stored one and keeps the newer
 (ties: the new row), so a call is atomic and idempotent and replicas never see half a batch.
-Meta values (materialization watermarks) live in the hash ``<prefix>:meta``. The popular-items
+Meta values (materialization watermarks) live in the hash ``<prefix>:meta``; claimed event ids
+(``features.push``'s deduplication) are keys ``<prefix>:event_id:<id>`` that Redis expires. The popular-items
 list (the fallback for unknown users) is the Redis list ``<prefix>:popular_items``, one JSON
 ``[item_id, score]`` per entry in rank order, replaced in one MULTI/EXEC transaction.
 """
@@ -50,6 +51,7 @@ class RedisOnlineStore:
         self._codecs = CodecCache()
         self._meta_key = f"{prefix}:meta"
         self._popular_key = f"{prefix}:popular_items"
+        self._event_id_key = f"{prefix}:event_id:"
 
     def _ns(self, service: FeatureService) -> tuple[object, str]:
         codec, ns = self._codecs.get(service)
@@ -111,6 +113,21 @@ class RedisOnlineStore:
 
     def set_meta(self, key: str, value: str) -> None:
         self.client.hset(self._meta_key, key, value)
+
+    def claim_event_ids(self, ids: Sequence[str], ttl_s: float) -> list[bool]:
+        """One ``SET key 1 NX PX ttl`` per id, in one round trip (a pipeline, no transaction:
+        each SET is atomic on its own, which is all a claim needs); Redis expires the claims."""
+        if not ids:
+            return []
+        ttl_ms = max(1, int(round(float(ttl_s) * 1000)))
+        pipe = self.client.pipeline(transaction=False)
+        for event_id in ids:
+            pipe.set(self._event_id_key + str(event_id), b"1", nx=True, px=ttl_ms)
+        return [bool(r) for r in pipe.execute()]
+
+    def release_event_ids(self, ids: Sequence[str]) -> None:
+        if ids:
+            self.client.delete(*[self._event_id_key + str(i) for i in ids])
 
     def get_meta(self, key: str) -> str | None:
         value = self.client.hget(self._meta_key, key)

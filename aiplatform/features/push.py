@@ -10,19 +10,36 @@ the event log (atomically), which the batch pipeline also reads.
 
 Cost: one filtered Parquet scan per push plus a vectorised compute over a few entities'
 histories; batch several events per call when you can.
+
+What is refused before anything is written (``DataValidationError``, naming the column): the
+events contract's errors, times later than now + ``AIPLATFORM_MAX_EVENT_SKEW_S`` (default 300 s)
+and ids with control characters (``data.validate.check_pushed_events``).
+
+Retries are idempotent by ``event_id``: an id already accepted into this event log within
+``AIPLATFORM_EVENT_DEDUP_WINDOW_S`` (default 24 h; 0 turns the check off) is skipped and counted
+in ``duplicates``. The ids are *claimed* in the online store (``claim_event_ids``: Redis
+``SET NX EX``, a SQLite table) before the log is appended, so two concurrent retries of one
+event cannot both write it; when the append fails the claims are released so that a retry is
+accepted. When the claim itself fails (the store is down) the events are appended unchecked:
+recorded once more rather than lost. Events without an ``event_id`` are never deduplicated.
 """
 
+import hashlib
+import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aiplatform.core.errors import ConfigError
 from aiplatform.core.storage import Layout
-from aiplatform.data import eventlog
+from aiplatform.data import eventlog, validate
 from aiplatform.features.definitions import FeatureService, FeatureView, arrow_type
 from aiplatform.features.engine import compute_view_rows
 from aiplatform.features.materialize import latest_per_entity
@@ -30,6 +47,11 @@ from aiplatform.features.online import OnlineStore
 from aiplatform.features.partition import TIMESTAMP_COLUMN
 
 _TS = pa.timestamp("us", tz="UTC")
+log = logging.getLogger(__name__)
+
+DEFAULT_DEDUP_WINDOW_S = 24 * 3600.0
+"""How long an accepted event_id refuses its repeats: longer than any client's retries."""
+DEDUP_WINDOW_ENV = "AIPLATFORM_EVENT_DEDUP_WINDOW_S"
 
 
 @dataclass
@@ -39,6 +61,77 @@ class PushResult:
     """Service name -> entities whose online row was rewritten."""
     eventlog_file: str | None
     duration_ms: float
+    duplicates: int = 0
+    """Events skipped: a repeated event_id within the batch, or one accepted within the window."""
+    duplicate_event_ids: tuple[str, ...] = ()
+    """The ids skipped because an earlier push accepted them (within the window)."""
+
+
+@lru_cache(maxsize=1)
+def event_dedup_window_s() -> float:
+    """The window, read once per process from ``AIPLATFORM_EVENT_DEDUP_WINDOW_S`` (seconds,
+    default 24 h, 0: off). In a Serve replica that is the replica's environment."""
+    raw = os.environ.get(DEDUP_WINDOW_ENV, "").strip()
+    if not raw:
+        return DEFAULT_DEDUP_WINDOW_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{DEDUP_WINDOW_ENV}={raw!r}: expected a number of seconds >= 0 "
+                          f"(default {DEFAULT_DEDUP_WINDOW_S:g}; 0 turns deduplication off)")
+    return value
+
+
+def _claim_scope(layout: Layout) -> str:
+    """An event_id is unique within one event log: the claims name the log's root, so two
+    storage roots sharing an online store (tests, staging next to production) never collide."""
+    return hashlib.sha256(layout.root.encode()).hexdigest()[:16] + ":"
+
+
+def _input_rows(events: "pa.Table | pd.DataFrame | list[dict]") -> int:
+    if isinstance(events, pa.Table):
+        return events.num_rows
+    try:
+        return len(events)
+    except TypeError:  # an iterator: already consumed by validation, its length unknown
+        return 0
+
+
+def _claim_new(layout: Layout, store: OnlineStore, table: pa.Table) -> tuple[pa.Table, list[str], list[str]]:
+    """``table`` without the events whose event_id an earlier push accepted within the window;
+    the claim keys now held (released if the append fails) and the skipped ids."""
+    window = event_dedup_window_s()
+    ids = table.column("event_id")
+    if window <= 0 or ids.null_count == table.num_rows:
+        return table, [], []
+    present = pc.is_valid(ids).to_numpy(zero_copy_only=False)
+    wanted = [v for v in ids.to_pylist() if v is not None]
+    scope = _claim_scope(layout)
+    keys = [scope + v for v in wanted]
+    try:
+        won = store.claim_event_ids(keys, window)
+    except Exception as exc:  # the store is down: record (maybe twice) rather than lose the events
+        log.warning("event_id deduplication unavailable (%s: %s); appending %d events unchecked",
+                    type(exc).__name__, exc, table.num_rows)
+        return table, [], []
+    keep = present.copy()
+    keep[np.flatnonzero(present)] = np.asarray(won, dtype=bool)
+    keep |= ~present
+    claimed = [k for k, w in zip(keys, won, strict=True) if w]
+    skipped = [v for v, w in zip(wanted, won, strict=True) if not w]
+    return (table if keep.all() else table.filter(pa.array(keep))), claimed, skipped
+
+
+def _release(store: OnlineStore, keys: list[str]) -> None:
+    if not keys:
+        return
+    try:
+        store.release_event_ids(keys)
+    except Exception as exc:  # best effort: the claims expire with the window anyway
+        log.warning("could not release %d event_id claims after a failed append (%s: %s); their retries "
+                    "are skipped as duplicates until the window ends", len(keys), type(exc).__name__, exc)
 
 
 def _event_views(service: FeatureService) -> list[FeatureView]:
@@ -93,16 +186,30 @@ def _service_rows(layout: Layout, service: FeatureService, store: OnlineStore,
 
 def push(layout: Layout, events: "pa.Table | pd.DataFrame | list[dict]", services: Sequence[FeatureService],
          store: OnlineStore) -> PushResult:
-    """Validate ``events``, append them to the event log, and rewrite the online rows of every
-    entity they touch in each of ``services``. Invalid events raise ``DataValidationError``
-    (naming the field) before anything is written."""
+    """Validate ``events``, append the new ones to the event log, and rewrite the online rows of
+    every entity they touch in each of ``services``. Invalid events (the contract, a time in
+    the future, an id with control characters) raise ``DataValidationError`` naming the field
+    before anything is written; events whose event_id was accepted within the dedup window are
+    skipped (``PushResult.duplicates``)."""
     started = time.perf_counter()
     table = eventlog.validate_pushed(events)
+    validate.check_pushed_events(table, "pushed events")
+    in_batch = max(_input_rows(events) - table.num_rows, 0)  # repeated event_ids the contract dropped
+    claimed: list[str] = []
+    skipped: list[str] = []
+    if table.num_rows:
+        table, claimed, skipped = _claim_new(layout, store, table)
     if table.num_rows == 0:
-        return PushResult(0, {s.name: 0 for s in services}, None, 0.0)
-    path = eventlog.append(layout, table)
+        return PushResult(0, {s.name: 0 for s in services}, None, (time.perf_counter() - started) * 1000,
+                          in_batch + len(skipped), tuple(skipped))
+    try:
+        path = eventlog.append(layout, table)
+    except BaseException:
+        _release(store, claimed)
+        raise
     updated: dict[str, int] = {}
     for service in services:
         rows = _service_rows(layout, service, store, table)
         updated[service.name] = store.write_features(service, rows) if rows is not None and rows.num_rows else 0
-    return PushResult(table.num_rows, updated, path, (time.perf_counter() - started) * 1000)
+    return PushResult(table.num_rows, updated, path, (time.perf_counter() - started) * 1000,
+                      in_batch + len(skipped), tuple(skipped))

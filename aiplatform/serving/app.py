@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 import uuid
+from contextvars import ContextVar
 from datetime import timezone
 
 from fastapi import FastAPI, Path, Query, Request
@@ -34,6 +35,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import BackpressureConfig
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aiplatform.core.errors import NotFoundError, UserInputError
 from aiplatform.core.settings import Settings
@@ -47,6 +50,7 @@ from aiplatform.serving.resilience import ResilienceConfig
 from aiplatform.serving.versions import Served, ServedVersion, VersionSwitcher, check_online_store, resolve_version
 from aiplatform.serving.schemas import (
     MAX_K,
+    MAX_REQUEST_ID,
     ErrorResponse,
     EventsAccepted,
     EventsRequest,
@@ -78,6 +82,82 @@ api = FastAPI(
     description="Recommendations from multi-source candidates (a two-tower retrieval model, co-occurrence, "
                 "EASE, popularity) ordered by a LightGBM ranker, served by Ray Serve.",
 )
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID: ContextVar[str | None] = ContextVar("aiplatform_request_id", default=None)
+
+
+def valid_request_id(value: str | None) -> str | None:
+    """``value`` when it can be a request id: 1..128 printable ASCII characters (safe in a
+    header, a log line and the experiment tables); otherwise None and a new id is made."""
+    if value and len(value) <= MAX_REQUEST_ID and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
+def current_request_id() -> str:
+    """The id of the request being handled (the client's ``X-Request-ID`` or a new one)."""
+    return _REQUEST_ID.get() or uuid.uuid4().hex
+
+
+def _behind_serve_proxy() -> bool:
+    try:
+        from ray.serve.context import _get_internal_replica_context
+
+        return _get_internal_replica_context() is not None
+    except Exception:  # another Serve: assume it does not echo the header
+        return False
+
+
+class RequestIdMiddleware:
+    """Gives each HTTP request its id: the client's ``X-Request-ID`` when valid, else a new one.
+    The endpoints put it in the body (``request_id``), the response carries it in
+    ``X-Request-ID`` (every response, errors too) and this module's log lines carry it.
+
+    Serve's proxy already echoes the incoming header (or one it generated and passed on) in
+    every response, 503s and 408s included; in a replica this middleware then adds the header
+    only when it chose another id (the client's was invalid): that response has two
+    ``X-Request-ID`` values, ours first. Pure ASGI (no extra task per request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.echoed_by_proxy = _behind_serve_proxy()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
+        request_id = valid_request_id(sent) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        add_header = not (self.echoed_by_proxy and sent == request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if add_header and message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        token = _REQUEST_ID.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            _REQUEST_ID.reset(token)
+
+
+class _RequestIdLogFilter(logging.Filter):
+    """This module's log lines during a request name it (``record.request_id`` and a prefix)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = _REQUEST_ID.get()
+        record.request_id = request_id or ""
+        if request_id and not getattr(record, "_request_id_prefixed", False):
+            record.msg = f"[request {request_id}] {record.msg}"
+            record._request_id_prefixed = True
+        return True
+
+
+log.addFilter(_RequestIdLogFilter())
+api.add_middleware(RequestIdMiddleware)
 
 _FIELD_HINTS = {
     "k": f"allowed range 1..{MAX_K}",
@@ -230,7 +310,7 @@ class RecommendationAPI:
         nearest items are returned in retrieval order. When a part of the pipeline fails (the
         online store is down, say), the answer is the user's last good one or the popular items,
         marked ``fallback: "degraded"``: never a 5xx."""
-        request_id = uuid.uuid4().hex
+        request_id = current_request_id()
         started = time.perf_counter()
         status = "ok"
         try:
@@ -282,7 +362,7 @@ class RecommendationAPI:
             item_id=item_id,
             items=[ScoredItem(item_id=i, score=s) for i, s in scored],
             model=model,
-            request_id=uuid.uuid4().hex,
+            request_id=current_request_id(),
         )
 
     @api.post(
@@ -296,7 +376,10 @@ class RecommendationAPI:
         pipeline reads too) and the touched users' online features are recomputed at once,
         so the next recommendation sees them. While the online store is down: 503 with
         ``recorded`` saying whether the events reached the event log (false: send them again after
-        ``Retry-After`` seconds; true: do not, their features catch up at the next feature job)."""
+        ``Retry-After`` seconds; true: do not, their features catch up at the next feature job).
+        A time later than now + 300 s or an id with a control character is a 422 naming the field
+        (nothing is written). Events whose ``event_id`` was accepted within the last 24 hours are
+        skipped and counted in ``duplicates``: a retried request is recorded once."""
         events = [e.model_dump() for e in body.events]
         for e in events:
             if e["timestamp"].tzinfo is None:
@@ -312,10 +395,20 @@ class RecommendationAPI:
             return JSONResponse(status_code=503, headers={"Retry-After": str(result["retry_after_s"])},
                                 content={"message": f"events: {result['unavailable']}",
                                          "recorded": result["recorded"], "detail": result["unavailable"]})
-        if followed and self.experiments is not None:
-            self.experiments.outcomes(followed)
-        return EventsAccepted(accepted=result["accepted"], entities_updated=result["entities_updated"],
-                              request_id=uuid.uuid4().hex)
+        # duplicates: what the push skipped (a repeated event_id, here or within the window)
+        duplicates = int(result.get("duplicates", len(events) - result["accepted"]))
+        if followed and self.experiments is not None and result["accepted"]:
+            skipped, seen = set(result.get("duplicate_event_ids") or ()), set()
+            outcomes = []
+            for e in followed:  # an outcome once per event: not for a skipped or repeated event_id
+                event_id = e.get("event_id")
+                if event_id is not None and (event_id in skipped or event_id in seen):
+                    continue
+                seen.add(event_id)
+                outcomes.append(e)
+            self.experiments.outcomes(outcomes)
+        return EventsAccepted(accepted=result["accepted"], duplicates=duplicates,
+                              entities_updated=result["entities_updated"], request_id=current_request_id())
 
     @api.get("/healthz", response_model=Health)
     async def healthz(

@@ -180,9 +180,11 @@ class ExperimentRouter:
                     self._buffers[kind] = rows + self._buffers[kind]
 
     def _run(self) -> None:
-        next_poll = 0.0
-        while not self._stop.wait(self._flush_s):
-            self.flush()
+        next_poll = next_flush = 0.0
+        while not self._stop.wait(min(self._flush_s, self._poll_s)):
+            if time.monotonic() >= next_flush:
+                next_flush = time.monotonic() + self._flush_s
+                self.flush()
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + self._poll_s
                 try:

@@ -490,7 +490,8 @@ class RecommendPipeline:
         if store.called:
             breaker.record_success()
         self._invalidate(events)
-        return {"accepted": result.events, "entities_updated": result.entities_updated}
+        return {"accepted": result.events, "entities_updated": result.entities_updated,
+                "duplicates": result.duplicates, "duplicate_event_ids": list(result.duplicate_event_ids)}
 
     def _invalidate(self, events: list[dict[str, Any]]) -> None:
         """Drop the cached rows and answers of the users ``events`` touch (in this replica)."""

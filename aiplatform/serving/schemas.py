@@ -5,12 +5,23 @@ against them (a bad field is a 422 that names it) and renders them in the OpenAP
 ``/docs``.
 """
 
-from datetime import datetime
+from datetime import datetime, timezone
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from aiplatform.data.validate import (
+    CONTROL_CHARACTERS,
+    MAX_EVENT_SKEW_ENV,
+    describe_control_character,
+    latest_event_time,
+    max_event_skew_s,
+)
 
 MAX_K = 100
 """Largest number of items one request may ask for."""
+MAX_REQUEST_ID = 128
+"""Longest request id: an incoming ``X-Request-ID`` up to this long is used as the request's id,
+so an event's ``request_id`` (the recommendation it followed) accepts as many characters."""
 
 
 class RecommendationRequest(BaseModel):
@@ -107,11 +118,38 @@ class Event(BaseModel):
                             description="view, click, add_to_cart or purchase (others count as view)")
     timestamp: datetime = Field(..., description="ISO 8601; a time without a zone is UTC")
     value: float | None = Field(None, description="A price or rating")
-    event_id: str | None = Field(None, max_length=256, description="Unique id, used to drop duplicates")
-    request_id: str | None = Field(None, min_length=1, max_length=64,
+    event_id: str | None = Field(None, min_length=1, max_length=256,
+                                 description="Unique id: an event_id accepted within the last 24 hours "
+                                             "(AIPLATFORM_EVENT_DEDUP_WINDOW_S) is skipped and counted in "
+                                             "`duplicates`, so a retried request records its events once.")
+    request_id: str | None = Field(None, min_length=1, max_length=MAX_REQUEST_ID,
                                    description="The request_id of the recommendation this event followed (a click "
                                                "on a recommended item, say): links it to the experiment variant "
                                                "that answered, for `aiplatform experiments report`.")
+
+    @field_validator("user_id", "item_id", "event_type", "event_id", "request_id")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        """Control characters would split an id downstream (the online rows' list separators are
+        U+001E/U+001F) or forge log lines: refused here, before anything is written."""
+        if value is not None:
+            found = describe_control_character(value)
+            if found is not None:
+                raise ValueError(f"contains the control character {found}; expected {CONTROL_CHARACTERS}")
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_in_the_future(cls, value: datetime) -> datetime:
+        """An event from the future would stay the user's latest one until then (hiding their
+        real activity from every window): refused beyond the clock skew allowed."""
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+        bound = latest_event_time()
+        if aware > bound:
+            raise ValueError(f"{aware.isoformat()} is in the future: the latest time allowed now is "
+                             f"{bound.isoformat(timespec='seconds')} (now + {max_event_skew_s():g}s of clock skew, "
+                             f"{MAX_EVENT_SKEW_ENV}); send the time the event happened, with its zone or in UTC")
+        return value
 
 
 class EventsRequest(BaseModel):
@@ -127,6 +165,8 @@ class EventsRequest(BaseModel):
 
 class EventsAccepted(BaseModel):
     accepted: int = Field(..., description="Events written to the event log")
+    duplicates: int = Field(0, description="Events skipped because their event_id was already accepted "
+                                           "(earlier in this request, or by a request within the dedup window)")
     entities_updated: dict[str, int] = Field(..., description="Feature service -> entities whose "
                                                               "online row was rewritten")
     request_id: str

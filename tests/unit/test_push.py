@@ -131,7 +131,7 @@ def test_bad_event_is_refused_and_nothing_is_written(shop, store):
 
 def test_reimport_clears_the_event_log(shop, tmp_path, store):
     layout, frames = shop
-    push(layout, _new_events(frames, ["u1x"], pd.Timestamp("2026-12-01", tz="UTC")), [recommender_user], store)
+    push(layout, _new_events(frames, ["u1x"], pd.Timestamp("2026-11-15", tz="UTC")), [recommender_user], store)
     assert eventlog.files(layout)
     paths = {p.stem: str(p) for p in Path(tmp_path / "in").glob("*.parquet")}
     lake.import_files(layout, paths["events"], paths["items"], paths["users"])
