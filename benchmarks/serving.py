@@ -7,6 +7,9 @@ competes for the cores while it is measured):
   127.0.0.1, a free port), on a fresh local Ray in its own process;
 - ``serve+tput``: the same with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (read when Serve starts,
   hence a process and a Ray of its own);
+- ``serve+direct``: the same with Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``):
+  the ingress replica runs its own HTTP server and no proxy is started, so the load goes to the
+  replica's port (a range set per run);
 - ``plain``: benchmarks/serving_plain.py, the same pipeline object (``serving.pipeline.
   RecommendPipeline``: online features, user tower, item index, candidate ranker) called
   in-process by one uvicorn worker; ``plain x2``: uvicorn with 2 workers;
@@ -23,7 +26,11 @@ on ``POST /v1/recommendations`` with user ids cycling through known users (a Lua
 Reported per level: p50, p99 (wrk's latency histogram), requests/s, errors (connect, read,
 write, timeout and non-2xx answers). Loopback only.
 
-Usage: python benchmarks/serving.py --home ROOT [--quick] [--only serve,plain] [--baseline-src DIR]
+The serving caches (2 s of feature rows and answers per process) are off unless ``--with-caches``:
+at hundreds of requests per second over 1,000 users a user comes back within 2 s, so a faster
+server would also be served from its cache more often.
+
+Usage: python benchmarks/serving.py --home ROOT [--quick] [--only serve,plain] [--baseline-src DIR] [--with-caches]
 ROOT: a storage root with a champion and its index and online store (``aiplatform quickstart
 --no-wait --home ROOT``). Saves benchmarks/results/serving.json (serving_quick.json with --quick).
 """
@@ -102,8 +109,9 @@ class Contender:
     """One server to measure: how to start it, and where it answers once started."""
 
     def __init__(self, name: str, kind: str, *, env: dict[str, str | None] | None = None, workers: int = 1,
-                 src: Path = REPO) -> None:
+                 src: Path = REPO, direct: bool = False) -> None:
         self.name, self.kind, self.env, self.workers, self.src = name, kind, env or {}, workers, src
+        self.direct = direct  # Serve's direct ingress: the replica itself listens, no proxy
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.deployments = ""
@@ -111,6 +119,11 @@ class Contender:
     def start(self, home: str, log: Path, timeout: float = 300) -> str:
         port = free_port()
         env = dict(os.environ, AIPLATFORM_HOME=home, PYTHONPATH=str(self.src))
+        url_port = port
+        if self.direct:  # the replica takes the first free port of this range
+            url_port = free_port()
+            env.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(url_port),
+                       RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(url_port + 1))
         for k, v in self.env.items():
             if v is None:
                 env.pop(k, None)
@@ -124,7 +137,7 @@ class Contender:
         self.log = open(log, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=self.src, env=env, stdin=subprocess.PIPE, stdout=self.log,
                                      stderr=subprocess.STDOUT, text=True)
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://127.0.0.1:{url_port}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -229,15 +242,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 s warm-up + 5 s per level")
     ap.add_argument("--only", help="comma-separated contender names (default: all)")
     ap.add_argument("--baseline-src", type=Path, help="also serve the Serve app of this source tree")
+    ap.add_argument("--with-caches", action="store_true",
+                    help="keep the serving caches of feature rows and answers (default: off, so that a faster "
+                         "server does not win by repeating users within the caches' 2 s)")
     args = ap.parse_args()
     if not args.home:
         sys.exit("--home: pass a storage root with a served champion (aiplatform quickstart --no-wait --home ROOT)")
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
     warm, measure = (2, 5) if args.quick else (5, 15)
+    if not args.with_caches:  # every contender computes every answer (read by build_app and serving_plain)
+        os.environ.update(AIPLATFORM_SERVING_ANSWER_TTL_S="0", AIPLATFORM_SERVING_FEATURE_TTL_S="0")
 
     contenders = [Contender("serve", "serve", env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": None}),
                   Contender("serve+tput", "serve", env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+                  Contender("serve+direct", "serve", direct=True,
+                            env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}),
                   Contender("plain", "plain", workers=1),
                   Contender("plain x2", "plain", workers=2)]
     if args.baseline_src:
@@ -297,7 +317,7 @@ def main() -> None:
         if checks:
             print_table("Targets (issue 11, point 1)", ["server", "target", "measured", "met"], checks)
     path = save("serving_quick" if args.quick else "serving", {
-        "home": args.home, "warm_s": warm, "measure_s": measure, "levels": list(LEVELS),
+        "home": args.home, "warm_s": warm, "measure_s": measure, "levels": list(LEVELS), "caches": args.with_caches,
         "identical_answers_users": len(check), "start_seconds": started, "deployments": deployments, "results": results,
         "targets": [{"server": s, "target": t, "measured": m, "met": bool(ok)} for s, t, m, ok in checks]})
     print(f"saved {path}")

@@ -23,6 +23,7 @@ from aiplatform.features.server import online_store_uri
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval.index import vector_table_name
 from aiplatform.serving.pipeline import RecommendPipeline
+from aiplatform.serving.resilience import ResilienceConfig
 from aiplatform.serving.schemas import (
     ModelRef,
     RecommendationRequest,
@@ -38,7 +39,7 @@ def load_pipeline(settings: Settings | None = None, alias: str = "champion") -> 
     mv = ModelRegistry(layout).get_by_alias(settings.model_name, alias)
     pipeline = RecommendPipeline(layout.root, online_store_uri(settings, layout), settings.features_module,
                                  settings.feature_service, mv.artifact_uri, layout.vectors,
-                                 vector_table_name(mv.name, mv.version))
+                                 vector_table_name(mv.name, mv.version), config=ResilienceConfig.from_env())
     return pipeline, ModelRef(name=mv.name, version=mv.version)
 
 
