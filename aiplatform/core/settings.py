@@ -15,6 +15,37 @@ from pydantic import BaseModel, Field, ValidationError
 from aiplatform.core.errors import ConfigError
 
 
+def seconds_from_env(name: str, default: float, hint: str = "") -> float:
+    """A duration in seconds from the environment variable ``name`` (``default`` when unset or
+    empty); ``ConfigError`` naming the variable for anything but a finite number >= 0."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r}: expected a number of seconds >= 0 (default {default:g}{hint})")
+    return value
+
+
+def default_actor() -> str:
+    """Who made a change (an alias move, an experiment revision): ``$AIPLATFORM_ACTOR`` (a CI
+    job names itself), else user@host."""
+    import getpass
+    import socket
+
+    named = os.environ.get("AIPLATFORM_ACTOR", "").strip()
+    if named:
+        return named
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name in some containers
+        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
 class Settings(BaseModel):
     home: str = Field(".aiplatform", description="Storage root: a local path or s3:// / gs:// URI")
     ray_address: str | None = Field(None, description="Ray cluster address; None starts a local one")

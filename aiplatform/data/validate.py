@@ -6,7 +6,6 @@ person who brought the data can fix it without reading code.
 
 import csv
 import io
-import os
 import unicodedata
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
@@ -20,7 +19,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from aiplatform.core import schemas
-from aiplatform.core.errors import ConfigError, DataValidationError
+from aiplatform.core.errors import DataValidationError
+from aiplatform.core.settings import seconds_from_env
 from aiplatform.core.storage import filesystem_for
 
 
@@ -230,17 +230,7 @@ def max_event_skew_s() -> float:
     """The allowed skew, read once per process from ``AIPLATFORM_MAX_EVENT_SKEW_S`` (seconds,
     default 300). Read where events are validated: in a Serve replica that is the replica's
     environment (a cluster's ``runtime_env.env_vars``), not the shell that deployed it."""
-    raw = os.environ.get(MAX_EVENT_SKEW_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_EVENT_SKEW_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0 or value == float("inf"):
-        raise ConfigError(f"{MAX_EVENT_SKEW_ENV}={raw!r}: expected a number of seconds >= 0 "
-                          f"(default {DEFAULT_MAX_EVENT_SKEW_S:g})")
-    return value
+    return seconds_from_env(MAX_EVENT_SKEW_ENV, DEFAULT_MAX_EVENT_SKEW_S)
 
 
 def latest_event_time(now: datetime | None = None) -> datetime:

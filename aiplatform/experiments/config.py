@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import yaml
 from pydantic import (
@@ -68,69 +68,53 @@ def _one_target(kind: str, name: str, alias: str | None, version: int | None) ->
                          "(alias: champion, or version: 3)")
 
 
-class Variant(BaseModel):
-    """One arm: a model version, named directly or through an alias, and its traffic weight."""
+class _Arm(BaseModel):
+    """What a variant and a shadow share: a name and a model version, named directly or
+    through an alias (exactly one of the two)."""
 
     model_config = ConfigDict(extra="forbid")
+    _kind: ClassVar[str] = "variant"
 
     name: str = Field(min_length=1, max_length=64)
     alias: str | None = None
     version: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _VARIANT_RE.match(value):
+            raise ValueError(f"{cls._kind} name {value!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        return value
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, value: str | None) -> str | None:
+        return _check_alias(value)
+
+    @model_validator(mode="after")
+    def _target(self) -> Self:
+        _one_target(self._kind, self.name, self.alias, self.version)
+        return self
+
+    @property
+    def target(self) -> str:
+        """How the arm names its model version, for people: ``alias champion`` or ``v3``."""
+        return f"alias {self.alias}" if self.alias is not None else f"v{self.version}"
+
+
+class Variant(_Arm):
+    """One arm: a model version, named directly or through an alias, and its traffic weight."""
+
     weight: float = Field(ge=0, allow_inf_nan=False)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _VARIANT_RE.match(value):
-            raise ValueError(f"variant name {value!r}: use 1-64 letters, digits, '_', '.' or '-'")
-        return value
 
-    @field_validator("alias")
-    @classmethod
-    def _alias(cls, value: str | None) -> str | None:
-        return _check_alias(value)
-
-    @model_validator(mode="after")
-    def _target(self) -> "Variant":
-        _one_target("variant", self.name, self.alias, self.version)
-        return self
-
-    @property
-    def target(self) -> str:
-        """How the variant names its model version, for people: ``alias champion`` or ``v3``."""
-        return f"alias {self.alias}" if self.alias is not None else f"v{self.version}"
-
-
-class Shadow(BaseModel):
+class Shadow(_Arm):
     """A version that gets a copy of a share of requests; its answers are compared, never served."""
 
-    model_config = ConfigDict(extra="forbid")
+    _kind: ClassVar[str] = "shadow"
 
     name: str = Field("shadow", min_length=1, max_length=64)
-    alias: str | None = None
-    version: int | None = Field(None, ge=1)
     share: float = Field(gt=0, le=1, allow_inf_nan=False)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _VARIANT_RE.match(value):
-            raise ValueError(f"shadow name {value!r}: use 1-64 letters, digits, '_', '.' or '-'")
-        return value
-
-    @field_validator("alias")
-    @classmethod
-    def _alias(cls, value: str | None) -> str | None:
-        return _check_alias(value)
-
-    @model_validator(mode="after")
-    def _target(self) -> "Shadow":
-        _one_target("shadow", self.name, self.alias, self.version)
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"alias {self.alias}" if self.alias is not None else f"v{self.version}"
 
 
 class Experiment(BaseModel):

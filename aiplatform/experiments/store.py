@@ -28,11 +28,8 @@ registry's ``_table``): on an object store Lance turns a losing concurrent creat
 overwrite, which could drop rows appended in between.
 """
 
-import getpass
 import json
 import logging
-import os
-import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -45,6 +42,7 @@ import pyarrow.compute as pc
 
 from aiplatform.core import storage
 from aiplatform.core.errors import UserInputError
+from aiplatform.core.settings import default_actor
 from aiplatform.core.storage import Layout
 from aiplatform.experiments.config import Experiment, check_name
 
@@ -97,21 +95,6 @@ SHADOW_SCHEMA = pa.schema([
     pa.field("k", pa.int64(), nullable=False),
     pa.field("at", _TS, nullable=False),
 ])
-
-
-def _default_actor() -> str:
-    """Who made a change: ``$AIPLATFORM_ACTOR`` (a CI job names itself), else user@host.
-
-    The registry's rule (``registry.aliases.default_actor``), repeated because this layer may
-    import ``core`` only."""
-    named = os.environ.get("AIPLATFORM_ACTOR", "").strip()
-    if named:
-        return named
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no login name in some containers
-        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def _utc(value: Any, what: str) -> datetime:
@@ -234,7 +217,7 @@ class ExperimentStore:
     def _write_config(self, experiment: Experiment, active: bool, actor: str | None, reason: str) -> int:
         put_id = uuid.uuid4().hex
         row = {"name": experiment.name, "model_name": experiment.model_name, "config": experiment.to_json(),
-               "active": active, "set_at": datetime.now(timezone.utc), "actor": str(actor or _default_actor()),
+               "active": active, "set_at": datetime.now(timezone.utc), "actor": str(actor or default_actor()),
                "reason": str(reason or ""), "put_id": put_id}
         # Replay the table as this append's own commit made it: the rows committed before it
         # decide whether it applies, whatever was committed since.

@@ -26,7 +26,6 @@ recorded once more rather than lost. Events without an ``event_id`` are never de
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aiplatform.core.errors import ConfigError
+from aiplatform.core.settings import seconds_from_env
 from aiplatform.core.storage import Layout
 from aiplatform.data import eventlog, validate
 from aiplatform.features.definitions import FeatureService, FeatureView, arrow_type
@@ -71,17 +70,7 @@ class PushResult:
 def event_dedup_window_s() -> float:
     """The window, read once per process from ``AIPLATFORM_EVENT_DEDUP_WINDOW_S`` (seconds,
     default 24 h, 0: off). In a Serve replica that is the replica's environment."""
-    raw = os.environ.get(DEDUP_WINDOW_ENV, "").strip()
-    if not raw:
-        return DEFAULT_DEDUP_WINDOW_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0 or value == float("inf"):
-        raise ConfigError(f"{DEDUP_WINDOW_ENV}={raw!r}: expected a number of seconds >= 0 "
-                          f"(default {DEFAULT_DEDUP_WINDOW_S:g}; 0 turns deduplication off)")
-    return value
+    return seconds_from_env(DEDUP_WINDOW_ENV, DEFAULT_DEDUP_WINDOW_S, "; 0 turns deduplication off")
 
 
 def _claim_scope(layout: Layout) -> str:

@@ -7,14 +7,13 @@ lost a compare-and-set race. Kept apart from ``registry.py`` because it is pure:
 answers out, no storage.
 """
 
-import getpass
-import os
-import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+
+from aiplatform.core.settings import default_actor  # noqa: F401  (re-exported)
 
 MOVES_SCHEMA = pa.schema(
     [
@@ -44,18 +43,6 @@ class _Unchecked:
 
 
 UNCHECKED: Any = _Unchecked()
-
-
-def default_actor() -> str:
-    """Who moves an alias: ``$AIPLATFORM_ACTOR`` (a CI job names itself), else user@host."""
-    named = os.environ.get("AIPLATFORM_ACTOR", "").strip()
-    if named:
-        return named
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no login name in some containers
-        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 @dataclass

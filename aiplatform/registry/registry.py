@@ -480,9 +480,7 @@ class ModelRegistry:
         states = self._alias_states(name)
         state = states.get(alias)
         if state is None or state.target is None:
-            if not self.list_versions(name):
-                raise self._missing_model(name)
-            have = ", ".join(sorted(a for a, st in states.items() if st.target is not None)) or "none set"
+            have = self._set_aliases_or_missing(name, states)
             raise UserInputError(f"alias {alias!r} of model {name!r} is not set (aliases: {have}): nothing "
                                  f"to roll back; point it at a version with: aiplatform models promote {name} VERSION")
         if len(state.line) < 2:
@@ -514,6 +512,13 @@ class ModelRegistry:
             dataset = self._table(MOVES_TABLE, MOVES_SCHEMA).to_lance()
         return dataset.to_table(filter=f"name = '{name}'", scan_in_order=True).to_pylist()
 
+    def _set_aliases_or_missing(self, name: str, states: dict[str, AliasState]) -> str:
+        """For a message about an unset alias: the aliases that are set ("none set"), after
+        raising the missing-model error when the model has no version at all."""
+        if not self.list_versions(name):
+            raise self._missing_model(name)
+        return ", ".join(sorted(a for a, st in states.items() if st.target is not None)) or "none set"
+
     def _alias_states(self, name: str) -> dict[str, AliasState]:
         _check_name("model name", name)
         return replay(self._legacy_alias_rows(name) + self._move_rows(name))[0]
@@ -526,9 +531,7 @@ class ModelRegistry:
         states = self._alias_states(name)
         state = states.get(alias)
         if state is None or state.target is None:
-            if not self.list_versions(name):
-                raise self._missing_model(name)
-            have = ", ".join(sorted(a for a, st in states.items() if st.target is not None)) or "none set"
+            have = self._set_aliases_or_missing(name, states)
             raise NotFoundError(
                 f"model {name!r} has no alias {alias!r} (aliases: {have}); "
                 f"set one with set_alias({name!r}, {alias!r}, version)"
