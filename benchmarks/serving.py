@@ -4,8 +4,10 @@ Contenders, on the same storage root and model version, each started alone (noth
 competes for the cores while it is measured):
 
 - ``serve``: the application ``aiplatform serve`` runs (``serving.app.build_app`` + ``start`` on
-  127.0.0.1, a free port), on a fresh local Ray in its own process;
-- ``serve+tput``: the same with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (read when Serve starts,
+  127.0.0.1, a free port), on a fresh local Ray in its own process, with its default ingress:
+  Serve's HAProxy ingress and ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (``AIPLATFORM_SERVE_INGRESS``);
+- ``serve/proxy``: the same behind Serve's Python HTTP proxy (Ray's default), and
+  ``serve/proxy+tput`` with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (read when Serve starts,
   hence a process and a Ray of its own);
 - ``serve+direct``: the same with Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``):
   the ingress replica runs its own HTTP server and no proxy is started, so the load goes to the
@@ -254,15 +256,17 @@ def main() -> None:
     if not args.with_caches:  # every contender computes every answer (read by build_app and serving_plain)
         os.environ.update(AIPLATFORM_SERVING_ANSWER_TTL_S="0", AIPLATFORM_SERVING_FEATURE_TTL_S="0")
 
-    contenders = [Contender("serve", "serve", env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": None}),
-                  Contender("serve+tput", "serve", env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+    proxy = {"AIPLATFORM_SERVE_INGRESS": "proxy", "RAY_SERVE_ENABLE_HA_PROXY": None}
+    contenders = [Contender("serve", "serve", env={"AIPLATFORM_SERVE_INGRESS": "haproxy"}),
+                  Contender("serve/proxy", "serve", env={**proxy, "RAY_SERVE_THROUGHPUT_OPTIMIZED": None}),
+                  Contender("serve/proxy+tput", "serve", env={**proxy, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
                   Contender("serve+direct", "serve", direct=True,
-                            env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}),
+                            env={**proxy, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}),
                   Contender("plain", "plain", workers=1),
                   Contender("plain x2", "plain", workers=2)]
     if args.baseline_src:
         contenders.insert(0, Contender(f"serve@{args.baseline_src.name}", "serve",
-                                       env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": None}, src=args.baseline_src.resolve()))
+                                       env={"AIPLATFORM_SERVE_INGRESS": "haproxy"}, src=args.baseline_src.resolve()))
     if args.only:
         wanted = set(args.only.split(","))
         contenders = [c for c in contenders if c.name in wanted]

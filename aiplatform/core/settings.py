@@ -7,7 +7,7 @@ same code onto a cluster.
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -54,6 +54,9 @@ class Settings(BaseModel):
     online_store: str = Field("sqlite", description="'sqlite' (file under home) or a redis:// URL")
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
+    serve_ingress: Literal["haproxy", "proxy"] = Field(
+        "haproxy", description="HTTP ingress of a Ray this process starts: Serve's HAProxy ingress or its "
+                               "Python proxy (a cluster you join keeps the ingress it was started with)")
     model_name: str = "two_tower"
     features_module: str = Field("apps.shop.features",
                                  description="Python module declaring VIEWS, SERVICES, ON_DEMAND")
@@ -77,6 +80,7 @@ class Settings(BaseModel):
             "AIPLATFORM_ONLINE_STORE": "online_store",
             "AIPLATFORM_HTTP_HOST": "http_host",
             "AIPLATFORM_HTTP_PORT": "http_port",
+            "AIPLATFORM_SERVE_INGRESS": "serve_ingress",
             "AIPLATFORM_FEATURES_MODULE": "features_module",
             "AIPLATFORM_FEATURE_SERVICE": "feature_service",
         }

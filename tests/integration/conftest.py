@@ -24,6 +24,12 @@ def ray_session(s3_server, importable_dir):
     # Ray's workers inherit the environment of ray.init: the S3 test server's endpoint and
     # credentials must be there first, so that tasks can read an s3:// storage root.
     os.environ.update(s3_environment(s3_server))
+    # Serve's ingress as `aiplatform serve` starts it (HAProxy unless AIPLATFORM_SERVE_INGRESS=proxy)
+    from aiplatform.core.runtime import serve_ingress_env
+    from aiplatform.core.settings import Settings
+
+    for key, value in serve_ingress_env(Settings.load().serve_ingress).items():
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(
             address="local",
