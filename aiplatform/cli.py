@@ -203,10 +203,14 @@ def serve(
     version: Optional[int] = typer.Option(None, min=1, help="Serve this version instead of the alias."),
     name: str = typer.Option("aiplatform", help="Serve application name (one per route prefix)."),
     route_prefix: str = typer.Option("/", help="URL prefix of the application, e.g. /shop."),
+    auth: str = typer.Option("keys", help="'keys': every route needs an API key of its role (aiplatform keys "
+                                          "create); 'off': open to whoever reaches the port."),
 ) -> None:
     """Serve the champion model over HTTP until Ctrl-C (on $RAY_ADDRESS's cluster, or a local Ray).
 
-    On a shared cluster only this application is removed when it stops.
+    Routes need an API key ([bold]Authorization: Bearer KEY[/]): create one with [bold]aiplatform keys
+    create NAME --role reader[/] (reader: recommendations; writer: events; admin: models and
+    experiments). On a shared cluster only this application is removed when it stops.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -220,9 +224,12 @@ def serve(
         layout = Layout.open(settings.home)
         ensure_ray(settings)
         url = serving.start(serving.build_app(layout, settings.model_name, alias, settings=settings,
-                                              version=version),
+                                              version=version, auth=auth),
                             settings.http_host, settings.http_port, name=name, route_prefix=route_prefix)
         console.print(f"serving application '{name}' at {url} (OpenAPI: {url}/docs)")
+        if auth == "off":
+            err.print(f"[yellow]warning:[/] auth off: anyone who reaches {settings.http_host}:{settings.http_port} "
+                      "may read recommendations, write events and move aliases", highlight=False)
         qs.wait_until_interrupted(console)
     except AIPlatformError as exc:
         raise _fail(exc)
@@ -244,6 +251,8 @@ def serve_build(
     host: str = typer.Option("0.0.0.0", help="HTTP host of Serve's proxies."),
     port: int = typer.Option(8000, help="HTTP port of Serve's proxies."),
     runtime_env_json: Optional[str] = typer.Option(None, help="The application's runtime_env, as JSON."),
+    auth: str = typer.Option("keys", help="'keys': API keys with roles (aiplatform keys create, or "
+                                          "AIPLATFORM_API_KEYS on the cluster); 'off': open."),
 ) -> None:
     """Write the Serve config for `serve deploy FILE` or a KubeRay RayService's serveConfigV2.
 
@@ -261,7 +270,7 @@ def serve_build(
         if not isinstance(runtime_env, dict):
             raise UserInputError("--runtime-env-json must be a JSON object, e.g. '{\"env_vars\": {\"A\": \"1\"}}'")
         args = AppArgs(home=Layout.at(home).root if home else None, model_name=model_name, alias=alias,
-                       version=version, online_store=online_store)
+                       version=version, online_store=online_store, auth=auth)
         text = dump_config(serve_config(args, name=name, host=host, port=port, runtime_env=runtime_env))
     except json.JSONDecodeError as exc:
         raise _fail(UserInputError(f"--runtime-env-json is not valid JSON: {exc}"))
@@ -720,7 +729,9 @@ def experiments_canary(
     max_error_rate_delta: float = typer.Option(0.02, help="Roll back when the canary's error rate exceeds "
                                                           "control's by more than this."),
     max_p99_ratio: float = typer.Option(1.5, help="Roll back when the canary's p99 latency exceeds control's "
-                                                  "times this."),
+                                                  "times this..."),
+    min_p99_excess_ms: float = typer.Option(25.0, help="...and by more than this many milliseconds (a fast "
+                                                       "service's p99 is noisy)."),
     min_requests: int = typer.Option(50, help="Requests each side needs before a step is judged."),
     alias: str = typer.Option("champion", help="The alias that control serves, and that is promoted."),
     reason: str = typer.Option("", help="Why (kept in the histories)."),
@@ -748,7 +759,8 @@ def experiments_canary(
                                  "e.g. 5,25,50,100") from None
         try:
             plan = CanaryPlan(steps=parsed, step_s=step_seconds, max_error_rate_delta=max_error_rate_delta,
-                              max_p99_ratio=max_p99_ratio, min_requests=min_requests)
+                              max_p99_ratio=max_p99_ratio, min_p99_excess_ms=min_p99_excess_ms,
+                              min_requests=min_requests)
         except ValidationError as exc:
             raise UserInputError(describe_validation_error(exc, "canary")) from None
         layout, store = _experiment_store(home)
@@ -799,6 +811,71 @@ def experiments_canary(
     finally:
         store.stop(result["name"], actor=actor, reason=f"canary of v{version} passed every step")
     _print_move(model, move)
+
+
+keys_app = typer.Typer(help="API keys of the HTTP API: each has a role (reader, writer, admin); only its hash "
+                            "is stored.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="Who or what uses the key, e.g. storefront (unique)."),
+    role: str = typer.Option(..., help="reader (recommendations, similar items), writer (events too) or admin "
+                                       "(models and experiments too)."),
+    print_entry: bool = typer.Option(False, "--print-entry",
+                                     help="Also print the name:role:sha256 entry for AIPLATFORM_API_KEYS (a Secret)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print the key alone (for KEY=$(...))."),
+    home: Optional[str] = HomeOpt,
+) -> None:
+    """Create an API key and print it once: it cannot be shown again (only its SHA-256 is stored,
+    in the storage root's security/api_keys.json). Running replicas accept it within seconds."""
+    from aiplatform.core.settings import default_actor
+    from aiplatform.security.keys import KeyStore, Role
+
+    try:
+        store = KeyStore(Layout.open(Settings.load(home=home).home).root)
+        key, stored = store.create(name, Role.parse(role), created_by=default_actor())
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    if quiet:
+        print(key)
+        return
+    console.print(f"created key [bold]{stored.name}[/] (role {stored.role.name}); it is shown once, keep it:",
+                  highlight=False)
+    print(key)
+    if print_entry:
+        print(f"AIPLATFORM_API_KEYS entry: {stored.name}:{stored.role.name}:{stored.sha256}")  # unwrapped, to copy
+    console.print("use it as: curl -H 'Authorization: Bearer <key>' …", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(home: Optional[str] = HomeOpt) -> None:
+    """The keys that serving accepts: name, role, where it comes from, when it was created."""
+    from rich.table import Table
+
+    from aiplatform.security.keys import KeyStore
+
+    try:
+        keys = KeyStore(Layout.open(Settings.load(home=home).home).root).all()
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    table = Table("name", "role", "source", "created", "by", "sha256")
+    for k in keys:
+        table.add_row(k.name, k.role.name, k.source, k.created_at, k.created_by, k.sha256[:12] + "…")
+    console.print(table if keys else "no API keys: create one with aiplatform keys create NAME --role reader")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str = typer.Argument(..., help="The key's name."), home: Optional[str] = HomeOpt) -> None:
+    """Remove a key: running replicas refuse it (401) within seconds."""
+    from aiplatform.security.keys import KeyStore
+
+    try:
+        gone = KeyStore(Layout.open(Settings.load(home=home).home).root).revoke(name)
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    console.print(f"revoked key {gone.name} (role {gone.role.name})", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

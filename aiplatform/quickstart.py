@@ -146,15 +146,35 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
     if opts.serve:
         from aiplatform.serving import app as serving
 
+        # On loopback the quickstart runs open (only this machine can call it) and says so; on any
+        # other address the API needs keys, like `aiplatform serve`.
+        auth = "off" if is_loopback(settings.http_host) else "keys"
         url = stages.run("serve", f"starting Ray Serve on {settings.http_host}:{settings.http_port}",
-                         lambda: serving.start(serving.build_app(layout, settings.model_name, settings=settings),
+                         lambda: serving.start(serving.build_app(layout, settings.model_name, settings=settings,
+                                                                 auth=auth),
                                                settings.http_host, settings.http_port))
         result.url = url
+        if auth == "off":
+            console.print(f"  [yellow]API open[/] (no API keys) because it listens on {settings.http_host} only; "
+                          "`aiplatform serve` requires keys: aiplatform keys create NAME --role reader",
+                          highlight=False)
         result.demo = stages.run("demo", "sending a recommendation request", lambda: _demo(layout, url, console))
     result.timings["total"] = round(time.perf_counter() - total_started, 2)
     write_json(join(layout.root, "quickstart_timings.json"), result.timings)
     _print_timings(console, result.timings)
     return result
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _quiet_ray_logs() -> None:

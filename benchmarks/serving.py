@@ -56,7 +56,11 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 from common import free_port, print_table, save
 
+from aiplatform.security.keys import KEYS_ENV, hash_key, new_key
+
 LEVELS = (1, 8, 32)
+API_KEY = new_key()
+"""A reader key the Serve contenders accept (through AIPLATFORM_API_KEYS): measured as served, auth on."""
 APP = "serving-bench"
 CHECK_USERS = 40
 
@@ -95,7 +99,8 @@ end
 function request()
   counter = counter + 1
   local u = users[(counter %% #users) + 1]
-  return wrk.format("POST", "/v1/recommendations", {["Content-Type"] = "application/json"},
+  return wrk.format("POST", "/v1/recommendations", {["Content-Type"] = "application/json",
+                    ["Authorization"] = "Bearer %(key)s"},
                     '{"user_id":"' .. u .. '","k":10}')
 end
 function done(summary, latency, requests)
@@ -175,7 +180,7 @@ class Contender:
 def answers(url: str, users: list[str]) -> list[tuple]:
     """What a server answers for each user: (item ids, scores, ranked, fallback, version)."""
     out = []
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         for u in users:
             r = client.post("/v1/recommendations", json={"user_id": u, "k": 10})
             r.raise_for_status()
@@ -274,7 +279,8 @@ def main() -> None:
     check = users[:CHECK_USERS] + ["nobody-knows-this-user"]
     tmp = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     script = tmp / "load.lua"
-    script.write_text(WRK_SCRIPT % {"users": ", ".join(json.dumps(u) for u in users[:1000])})
+    script.write_text(WRK_SCRIPT % {"users": ", ".join(json.dumps(u) for u in users[:1000]), "key": API_KEY})
+    os.environ[KEYS_ENV] = f"bench:reader:{hash_key(API_KEY)}"  # inherited by the contenders' processes
 
     reference: list[tuple] | None = None
     results: dict[str, dict[str, dict]] = {}

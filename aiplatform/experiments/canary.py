@@ -49,6 +49,9 @@ class CanaryPlan(BaseModel):
                                         description="Roll back when canary's error rate exceeds control's by more")
     max_p99_ratio: float = Field(1.5, gt=0, allow_inf_nan=False,
                                  description="Roll back when canary's p99 latency exceeds control's times this")
+    min_p99_excess_ms: float = Field(25.0, ge=0, allow_inf_nan=False,
+                                     description="...and by more than this many milliseconds: on a fast service "
+                                                 "a p99 of 23 ms against 10 ms is noise of a few slow requests")
     min_requests: int = Field(50, ge=1, description="Hold (no verdict) while either side has fewer requests")
     max_step_s: float | None = Field(None, gt=0, allow_inf_nan=False,
                                      description="Longest a step waits for min_requests on both sides before it "
@@ -87,16 +90,20 @@ def decide(plan: CanaryPlan, control: dict[str, Any] | None, canary: dict[str, A
     Hold while either side has fewer than ``min_requests`` requests (too few to tell noise
     from harm); roll back when the canary's error rate exceeds control's by more than
     ``max_error_rate_delta`` or its p99 latency exceeds control's by more than
-    ``max_p99_ratio`` times."""
+    ``max_p99_ratio`` times and by more than ``min_p99_excess_ms``."""
     control, canary = control or {}, canary or {}
     if control.get("requests", 0) < plan.min_requests or canary.get("requests", 0) < plan.min_requests:
         return "hold"
     if canary["error_rate"] - control["error_rate"] > plan.max_error_rate_delta:
         return "rollback"
-    # A control p99 under 1 ms (a cache hit path) would make any real latency look like a breach.
-    if canary["p99_ms"] > plan.max_p99_ratio * max(control["p99_ms"], 1.0):
+    if _p99_breached(plan, control, canary):
         return "rollback"
     return "advance"
+
+
+def _p99_breached(plan: CanaryPlan, control: dict[str, Any], canary: dict[str, Any]) -> bool:
+    return (canary["p99_ms"] > plan.max_p99_ratio * control["p99_ms"]
+            and canary["p99_ms"] - control["p99_ms"] > plan.min_p99_excess_ms)
 
 
 def _why(plan: CanaryPlan, control: dict[str, Any], canary: dict[str, Any]) -> str:
@@ -104,7 +111,7 @@ def _why(plan: CanaryPlan, control: dict[str, Any], canary: dict[str, Any]) -> s
         return (f"error rate {canary['error_rate']:.1%} on canary vs {control['error_rate']:.1%} on control "
                 f"(allowed difference {plan.max_error_rate_delta:.1%})")
     return (f"p99 latency {canary['p99_ms']:.0f} ms on canary vs {control['p99_ms']:.0f} ms on control "
-            f"(allowed ratio {plan.max_p99_ratio:g})")
+            f"(allowed: {plan.max_p99_ratio:g}x and {plan.min_p99_excess_ms:g} ms more)")
 
 
 def run_canary(store: ExperimentStore, model_name: str, version: int, plan: CanaryPlan | None = None,

@@ -24,6 +24,7 @@ would get a 422).
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from contextvars import ContextVar
@@ -36,19 +37,25 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aiplatform.core.errors import NotFoundError, UserInputError
+from aiplatform.core.errors import ConfigError, NotFoundError, UserInputError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.features.server import online_store_uri
 from aiplatform.registry import ModelRegistry
+from aiplatform.security.guard import AUTH_MODES, KeyGuard
+from aiplatform.security.keys import KEYS_ENV, ApiKey, KeyStore, Role, parse_env_keys
+from aiplatform.serving import access, admin
+from aiplatform.serving.access import AUTH_RESPONSES, require
 from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
 from aiplatform.serving.experiments import ExperimentRouter, Routing
 from aiplatform.serving.pipeline import RecommendPipeline
 from aiplatform.serving.resilience import ResilienceConfig
 from aiplatform.serving.versions import Served, ServedVersion, VersionSwitcher, check_online_store, resolve_version
 from aiplatform.serving.schemas import (
+    MAX_EVENTS,
     MAX_K,
     MAX_REQUEST_ID,
     ErrorResponse,
@@ -75,6 +82,8 @@ RETRY_AFTER_S = 1.0
 """The ``Retry-After`` of a refused request."""
 REQUEST_TIMEOUT_S = 10.0
 """The HTTP deadline of every request (Serve's proxy answers 408 after it)."""
+MAX_BODY_BYTES = 2 * 1024 * 1024
+"""Largest request body: 1,000 events with 256-character ids fit; anything bigger is a 413."""
 
 api = FastAPI(
     title="aiplatform recommendations",
@@ -144,6 +153,58 @@ class RequestIdMiddleware:
             _REQUEST_ID.reset(token)
 
 
+TOO_LARGE = {413: {"model": ErrorResponse, "description": f"The body is over {MAX_BODY_BYTES} bytes."}}
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for a body over ``limit`` bytes: refused from its ``Content-Length`` before it is
+    read, or, sent in chunks, as soon as the chunks pass the limit (never buffered whole)."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, send: Send) -> None:
+        body = (f'{{"detail": "request body over {self.limit} bytes: send at most '
+                f'{MAX_EVENTS} events per call, or import files with `aiplatform data import`"}}').encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        received, started = 0, False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+
 class _RequestIdLogFilter(logging.Filter):
     """This module's log lines during a request name it (``record.request_id`` and a prefix)."""
 
@@ -157,7 +218,9 @@ class _RequestIdLogFilter(logging.Filter):
 
 
 log.addFilter(_RequestIdLogFilter())
-api.add_middleware(RequestIdMiddleware)
+api.add_middleware(BodyLimitMiddleware)
+api.add_middleware(RequestIdMiddleware)  # added last: outermost, so a 413 carries the request id too
+api.include_router(admin.router)
 
 _FIELD_HINTS = {
     "k": f"allowed range 1..{MAX_K}",
@@ -184,6 +247,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         status_code=422,
         content={"detail": jsonable_encoder(exc.errors()), "message": "; ".join(parts)},
     )
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own 400 for a body it cannot decode (not UTF-8) becomes the 422 every other
+    unreadable body gets; anything else is answered as FastAPI would."""
+    if exc.status_code == 400 and str(exc.detail).startswith("There was an error parsing the body"):
+        message = "not JSON text (send UTF-8 encoded JSON)"
+        return JSONResponse(status_code=422, content={
+            "message": f"body: {message}", "detail": [{"loc": ["body"], "msg": message, "type": "json_invalid"}]})
+    return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=exc.headers)
 
 
 @api.exception_handler(UserInputError)
@@ -228,7 +302,11 @@ class RecommendationAPI:
         variant: str | None = None,
         resilience: ResilienceConfig | None = None,
         experiments: bool = True,
+        auth: str = "keys",
+        env_keys: list[ApiKey] | None = None,
     ) -> None:
+        access.install(KeyGuard(home, auth, env_keys))  # first: no route is ever served unguarded
+        admin.install(Layout.at(home))
         self.versions = VersionSwitcher(home, online_store, features_module, service_name, first.name, first,
                                         variant or alias, resilience)
         if follow_alias:
@@ -300,7 +378,8 @@ class RecommendationAPI:
     @api.post(
         "/v1/recommendations",
         response_model=RecommendationResponse,
-        responses={422: {"description": "A field is invalid; `message` names it."}},
+        responses={**AUTH_RESPONSES, **TOO_LARGE, 422: {"description": "A field is invalid; `message` names it."}},
+        dependencies=[require(Role.reader)],
     )
     async def recommend(self, body: RecommendationRequest) -> RecommendationResponse:
         """Top ``k`` items for a user, leaving out what they already bought. A user without
@@ -342,7 +421,8 @@ class RecommendationAPI:
     @api.get(
         "/v1/items/{item_id}/similar",
         response_model=SimilarItemsResponse,
-        responses={404: {"model": ErrorResponse, "description": "The item is not indexed."}},
+        responses={**AUTH_RESPONSES, 404: {"model": ErrorResponse, "description": "The item is not indexed."}},
+        dependencies=[require(Role.reader)],
     )
     async def similar(
         self,
@@ -369,7 +449,11 @@ class RecommendationAPI:
         "/v1/events",
         status_code=202,
         response_model=EventsAccepted,
-        responses={422: {"description": "An event is invalid; `message` names the field."}},
+        responses={**AUTH_RESPONSES, **TOO_LARGE,
+                   422: {"description": "An event is invalid; `message` names the field."},
+                   503: {"description": "The online store is down: `recorded` says whether the events reached "
+                                        "the event log; retry after `Retry-After` seconds when it is false."}},
+        dependencies=[require(Role.writer)],
     )
     async def events(self, body: EventsRequest) -> EventsAccepted:
         """Record real-time events: they are appended to the event log (which the batch
@@ -389,8 +473,9 @@ class RecommendationAPI:
             e.pop("request_id", None)
         result = self.pipeline.push(events)
         if "error" in result:  # checked by the data contract after the schema: still the client's fault
-            return JSONResponse(status_code=422, content={"message": f"events: {result['error']}",
-                                                          "detail": result["error"]})
+            return JSONResponse(status_code=422, content={
+                "message": f"events: {result['error']}",
+                "detail": [{"loc": ["body", "events"], "msg": result["error"], "type": "value_error"}]})
         if "unavailable" in result:
             return JSONResponse(status_code=503, headers={"Retry-After": str(result["retry_after_s"])},
                                 content={"message": f"events: {result['unavailable']}",
@@ -452,6 +537,7 @@ def build_app(
     alias_poll_s: float = 2.0,
     options: dict | None = None,
     experiments: bool = True,
+    auth: str = "keys",
 ) -> serve.Application:
     """The Serve application for the version ``alias`` points at (or ``version``), following
     the alias afterwards unless ``follow_alias`` is false or a version is pinned. ``options``
@@ -464,6 +550,10 @@ def build_app(
     failing to start later. A version whose artifact carries ``candidates/`` is served through
     the candidate pipeline (a feature service without the ranker's recent-event features is a
     ``ConfigError`` here); otherwise in retrieval order.
+
+    ``auth="keys"`` (the default) admits only API keys (``security.keys``: the root's key file
+    and ``AIPLATFORM_API_KEYS``, checked here: none at all is a ``ConfigError``); ``"off"``
+    leaves every route open to whoever reaches the port.
     """
     layout = home if isinstance(home, Layout) else Layout.at(home)
     settings = settings or Settings.load()
@@ -471,6 +561,7 @@ def build_app(
                             model_name, alias, version)
     online_store = online_store_uri(settings, layout)
     check_online_store(online_store)
+    env_keys = _resolve_auth(layout, auth)
     log.info("serving %s v%d (%s) from %s", first.name, first.version,
              "pinned" if version else f"alias {alias}" + (", followed" if follow_alias else ""), first.artifact_dir)
     deployment = RecommendationAPI.options(**options) if options else RecommendationAPI
@@ -480,7 +571,25 @@ def build_app(
         variant=f"v{first.version}" if version else alias,
         resilience=ResilienceConfig.from_env(),  # read here, where the app is built, like every setting
         experiments=experiments,
+        auth=auth,
+        env_keys=env_keys,
     )
+
+
+def _resolve_auth(layout: Layout, auth: str) -> list[ApiKey]:
+    """The ``AIPLATFORM_API_KEYS`` keys to deploy with, after checking that ``auth`` can admit
+    anyone: with keys on and no key anywhere, every request would be a 401."""
+    if auth not in AUTH_MODES:
+        raise ConfigError(f"auth={auth!r}: expected 'keys' (API keys with roles) or 'off' (open)")
+    if auth == "off":
+        return []
+    env_keys = parse_env_keys(os.environ.get(KEYS_ENV, ""))
+    if not env_keys and not KeyStore(layout.root, env="").file_keys():
+        raise ConfigError(
+            f"no API keys for {layout.root}: every request would get 401. Create one with `aiplatform keys "
+            f"create NAME --role admin --home {layout.root}` (or set {KEYS_ENV}), or serve open with "
+            "auth=off (`aiplatform serve --auth off`): then anyone who reaches the port may call every route")
+    return env_keys
 
 
 def app(args: AppArgs) -> serve.Application:
@@ -492,7 +601,8 @@ def app(args: AppArgs) -> serve.Application:
     settings = args.settings()
     layout = Layout.open(settings.home)
     return build_app(layout, args.model_name, args.alias, settings=settings, version=args.version,
-                     follow_alias=args.follow_alias, alias_poll_s=args.alias_poll_s, experiments=args.experiments)
+                     follow_alias=args.follow_alias, alias_poll_s=args.alias_poll_s, experiments=args.experiments,
+                     auth=args.auth)
 
 
 def start(

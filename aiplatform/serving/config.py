@@ -12,7 +12,7 @@ the process that builds it (``AIPLATFORM_HOME``, ``AIPLATFORM_ONLINE_STORE``, â€
 that is the pod's environment, so one config serves every overlay.
 """
 
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +39,9 @@ class AppArgs(BaseModel):
                                                                "and the active experiment")
     experiments: bool = Field(True, description="Route users to the variants of the model's active experiment "
                                                 "(aiplatform experiments start / canary)")
+    auth: Literal["keys", "off"] = Field("keys", description="'keys': API keys with roles (aiplatform keys "
+                                                            "create); 'off': every route open to whoever "
+                                                            "reaches the port")
     online_store: str | None = Field(None, description="'sqlite' (under a local root), sqlite:///path or "
                                                        "redis://host:port/db; default $AIPLATFORM_ONLINE_STORE")
     features_module: str | None = Field(None, description="Module declaring the feature definitions; "

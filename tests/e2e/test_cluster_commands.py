@@ -119,8 +119,12 @@ def _wait_for(url: str, proc: subprocess.Popen | None = None, timeout: float = 2
     pytest.fail(f"{url} did not answer 200 within {timeout}s (last: {last})")
 
 
-def _recommend(prefix: str = "", user: str = "u000001") -> httpx.Response:
-    return httpx.post(f"{SERVE_URL}{prefix}/v1/recommendations", json={"user_id": user, "k": 5}, timeout=60)
+_KEY: dict[str, str] = {}  # the README's reader key, once its block ran
+
+
+def _recommend(prefix: str = "", user: str = "u000001", key: str | None = None) -> httpx.Response:
+    return httpx.post(f"{SERVE_URL}{prefix}/v1/recommendations", json={"user_id": user, "k": 5}, timeout=60,
+                      headers={"Authorization": f"Bearer {key or _KEY['reader']}"})
 
 
 def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -172,6 +176,11 @@ def cluster(tmp_path_factory):
         _wait_for_job_agent(shell)
         result = shell.run(readme_block("jobs"), timeout=1500)
         assert result.returncode == 0, result.stdout[-8000:]
+        made = shell.run(readme_block("keys"), timeout=120)
+        assert made.returncode == 0, made.stdout
+        key_file = home / "aip-demo" / "reader.key"
+        assert key_file.stat().st_mode & 0o077 == 0  # readable by its owner only
+        _KEY["reader"] = key_file.read_text().strip()
         yield {"shell": shell, "home": home, "log": result.stdout}
     finally:
         if shell.sid is not None:
@@ -211,6 +220,7 @@ def test_serve_run_builds_the_app_from_its_typed_argument(cluster):
         assert health["model"] == {"name": "two_tower", "version": 1} and health["items"] > 0
         resp = _recommend()
         assert resp.status_code == 200 and len(resp.json()["items"]) == 5, resp.text
+        assert httpx.post(f"{SERVE_URL}/v1/recommendations", json={"user_id": "u000001"}, timeout=60).status_code == 401
         _wait_for_line(log, "is ready at", proc)  # `serve run` is past deploying: Ctrl-C now shuts down
     finally:
         _stop(proc, log)

@@ -201,6 +201,10 @@ def test_jobs_and_serving_across_two_nodes_from_a_bucket(two_nodes, shop, monkey
     for deployment in app["deployments"]:
         deployment.setdefault("ray_actor_options", {})["resources"] = {"node2": 0.01}
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    made = _run([str(BIN / "aiplatform"), "keys", "create", "multinode", "--role", "reader", "--quiet",
+                 "--home", root], cluster["client_env"], timeout=120)  # in the bucket, where replicas read it
+    assert made.returncode == 0, made.stdout + made.stderr
+    reader = {"Authorization": f"Bearer {made.stdout.strip()}"}
     deployed = _run([str(BIN / "serve"), "deploy", str(config_path), "--address", cluster["dashboard"]],
                     cluster["env"], timeout=300)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
@@ -213,7 +217,8 @@ def test_jobs_and_serving_across_two_nodes_from_a_bucket(two_nodes, shop, monkey
         except httpx.HTTPError:
             pass
         time.sleep(2)
-    resp = httpx.post(f"{base}/v1/recommendations", json={"user_id": _a_user(shop), "k": 5}, timeout=60)
+    resp = httpx.post(f"{base}/v1/recommendations", json={"user_id": _a_user(shop), "k": 5}, timeout=60,
+                      headers=reader)
     assert resp.status_code == 200 and len(resp.json()["items"]) == 5 and resp.json()["fallback"] is None, resp.text
     replicas = [a for a in _ray_json(["list", "actors", "--address", cluster["gcs"], "--detail", "--filter",
                                       "state=ALIVE", "--limit", "1000"], cluster["client_env"])

@@ -245,6 +245,8 @@ def test_quickstart_prints_stages_timings_and_a_curl_line(served, shop):
         assert re.search(rf"\b{stage}\s*[│|]?\s*\d+\.\d\b", flat), stage
     assert f"curl -s -X POST {base}/v1/recommendations" in flat
     assert f"{base}/docs" in flat
+    assert "API open (no API keys) because it listens on 127.0.0.1 only" in flat  # and says how to add keys
+    assert "aiplatform keys create" in flat
     assert f"{len(shop['frames']['events']):,} events, 60 items, 120 users" in flat
     assert "recall@10" in flat and "popularity" in flat
     timings = json.loads((served["home"] / "quickstart_timings.json").read_text())

@@ -58,7 +58,7 @@ def test_a_load_step_adds_a_replica_and_its_end_removes_it(home):
     every request answered; once the load stops it goes back to min_replicas=1."""
     app = "aiplatform-autoscale"
     url = start(build_app(home.root, follow_alias=False, experiments=False,
-                          options={"autoscaling_config": LOAD_STEP, "max_ongoing_requests": 8}),
+                          options={"autoscaling_config": LOAD_STEP, "max_ongoing_requests": 8}, auth="off"),
                 host="127.0.0.1", port=_free_port(), name=app, route_prefix="/autoscale")
     try:
         wait_for_replicas(app, 1, 60)  # min_replicas before any load
@@ -85,7 +85,7 @@ def test_an_idle_deployment_scales_to_zero_and_a_request_brings_a_replica_back(h
     next request waits in the proxy while Serve starts a replica, then gets its answer."""
     app = "aiplatform-autoscale-zero"
     url = start(build_app(home.root, follow_alias=False, experiments=False,
-                          options={"autoscaling_config": TO_ZERO}),
+                          options={"autoscaling_config": TO_ZERO}, auth="off"),
                 host="127.0.0.1", port=_free_port(), name=app, route_prefix="/autoscale-zero")
     try:
         idle_s = wait_for_replicas(app, 0, TO_ZERO["downscale_to_zero_delay_s"] + 90)

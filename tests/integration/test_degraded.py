@@ -186,7 +186,7 @@ def home(tmp_path_factory, redis_proc):
 def base_url(ray_session, home, redis_proc):
     layout = home["layout"]
     settings = Settings.load(home=layout.root, online_store=redis_proc.url)
-    url = start(build_app(layout.root, settings=settings), host="127.0.0.1", port=_free_port(), name=APP)
+    url = start(build_app(layout.root, settings=settings, auth="off"), host="127.0.0.1", port=_free_port(), name=APP)
     yield url
     stop(APP)
 

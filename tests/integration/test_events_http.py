@@ -63,7 +63,7 @@ def home(tmp_path_factory):
 def base_url(ray_session, home):
     layout = home["layout"]
     build_item_index(layout.vectors, "two_tower", 1, home["artifact"], home["items"])
-    url = start(build_app(layout.root), host="127.0.0.1", port=_free_port(), name=APP_NAME)
+    url = start(build_app(layout.root, auth="off"), host="127.0.0.1", port=_free_port(), name=APP_NAME)
     yield url
     stop(APP_NAME)
 
@@ -102,6 +102,15 @@ def test_a_bad_event_is_422_naming_the_field_and_nothing_is_logged(client, home,
     message = resp.json()["message"]
     assert message.startswith(f"{field}:") and says in message
     assert resp.headers.get_list("x-request-id") == ["client-422"]
+    assert _log(home["layout"]) == before
+
+
+def test_a_body_over_the_limit_is_413_and_nothing_is_logged(client, home):
+    before = _log(home["layout"])
+    huge = {"events": [_event(item_id="i" * 256, event_id=f"{n:0>250}") for n in range(5000)]}  # ~3 MB
+    resp = client.post("/v1/events", json=huge, headers={"X-Request-ID": "client-413"})
+    assert resp.status_code == 413 and "bytes" in resp.json()["detail"], resp.text
+    assert resp.headers.get_list("x-request-id") == ["client-413"]
     assert _log(home["layout"]) == before
 
 

@@ -51,7 +51,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(ray_session, home):
-    url = start(build_app(home["layout"].root, alias_poll_s=0.5), host="127.0.0.1", port=_free_port(), name=APP)
+    url = start(build_app(home["layout"].root, alias_poll_s=0.5, auth="off"), host="127.0.0.1", port=_free_port(), name=APP)
     yield url
     stop(APP)
 

@@ -98,9 +98,9 @@ def test_a_changed_window_and_a_new_feature_flow_from_features_to_serving(change
 
     # the original definitions cannot serve this model: refused at build time, naming the change
     with pytest.raises(ConfigError, match=r"trained on feature service 'recommender_user'.*spent_7d"):
-        build_app(layout, settings=settings.model_copy(update={"features_module": "apps.shop.features"}))
+        build_app(layout, settings=settings.model_copy(update={"features_module": "apps.shop.features"}), auth="off")
 
-    url = start(build_app(layout, settings=settings), host="127.0.0.1", port=_free_port(), name=APP)
+    url = start(build_app(layout, settings=settings, auth="off"), host="127.0.0.1", port=_free_port(), name=APP)
     try:
         recommender = serve.get_deployment_handle("RecommendationAPI", app_name=APP)
         assert recommender.n_dense.remote().result() == spec.n_dense

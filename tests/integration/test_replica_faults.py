@@ -36,7 +36,7 @@ def home(tmp_path_factory):
 def base_url(ray_session, home):
     options = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 32},
                "health_check_period_s": 1}
-    url = start(build_app(home.root, follow_alias=False, experiments=False, options=options),
+    url = start(build_app(home.root, follow_alias=False, experiments=False, options=options, auth="off"),
                 host="127.0.0.1", port=_free_port(), name=APP, route_prefix="/faults")
     yield url
     stop(APP)
@@ -100,4 +100,4 @@ def test_deleting_the_vector_table_under_load_changes_no_answer(base_url, home):
             assert ids(user) == items
         assert client.get("/healthz").json()["status"] == "ok"
     with pytest.raises(NotFoundError, match="two_tower_v1"):  # serving it anew is refused, naming the table
-        build_app(home.root)
+        build_app(home.root, auth="off")

@@ -81,7 +81,7 @@ def make_root(root: Path) -> Layout:
 
 @pytest.fixture(scope="module")
 def base_url(ray_session, home):
-    url = start(build_app(home.root, alias_poll_s=0.5), host="127.0.0.1", port=_free_port(), name=APP)
+    url = start(build_app(home.root, alias_poll_s=0.5, auth="off"), host="127.0.0.1", port=_free_port(), name=APP)
     yield url
     stop(APP)
 
@@ -148,7 +148,7 @@ def test_a_version_that_cannot_be_served_is_refused_and_the_old_one_stays(base_u
 def test_user_config_pins_a_version_in_place(base_url, home):
     """Serve's lightweight update: the same application with ``user_config: {version: 2}`` is
     reconfigured in place and answers with v2, variant "v2", no longer following the alias."""
-    serve.run(build_app(home.root, alias_poll_s=0.5, options={"user_config": {"version": 2}}), name=APP, route_prefix="/")
+    serve.run(build_app(home.root, alias_poll_s=0.5, options={"user_config": {"version": 2}}, auth="off"), name=APP, route_prefix="/")
     with httpx.Client(base_url=base_url, timeout=30) as client:
         body = client.post("/v1/recommendations", json={"user_id": "u2", "k": 3}).json()
         assert body["model"]["version"] == 2 and body["variant"] == "v2"
@@ -162,7 +162,7 @@ def test_overload_is_refused_at_once_with_retry_after(ray_session, home):
     name = "aiplatform-overload"
     url = start(build_app(home.root, follow_alias=False,
                           options={"max_ongoing_requests": 1, "max_queued_requests": 1,
-                                   "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}),
+                                   "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}, auth="off"),
                 host="127.0.0.1", port=_free_port(), name=name, route_prefix="/overload")
 
     async def burst() -> list[httpx.Response]:

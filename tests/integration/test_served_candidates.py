@@ -122,7 +122,7 @@ def shop(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(shop):
-    url = start(build_app(shop["layout"], settings=shop["settings"]), host="127.0.0.1", port=_free_port(), name=APP)
+    url = start(build_app(shop["layout"], settings=shop["settings"], auth="off"), host="127.0.0.1", port=_free_port(), name=APP)
     try:
         with httpx.Client(base_url=url, timeout=60) as c:
             yield c
@@ -212,7 +212,7 @@ def test_a_service_without_the_events_features_is_refused(shop, importable_dir, 
     settings = Settings.load(home=layout.root).model_copy(update={"features_module": NO_EVENTS_MODULE})
     pattern = r"recent_items.*recent_types.*recent_times.*user_recent_events"
     with pytest.raises(ConfigError, match=pattern):
-        build_app(layout, settings=settings)
+        build_app(layout, settings=settings, auth="off")
     with pytest.raises(ConfigError, match=pattern):
         RecommendPipeline(layout.root, layout.online_sqlite, NO_EVENTS_MODULE, "recommender_user",
                           mv.artifact_uri, layout.vectors, vector_table_name("two_tower", mv.version))

@@ -80,7 +80,7 @@ def home(tmp_path_factory):
 def base_url(ray_session, home):
     layout = home["layout"]
     build_item_index(layout.vectors, "two_tower", 2, home["artifact"], home["items"])
-    url = start(build_app(layout.root), host="127.0.0.1", port=_free_port(), name="aiplatform-test")
+    url = start(build_app(layout.root, auth="off"), host="127.0.0.1", port=_free_port(), name="aiplatform-test")
     yield url
     stop("aiplatform-test")
 
@@ -228,13 +228,13 @@ def test_openapi_documents_the_api(client):
 
 def test_build_app_refuses_a_missing_alias_or_index(home, tmp_path):
     with pytest.raises(NotFoundError, match="no alias 'canary'"):
-        build_app(home["layout"].root, alias="canary")
+        build_app(home["layout"].root, alias="canary", auth="off")
     layout = Layout.at(str(tmp_path / "other"))
     registry = ModelRegistry(layout)
     registry.register("two_tower", home["artifact"], {}, {}, "")
     registry.set_alias("two_tower", "champion", 1)
     with pytest.raises(NotFoundError, match="two_tower_v1"):
-        build_app(layout.root)
+        build_app(layout.root, auth="off")
 
 
 def test_build_app_refuses_a_model_trained_on_other_inputs(home, tmp_path):
@@ -251,7 +251,7 @@ def test_build_app_refuses_a_model_trained_on_other_inputs(home, tmp_path):
         mv = registry.register("two_tower", src, {}, {}, "")
         registry.set_alias("two_tower", "champion", mv.version)
         with pytest.raises(ConfigError, match=error):
-            build_app(layout.root)
+            build_app(layout.root, auth="off")
 
 
 
@@ -278,14 +278,14 @@ def test_build_app_refuses_a_missing_unreachable_or_empty_online_store_and_an_em
     root = home["layout"].root
     missing = tmp_path / "nope.sqlite"
     with pytest.raises(ConfigError, match="nope.sqlite does not exist.*feature job"):
-        build_app(root, settings=Settings.load(home=root, online_store=f"sqlite:///{missing}"))
+        build_app(root, settings=Settings.load(home=root, online_store=f"sqlite:///{missing}"), auth="off")
     assert not missing.exists()  # the check creates nothing
     empty = tmp_path / "empty.sqlite"
     SQLiteOnlineStore(str(empty)).close()
     with pytest.raises(ConfigError, match="empty.sqlite is empty.*feature job"):
-        build_app(root, settings=Settings.load(home=root, online_store=f"sqlite:///{empty}"))
+        build_app(root, settings=Settings.load(home=root, online_store=f"sqlite:///{empty}"), auth="off")
     with pytest.raises(ConfigError, match="redis://127.0.0.1:1/0 cannot be read"):
-        build_app(root, settings=Settings.load(home=root, online_store="redis://127.0.0.1:1/0"))
+        build_app(root, settings=Settings.load(home=root, online_store="redis://127.0.0.1:1/0"), auth="off")
     vectors = str(tmp_path / "vectors")
     lancedb.connect(vectors).create_table("two_tower_v9", schema=pa.schema(
         [pa.field("item_id", pa.string()), pa.field("vector", pa.list_(pa.float32(), 4))]))

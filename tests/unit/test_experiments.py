@@ -390,6 +390,11 @@ def test_decide():
     assert decide(plan, _side(500, p99=100), _side(60, p99=150)) == "advance"
     assert decide(plan, _side(500, p99=100), _side(60, p99=151)) == "rollback"
     assert decide(plan, _side(500, p99=0.1), _side(60, p99=1.2)) == "advance"  # sub-millisecond control
+    # a fast service: 2.3x control, but 13 ms more is a few slow requests, not harm
+    assert decide(plan, _side(500, p99=10), _side(60, p99=23)) == "advance"
+    assert decide(plan, _side(500, p99=10), _side(60, p99=36)) == "rollback"
+    strict = CanaryPlan(min_requests=50, max_p99_ratio=1.5, min_p99_excess_ms=0)
+    assert decide(strict, _side(500, p99=10), _side(60, p99=16)) == "rollback"
 
 
 def test_canary_plan_validation():
