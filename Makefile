@@ -7,9 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider --durations=15
 
-.PHONY: setup redis-server azurite run test test-unit test-integration test-e2e bench clean
+.PHONY: setup redis-server prometheus azurite run test test-unit test-integration test-e2e bench clean
 
-setup: $(STAMP) redis-server azurite
+setup: $(STAMP) redis-server prometheus azurite
 
 # The Redis online store's tests start a real redis-server on loopback (Debian's package).
 redis-server:
@@ -17,6 +17,13 @@ redis-server:
 	  echo "installing redis-server (Debian package) for the Redis online-store tests"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+# The metrics test scrapes the app with a real Prometheus on loopback (Debian's package, with promtool).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing prometheus (Debian package) for the metrics tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # The Azure storage tests start Azurite (Microsoft's Azure Storage emulator, from npm) on loopback.
 AZURITE := .cache/azurite/node_modules/.bin/azurite-blob

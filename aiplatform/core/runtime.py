@@ -45,6 +45,10 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
             # Ray's default is 4 threads; on 2 cores 1 thread measured ~15% more throughput and a
             # p99 at c=32 of 94 ms instead of 115-127 ms (benchmarks/serving.py)
             "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, (os.cpu_count() or 2) // 2))),
+            # A stopping replica keeps answering this long so that load balancers outside Ray can
+            # drop it (Ray's default 30 s: every `serve.delete` and scale-down waits that long).
+            # Here the only balancer is HAProxy, which Serve updates itself within a second.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
             "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
 

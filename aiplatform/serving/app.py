@@ -25,6 +25,7 @@ would get a 422).
 import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
 from contextvars import ContextVar
@@ -44,6 +45,7 @@ from aiplatform.core.errors import ConfigError, NotFoundError, UserInputError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.features.server import online_store_uri
+from aiplatform.observability.metrics import MetricsMiddleware, ServingMetrics, label_request
 from aiplatform.registry import ModelRegistry
 from aiplatform.security.guard import AUTH_MODES, KeyGuard
 from aiplatform.security.keys import KEYS_ENV, ApiKey, KeyStore, Role, parse_env_keys
@@ -219,6 +221,7 @@ class _RequestIdLogFilter(logging.Filter):
 
 log.addFilter(_RequestIdLogFilter())
 api.add_middleware(BodyLimitMiddleware)
+api.add_middleware(MetricsMiddleware)  # outside the body limit: 413s are counted too
 api.add_middleware(RequestIdMiddleware)  # added last: outermost, so a 413 carries the request id too
 api.include_router(admin.router)
 
@@ -313,6 +316,26 @@ class RecommendationAPI:
             self.versions.follow(alias, alias_poll_s)
         self.alias = alias
         self.experiments = ExperimentRouter(self.versions, poll_s=alias_poll_s) if experiments else None
+        self.service_name = service_name
+        self._stopped = threading.Event()
+        threading.Thread(target=self._export_metrics, daemon=True, name="aiplatform-metrics").start()
+
+    def _export_metrics(self, every_s: float = 2.0) -> None:
+        """Caches, breakers and feature ages of the served pipeline into ``ServingMetrics``
+        (request metrics are recorded per request by ``MetricsMiddleware``)."""
+        metrics, seen = ServingMetrics.get(), None
+        while True:
+            try:
+                pipeline = self.pipeline
+                if pipeline is not seen:  # a new version: its caches count from zero
+                    metrics.forget_cache_counts()
+                    pipeline.on_feature_ages = lambda ages: metrics.record_feature_ages(self.service_name, ages)
+                    seen = pipeline
+                metrics.record_serving_status(pipeline.serving_status())
+            except Exception as exc:  # metrics never take a replica down
+                log.debug("metrics export: %s", exc)
+            if self._stopped.wait(every_s):
+                return
 
     async def reconfigure(self, config: dict) -> None:
         """Serve's in-place update of ``user_config``: ``{"version": N}`` pins version N (the
@@ -400,6 +423,7 @@ class RecommendationAPI:
             served = routing.served_for(body.user_id) if routing is not None else self.versions.current
             answer = served.pipeline.degraded_answer(body.user_id, body.k)
             status = "error"
+        label_request(variant=served.variant, model_version=served.version.version, fallback=answer["fallback"])
         if routing is not None:
             if status == "ok" and answer["fallback"]:
                 status = answer["fallback"]  # popular or degraded
@@ -431,6 +455,7 @@ class RecommendationAPI:
     ) -> SimilarItemsResponse:
         """Items whose vectors are nearest to this item's (never the item itself)."""
         served = self.versions.current
+        label_request(variant=served.variant, model_version=served.version.version)
         scored = served.pipeline.similar(item_id, k)
         model = ModelRef(name=served.version.name, version=served.version.version)
         if scored is None:
@@ -471,7 +496,13 @@ class RecommendationAPI:
         followed = [dict(e) for e in events if e.get("request_id")]
         for e in events:  # the event log keeps the events contract; the link goes to the experiment store
             e.pop("request_id", None)
+        started = time.perf_counter()
         result = self.pipeline.push(events)
+        outcome = "invalid" if "error" in result else "unavailable" if "unavailable" in result else "accepted"
+        try:
+            ServingMetrics.get().record_push(time.perf_counter() - started, outcome, int(result.get("accepted") or 0))
+        except Exception as exc:  # metrics never fail a request
+            log.debug("metrics: %s", exc)
         if "error" in result:  # checked by the data contract after the schema: still the client's fault
             return JSONResponse(status_code=422, content={
                 "message": f"events: {result['error']}",

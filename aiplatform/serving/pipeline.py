@@ -31,6 +31,7 @@ replicas see a user's new events after at most the TTL.
 """
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -175,8 +176,6 @@ class RecommendPipeline:
                  artifact_dir: str, vectors_dir: str, table_name: str,
                  config: ResilienceConfig | None = None, timer: Callable[[], float] | None = None,
                  service_version: str | None = None) -> None:
-        import time
-
         import torch
 
         from aiplatform.core.storage import Layout
@@ -187,6 +186,7 @@ class RecommendPipeline:
         from aiplatform.retrieval.index import ItemIndex
 
         self.layout = Layout.at(home)
+        self.on_feature_ages: Callable[[list[float]], None] | None = None  # set by the serving replica
         self.service = served_service(features_module, service_name)
         if service_version and self.service.version != service_version:
             from aiplatform.core.errors import ConfigError
@@ -277,6 +277,9 @@ class RecommendPipeline:
 
     def _read_features(self, user_ids: list[str]) -> list[dict[str, Any] | None]:
         feats = self.server.get(user_ids)
+        if self.on_feature_ages is not None:  # how old the rows read are (event time, microseconds)
+            now_us = time.time() * 1e6
+            self.on_feature_ages([(now_us - float(ts)) / 1e6 for ts in feats.event_timestamp if ts >= 0])
         spec = self.inputs
         out: list[dict[str, Any] | None] = []
         for i in range(len(user_ids)):

@@ -373,6 +373,7 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
                     batch_size=cfg.batch_size, dtypes=dtypes, device=device), cfg.eval_k, bf16))
                 metrics["val_s"] = time.perf_counter() - t_val
             history.append(metrics)
+            _export_epoch(loop_config["run_uri"], metrics)
             wlog.info(
                 "epoch %d/%d loss=%.4f %s samples=%d samples/s=%.0f data wait=%.0f%%",
                 epoch + 1, cfg.epochs, metrics["loss"],
@@ -402,6 +403,16 @@ def _resolve_use_gpu(config: TrainConfig) -> bool:
     if config.use_gpu is not None:
         return config.use_gpu
     return ray.cluster_resources().get("GPU", 0) >= config.num_workers
+
+
+def _export_epoch(run_uri: str, metrics: dict[str, Any]) -> None:
+    """The epoch's progress as Prometheus gauges (``aiplatform_train_*``); never fails training."""
+    try:
+        from aiplatform.observability.metrics import TrainingMetrics
+
+        TrainingMetrics.get().record_epoch(run_uri.rstrip("/").rsplit("/", 1)[-1], metrics)
+    except Exception as exc:
+        logging.getLogger("aiplatform.training.worker").debug("training metrics: %s", exc)
 
 
 def _previous_result(runs: RunStorage, run_name: str) -> "ray.train.Result | None":

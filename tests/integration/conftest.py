@@ -4,6 +4,10 @@ import os
 
 import pytest
 
+from tests.servers import free_port
+
+METRICS_PORT = free_port()
+
 
 @pytest.fixture(scope="session")
 def importable_dir(tmp_path_factory):
@@ -11,6 +15,13 @@ def importable_dir(tmp_path_factory):
     for modules a test writes, e.g. a copy of a feature-definitions module that Ray Data tasks
     and Serve replicas must import by name. The test adds it to its own ``sys.path``."""
     return tmp_path_factory.mktemp("importable")
+
+
+@pytest.fixture(scope="session")
+def metrics_port() -> int:
+    """Ray's metrics export port of the session's instance (a fixture: test modules importing
+    this conftest by name would get a second copy of the module, and another port)."""
+    return METRICS_PORT
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +48,7 @@ def ray_session(s3_server, importable_dir):
             object_store_memory=512 * 1024 * 1024,
             include_dashboard=False,
             log_to_driver=False,
+            _metrics_export_port=METRICS_PORT,  # where Prometheus scrapes the app's metrics (test_metrics)
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
