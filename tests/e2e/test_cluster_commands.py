@@ -99,8 +99,11 @@ class Shell:
         """A long-running command; its output goes to ``log`` (a pipe nobody reads would fill up
         with Ray's streamed logs and block the process)."""
         with open(log, "w") as out:
+            # Ctrl-C as at a terminal: a suite started in the background (`cmd &`) would pass an
+            # ignored SIGINT on, and `serve run` would never see the interrupt this test sends.
             return subprocess.Popen(args, cwd=ROOT, env=dict(self.env, **env), stdout=out,
-                                    stderr=subprocess.STDOUT, text=True)
+                                    stderr=subprocess.STDOUT, text=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(url: str, proc: subprocess.Popen | None = None, timeout: float = 240) -> httpx.Response:
