@@ -176,7 +176,7 @@ def serve_cold_starts(home: str, user: str, n: int) -> list[dict]:
 
     settings = Settings.load(home=home)
     ensure_ray(settings)
-    url = serving.start(serving.build_app(Layout.open(settings.home), settings=settings, follow_alias=False,
+    url = serving.start(serving.build_app(Layout.open(settings.home), settings=settings, follow_alias=False, auth="off",
                                           experiments=False, options={"autoscaling_config": TO_ZERO}),
                         "127.0.0.1", free_port(), name=APP, route_prefix="/cold")
     rounds = []

@@ -180,7 +180,7 @@ def main() -> None:
         seconds.update(job_seconds)
         print(f"model two_tower v{report.version}, champion: {report.promoted}", flush=True)
         t = time.perf_counter()
-        url = start(build_app(layout, settings.model_name, settings=settings), "127.0.0.1", free_port(), name=APP)
+        url = start(build_app(layout, settings.model_name, settings=settings, auth="off"), "127.0.0.1", free_port(), name=APP)
         seconds["serve start"] = time.perf_counter() - t
         try:
             asyncio.run(ask_all(url, users[:20], K, args.concurrency))  # warm-up: replicas, batching
