@@ -1,8 +1,6 @@
 """A real Prometheus server for tests (Debian's ``prometheus`` package): started on 127.0.0.1 on a
 free port in a temp dir, scraping the given targets every second, stopped by its own pid."""
 
-import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +8,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.servers import answers_http, free_port, serve_process
+from tests.servers import answers_http, find_binary, free_port, serve_process
 
 SCRAPE_CONFIG = Path(__file__).resolve().parents[1] / "cluster" / "observability" / "prometheus-scrape.yml"
 INSTALL_HINT = ("prometheus is not installed: `sudo apt-get install -y prometheus` (Debian/Ubuntu; `make test` "
@@ -18,10 +16,7 @@ INSTALL_HINT = ("prometheus is not installed: `sudo apt-get install -y prometheu
 
 
 def find_prometheus() -> str | None:
-    for candidate in (os.environ.get("PROMETHEUS"), shutil.which("prometheus"), "/usr/bin/prometheus"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    return find_binary("PROMETHEUS", "prometheus")
 
 
 @contextmanager

@@ -1,15 +1,13 @@
 """A real redis-server for tests (no fakeredis): started on a free port in a temp dir,
 persistence off, stopped by its own pid. ``redis_url`` is registered in tests/conftest.py."""
 
-import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, serve_process
+from tests.servers import find_binary, free_port, serve_process
 
 _free_port = free_port  # the name other tests import
 
@@ -19,10 +17,7 @@ INSTALL_HINT = ("redis-server is not installed: `sudo apt-get install -y redis-s
 
 def find_redis_server() -> str | None:
     """REDIS_SERVER, else redis-server on PATH, else Debian's /usr/bin/redis-server."""
-    for candidate in (os.environ.get("REDIS_SERVER"), shutil.which("redis-server"), "/usr/bin/redis-server"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    return find_binary("REDIS_SERVER", "redis-server")
 
 
 @contextmanager

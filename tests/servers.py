@@ -7,6 +7,7 @@ that tail (a bad flag, a port in use, a missing dependency) is what tells a read
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def find_binary(env_var: str, name: str) -> str | None:
+    """``$env_var``, else ``name`` on PATH, else Debian's /usr/bin/``name``: an executable or None."""
+    for candidate in (os.environ.get(env_var), shutil.which(name), f"/usr/bin/{name}"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def log_tail(path: Path, max_bytes: int = LOG_TAIL_BYTES) -> str:

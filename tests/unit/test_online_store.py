@@ -207,7 +207,7 @@ def test_a_missing_redis_server_says_how_to_install_it(monkeypatch, tmp_path):
 
     monkeypatch.setenv("REDIS_SERVER", str(tmp_path / "no-such-redis-server"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(helper.os, "access", lambda path, mode: False)
+    monkeypatch.setattr("os.access", lambda path, mode: False)
     assert helper.find_redis_server() is None
     with pytest.raises(RuntimeError, match="apt-get install -y redis-server"):
         with helper.redis_server(tmp_path):
