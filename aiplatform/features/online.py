@@ -19,14 +19,16 @@ Writes keep the newer ``event_timestamp`` per entity (ties: the later write wins
 offline row at the same time replaces the old one; writing the same rows twice changes nothing)
 and are atomic per call: one SQLite transaction, one Redis Lua script.
 
-The store also holds the event ids ``features.push`` accepted lately (``claim_event_ids``): it is
-the one place every serving replica shares, so a retried event is refused by whichever replica
-it reaches.
+The store also holds the event ids ``features.push`` accepted lately (``claim_event_ids``) and
+short-lived locks (``try_lock``: a push's entities while it recomputes their rows, the event log's
+compaction lease): it is the one place every serving replica shares, so a retried event is
+refused by whichever replica it reaches, and two replicas never recompute one user at once.
 """
 
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from pathlib import Path
@@ -66,6 +68,11 @@ class OnlineStore(Protocol):
         live claim exists (an event already accepted). Atomic per id across processes."""
     def release_event_ids(self, ids: Sequence[str]) -> None:
         """Drop claims (the events they guarded were not written after all)."""
+    def try_lock(self, names: Sequence[str], ttl_s: float) -> str | None:
+        """Take every lock in ``names`` for ``ttl_s`` seconds, all or none: a token (for
+        ``unlock``) or None when one is held. Across processes; an expired lock is free."""
+    def unlock(self, names: Sequence[str], token: str) -> None:
+        """Release the locks ``token`` holds (a lock taken over after it expired is left alone)."""
 
 
 def meta_prefix(service: FeatureService) -> str:
@@ -82,6 +89,7 @@ CREATE TABLE IF NOT EXISTS popular_items (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS event_ids (event_id TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS event_ids_expiry ON event_ids (expires_at);
+CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -149,6 +157,35 @@ class SQLiteOnlineStore:
     def release_event_ids(self, ids: Sequence[str]) -> None:
         self._conn().executemany("DELETE FROM event_ids WHERE event_id = ?", [(str(i),) for i in ids])
 
+    def try_lock(self, names: Sequence[str], ttl_s: float) -> str | None:
+        """All of ``names`` or none, in one write transaction (``BEGIN IMMEDIATE``: two
+        processes never both see a name free); expired locks count as free."""
+        names = sorted(set(map(str, names)))
+        token = uuid.uuid4().hex
+        now = time.time()
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            held = 0
+            for i in range(0, len(names), _MAX_SQL_VARS - 1):
+                chunk = names[i:i + _MAX_SQL_VARS - 1]
+                marks = ",".join("?" * len(chunk))
+                conn.execute(f"DELETE FROM locks WHERE expires_at <= ? AND name IN ({marks})", (now, *chunk))  # nosec B608  # marks: only "?"
+                held += conn.execute(f"SELECT count(*) FROM locks WHERE name IN ({marks})", chunk).fetchone()[0]  # nosec B608  # marks: only "?"
+            if held:
+                conn.execute("ROLLBACK")
+                return None
+            conn.executemany("INSERT INTO locks VALUES (?, ?, ?)", [(n, token, now + float(ttl_s)) for n in names])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return token
+
+    def unlock(self, names: Sequence[str], token: str) -> None:
+        self._conn().executemany("DELETE FROM locks WHERE name = ? AND token = ?",
+                                 [(str(n), token) for n in set(names)])
+
     # ---- reads --------------------------------------------------------------------------
     def get_popular_items(self, k: int) -> list[tuple[str, float]]:
         rows = self._conn().execute(
@@ -174,7 +211,7 @@ class SQLiteOnlineStore:
                          "(k TEXT PRIMARY KEY, ts INTEGER NOT NULL, v BLOB NOT NULL) WITHOUT ROWID")
             before = conn.total_changes
             conn.executemany(
-                f'INSERT INTO "fs_{ns}" (k, ts, v) VALUES (?, ?, ?) ON CONFLICT(k) DO UPDATE '
+                f'INSERT INTO "fs_{ns}" (k, ts, v) VALUES (?, ?, ?) ON CONFLICT(k) DO UPDATE '  # nosec B608  # ns: checked name + hash
                 f'SET ts = excluded.ts, v = excluded.v WHERE excluded.ts >= "fs_{ns}".ts',
                 zip(keys, ts.tolist(), blobs))
             applied = conn.total_changes - before
@@ -187,7 +224,7 @@ class SQLiteOnlineStore:
     def _sql(self, ns: str, n: int) -> str:
         sql = self._select_sql.get((ns, n))
         if sql is None:
-            sql = f'SELECT k, v FROM "fs_{ns}" WHERE k IN ({",".join("?" * n)})'
+            sql = f'SELECT k, v FROM "fs_{ns}" WHERE k IN ({",".join("?" * n)})'  # nosec B608  # ns: checked name + hash
             self._cache_sql((ns, n), sql)
         return sql
 
@@ -209,11 +246,11 @@ class SQLiteOnlineStore:
         sql = self._select_sql.get(key)
         if sql is None:
             if n == 1:
-                sql = f'SELECT v FROM "fs_{ns}" WHERE k = ?'
+                sql = f'SELECT v FROM "fs_{ns}" WHERE k = ?'  # nosec B608  # ns: checked name + hash
             else:
                 value = f"ifnull(t.v, X'{codec.missing_row.hex()}')" if codec.fixed_width else "t.v"
                 ids = ",".join(f"({i},?)" for i in range(n))
-                sql = (f'WITH ids(i, k) AS (VALUES {ids}) SELECT {value} FROM ids '
+                sql = (f'WITH ids(i, k) AS (VALUES {ids}) SELECT {value} FROM ids '  # nosec B608  # ns, ids, value: built here
                        f'LEFT JOIN "fs_{ns}" t ON t.k = ids.k ORDER BY ids.i')
             self._cache_sql(key, sql)
         return sql

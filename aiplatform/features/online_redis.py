@@ -7,10 +7,13 @@ is ONE Lua script that compares each row's timestamp with the stored one and kee
 Meta values (materialization watermarks) live in the hash ``<prefix>:meta``; claimed event ids
 (``features.push``'s deduplication) are keys ``<prefix>:event_id:<id>`` that Redis expires. The popular-items
 list (the fallback for unknown users) is the Redis list ``<prefix>:popular_items``, one JSON
-``[item_id, score]`` per entry in rank order, replaced in one MULTI/EXEC transaction.
+``[item_id, score]`` per entry in rank order, replaced in one MULTI/EXEC transaction. Locks
+(``try_lock``) are keys ``<prefix>:lock:<name>`` holding their owner's token, taken all-or-none
+by one Lua script with a TTL and released by another only by their owner.
 """
 
 import json
+import uuid
 from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
@@ -32,6 +35,22 @@ for i = 1, #KEYS do
 end
 return applied
 """
+_LOCK_ALL = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
+end
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+_UNLOCK_MINE = """
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then n = n + redis.call('DEL', KEYS[i]) end
+end
+return n
+"""
 _DELETE_BATCH = 1000
 
 
@@ -48,10 +67,13 @@ class RedisOnlineStore:
         self.prefix = prefix
         self.client = redis.Redis.from_url(url, decode_responses=False)
         self._upsert = self.client.register_script(_UPSERT_NEWER)
+        self._lock_all = self.client.register_script(_LOCK_ALL)
+        self._unlock_mine = self.client.register_script(_UNLOCK_MINE)
         self._codecs = CodecCache()
         self._meta_key = f"{prefix}:meta"
         self._popular_key = f"{prefix}:popular_items"
         self._event_id_key = f"{prefix}:event_id:"
+        self._lock_key = f"{prefix}:lock:"
 
     def _ns(self, service: FeatureService) -> tuple[object, str]:
         codec, ns = self._codecs.get(service)
@@ -128,6 +150,20 @@ class RedisOnlineStore:
     def release_event_ids(self, ids: Sequence[str]) -> None:
         if ids:
             self.client.delete(*[self._event_id_key + str(i) for i in ids])
+
+    def try_lock(self, names: Sequence[str], ttl_s: float) -> str | None:
+        """All of ``names`` or none, in one Lua script (atomic); Redis expires them after ``ttl_s``."""
+        names = sorted(set(map(str, names)))
+        if not names:
+            return uuid.uuid4().hex
+        token = uuid.uuid4().hex
+        ttl_ms = max(1, int(round(float(ttl_s) * 1000)))
+        won = self._lock_all(keys=[self._lock_key + n for n in names], args=[token, ttl_ms])
+        return token if int(won) else None
+
+    def unlock(self, names: Sequence[str], token: str) -> None:
+        if names:
+            self._unlock_mine(keys=[self._lock_key + str(n) for n in set(names)], args=[token])
 
     def get_meta(self, key: str) -> str | None:
         value = self.client.hget(self._meta_key, key)

@@ -5,7 +5,8 @@ Every feature here comes from a declared view of the features module (``apps/sho
 by default), computed by the one engine (``features.engine``) with one set of window rules
 (``(t - w, t]``, see ``features.definitions``):
 
-- ``run_feature_pipeline``: brings the offline tables of the served feature service's views and
+- ``run_feature_pipeline``: compacts the event log and quarantines the events it cannot encode
+  (``data.eventlog_compact``: counted in ``events_quarantined``), brings the offline tables of the served feature service's views and
   of the item popularity view up to date, materializes the service into the online store and
   writes the popular-items list (the fallback for users without history): each item's latest
   ``item_popularity`` row at ``as_of``, scored by its weighted 7-day counts by event type;
@@ -17,6 +18,7 @@ by default), computed by the one engine (``features.engine``) with one set of wi
   same as-of join, no store), for small data in tests, benchmarks and notebooks.
 """
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,13 +32,14 @@ from aiplatform.core import storage
 from aiplatform.core.errors import ConfigError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
-from aiplatform.data import lake
+from aiplatform.data import eventlog, lake
 from aiplatform.features.definitions import FeatureService, FeatureView
 from aiplatform.features.online import OnlineStore
 
 if TYPE_CHECKING:  # Ray is imported where it runs, so importing this module stays cheap
     import ray.data
 
+log = logging.getLogger(__name__)
 POPULAR_ITEMS_KEPT = 200
 POPULARITY_VIEW = "item_popularity"
 """The declared view (per item, event counts by type) behind the popular-items list and the
@@ -57,6 +60,10 @@ class FeatureRunSummary:
     """Lance version of each offline table (``<view>__<version>``) after this run."""
     online_rows: int
     duration_s: float
+    events_quarantined: int = 0
+    """Events of the event log this run could not use: moved to ``<root>/eventlog/quarantine``."""
+    quarantine_reasons: dict[str, int] | None = None
+    """Reason -> events, for those quarantined by this run."""
 
 
 def utc(ts) -> pd.Timestamp:
@@ -321,13 +328,23 @@ def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None,
     from aiplatform.features.offline import read_state
     from aiplatform.features.server import open_store
 
+    from aiplatform.data import eventlog_compact
+
     started = time.perf_counter()
     settings = settings or Settings.load()
     store = open_store(settings, layout)  # before any work: an unusable store setting fails at once
     service = served_service(settings)
     popularity = popularity_view(settings)
     storage.make_dirs(layout.features)
-    runs = dict(zip([*service.views, popularity], update_offline(layout, [*service.views, popularity])))
+    # The event log first: its small files merged, and events this run could not encode (rules
+    # stricter than when they were written, an unreadable file) quarantined and counted, so one
+    # bad event never stops the run for everyone. The lease is held while Ray Data reads the log.
+    with eventlog_compact.exclusive(layout, store):
+        log_run = eventlog_compact.compact(layout, all_leaves=True, check_all=True)
+        if log_run.quarantined or log_run.reasons:
+            log.warning("feature run: %d event(s) quarantined to %s: %s", log_run.quarantined,
+                        eventlog.quarantine_dir(layout), log_run.reasons)
+        runs = dict(zip([*service.views, popularity], update_offline(layout, [*service.views, popularity])))
     users = _materialize(layout, service, store, any(runs[v].mode == "full" for v in service.views))
     if as_of is None:
         watermark = runs[popularity].watermark_after
@@ -336,7 +353,8 @@ def run_feature_pipeline(layout: Layout, as_of: pd.Timestamp | None = None,
     items = materialize_popular_items(layout, store, popularity, utc(as_of))
     versions = {v.table_name: int((read_state(layout, v) or {}).get("lance_version") or 0) for v in runs}
     return FeatureRunSummary(users=users, items=items, as_of=utc(as_of), offline_versions=versions,
-                             online_rows=users, duration_s=time.perf_counter() - started)
+                             online_rows=users, duration_s=time.perf_counter() - started,
+                             events_quarantined=log_run.quarantined, quarantine_reasons=dict(log_run.reasons))
 
 
 __all__ = ["FeatureRunSummary", "POPULARITY_VIEW", "frame_from_events", "latest_item_rows", "materialize_popular_items",

@@ -22,6 +22,19 @@ in ``duplicates``. The ids are *claimed* in the online store (``claim_event_ids`
 event cannot both write it; when the append fails the claims are released so that a retry is
 accepted. When the claim itself fails (the store is down) the events are appended unchecked:
 recorded once more rather than lost. Events without an ``event_id`` are never deduplicated.
+
+Two replicas pushing for one user: each appends its events first, then recomputes the user's row
+from the log and writes it. Unguarded, replica A could read the log before B's append landed and
+write after B, replacing B's complete row with its own that lacks B's event. So the recompute and
+the write run under a lock on the pushed entities in the online store (``try_lock``: a SQLite row
+or a Redis key, all of a push's entities or none, expiring after ``LOCK_TTL_S``): whoever holds it
+second reads a log that holds both appends, and its row, written last, has every event. A push
+that cannot get the lock within ``LOCK_WAIT_S`` goes on without it (logged): its events are in the
+log either way, and the next push or batch run for those users repairs the row.
+
+The log is read through a snapshot (``data.eventlog``); when it holds many small files a push
+starts their compaction in a background thread (``data.eventlog_compact``), so the number of
+files a push opens stays bounded however long the log grows.
 """
 
 import hashlib
@@ -38,7 +51,7 @@ import pyarrow.compute as pc
 
 from aiplatform.core.settings import seconds_from_env
 from aiplatform.core.storage import Layout
-from aiplatform.data import eventlog, validate
+from aiplatform.data import eventlog, eventlog_compact, validate
 from aiplatform.features.definitions import FeatureService, FeatureView, arrow_type
 from aiplatform.features.engine import compute_view_rows
 from aiplatform.features.materialize import latest_per_entity
@@ -51,6 +64,10 @@ log = logging.getLogger(__name__)
 DEFAULT_DEDUP_WINDOW_S = 24 * 3600.0
 """How long an accepted event_id refuses its repeats: longer than any client's retries."""
 DEDUP_WINDOW_ENV = "AIPLATFORM_EVENT_DEDUP_WINDOW_S"
+LOCK_TTL_S = 30.0
+"""A push's entity lock expires after this long (a replica that died holding it)."""
+LOCK_WAIT_S = 10.0
+"""How long a push waits for the lock of entities another push is recomputing."""
 
 
 @dataclass
@@ -127,10 +144,10 @@ def _event_views(service: FeatureService) -> list[FeatureView]:
     return [v for v in service.views if v.source.table == "events" and v.source.timestamp_field]
 
 
-def _recomputed_rows(layout: Layout, view: FeatureView, keys: np.ndarray, since_us: int) -> pa.Table:
-    """The latest row of each entity in ``keys``, from its events after ``since_us``."""
+def _recomputed_rows(view: FeatureView, history: pa.Table, since_us: int) -> pa.Table:
+    """The latest row of each entity in ``history`` (its events), from its events after ``since_us``."""
     key = view.entity.join_key
-    history = eventlog.read_events(layout, key=key, keys=keys, since_us=since_us)
+    history = history.filter(pc.field("timestamp") > pa.scalar(since_us, _TS))
     if view.source.timestamp_field != "timestamp":
         history = history.rename_columns(
             [view.source.timestamp_field if c == "timestamp" else c for c in history.column_names])
@@ -142,7 +159,7 @@ def _current_values(store: OnlineStore, service: FeatureService, keys: list[str]
 
 
 def _service_rows(layout: Layout, service: FeatureService, store: OnlineStore,
-                  events: pa.Table) -> pa.Table | None:
+                  events: pa.Table, snap: "eventlog.Snapshot | None" = None) -> pa.Table | None:
     key = service.entity.join_key
     views = _event_views(service)
     if not views or key not in events.column_names:
@@ -153,12 +170,17 @@ def _service_rows(layout: Layout, service: FeatureService, store: OnlineStore,
     ts = pa.array(np.full(len(keys), np.iinfo(np.int64).min), pa.int64())
     others = [v for v in service.views if v not in views]
     current = _current_values(store, service, list(keys)) if others else None
+    # Every row at or after the oldest pushed event depends only on events after
+    # (oldest_new - max_window): reading from there gives the entity's latest row exactly. One
+    # read for all views (from the longest window), each view then keeps its own window.
+    since = {v: oldest_new - int(v.max_window.total_seconds() * 1_000_000) - 1 for v in views}
+    history = eventlog.read_events(layout, key=key, keys=keys, since_us=min(since.values()), snap=snap)
+    bad, _ = eventlog_compact.bad_rows(history)
+    if bad.any():  # logged before today's checks; the next batch run quarantines them
+        history = history.filter(pa.array(~bad))
     for view in service.views:
         if view in views:
-            # Every row at or after the oldest pushed event depends only on events after
-            # (oldest_new - max_window): reading from there gives the entity's latest row exactly.
-            since = oldest_new - int(view.max_window.total_seconds() * 1_000_000) - 1
-            rows = _recomputed_rows(layout, view, keys, since)
+            rows = _recomputed_rows(view, history, since[view])
             idx = pc.index_in(columns[key], value_set=rows.column(key))
             taken = rows.take(idx)
             view_ts = taken.column(TIMESTAMP_COLUMN).cast(_TS).cast(pa.int64())
@@ -173,13 +195,52 @@ def _service_rows(layout: Layout, service: FeatureService, store: OnlineStore,
     return pa.table({n: columns[n] for n in ordered})
 
 
+def _lock_names(layout: Layout, services: Sequence[FeatureService], events: pa.Table) -> list[str]:
+    names: list[str] = []
+    for service in services:
+        key = service.entity.join_key
+        if _event_views(service) and key in events.column_names:
+            prefix = f"{_claim_scope(layout)}push:{service.name}:"
+            names += [prefix + str(k) for k in pc.unique(events.column(key)).to_pylist()]
+    return names
+
+
+def _lock(store: OnlineStore, names: list[str]) -> str | None:
+    """The entities' lock (a token), waiting up to ``LOCK_WAIT_S``; None without one (a store
+    without locks, or a lock that stayed busy: logged, the push goes on unguarded)."""
+    try_lock = getattr(store, "try_lock", None)
+    if not names or try_lock is None:
+        return None
+    deadline = time.monotonic() + LOCK_WAIT_S
+    pause = 0.002
+    while True:
+        token = try_lock(names, LOCK_TTL_S)
+        if token is not None:
+            return token
+        if time.monotonic() >= deadline:
+            log.warning("push: %d entities stayed locked by another push for %.0fs; recomputing them unguarded",
+                        len(names), LOCK_WAIT_S)
+            return None
+        time.sleep(pause * (0.5 + np.random.random()))
+        pause = min(pause * 2, 0.05)
+
+
+def _unlock(store: OnlineStore, names: list[str], token: str) -> None:
+    try:
+        store.unlock(names, token)
+    except Exception as exc:  # the lock expires by itself; an error here must not hide the push's own
+        log.warning("push: could not release %d entity locks (%s: %s); they expire in %.0fs",
+                    len(names), type(exc).__name__, exc, LOCK_TTL_S)
+
+
 def push(layout: Layout, events: "pa.Table | pd.DataFrame | list[dict]", services: Sequence[FeatureService],
-         store: OnlineStore) -> PushResult:
+         store: OnlineStore, *, compact: bool = True) -> PushResult:
     """Validate ``events``, append the new ones to the event log, and rewrite the online rows of
     every entity they touch in each of ``services``. Invalid events (the contract, a time in
     the future, an id with control characters) raise ``DataValidationError`` naming the field
     before anything is written; events whose event_id was accepted within the dedup window are
-    skipped (``PushResult.duplicates``)."""
+    skipped (``PushResult.duplicates``). ``compact``: start a background compaction of the
+    event log when it holds many small files (False: the log grows one file per push)."""
     started = time.perf_counter()
     table = eventlog.validate_pushed(events)
     validate.check_pushed_events(table, "pushed events")
@@ -197,8 +258,17 @@ def push(layout: Layout, events: "pa.Table | pd.DataFrame | list[dict]", service
         _release(store, claimed)
         raise
     updated: dict[str, int] = {}
-    for service in services:
-        rows = _service_rows(layout, service, store, table)
-        updated[service.name] = store.write_features(service, rows) if rows is not None and rows.num_rows else 0
+    names = _lock_names(layout, services, table)
+    token = _lock(store, names)
+    try:
+        snap = eventlog.snapshot(layout)  # listed after the lock: every earlier append is in it
+        for service in services:
+            rows = _service_rows(layout, service, store, table, snap)
+            updated[service.name] = store.write_features(service, rows) if rows is not None and rows.num_rows else 0
+    finally:
+        if token is not None:
+            _unlock(store, names, token)
+    if compact:
+        eventlog_compact.compact_in_background(layout, store, snap)
     return PushResult(table.num_rows, updated, path, (time.perf_counter() - started) * 1000,
                       in_batch + len(skipped), tuple(skipped))

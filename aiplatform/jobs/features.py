@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary)
+    if summary.events_quarantined or summary.quarantine_reasons:
+        from aiplatform.data import eventlog
+
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted((summary.quarantine_reasons or {}).items()))
+        print(f"quarantined {summary.events_quarantined} event(s) of the event log that the features cannot "
+              f"encode ({reasons}): see {eventlog.quarantine_dir(Layout.at(settings.home))}; every other user's "
+              "features were computed")
     return 0
 
 

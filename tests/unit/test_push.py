@@ -136,3 +136,48 @@ def test_reimport_clears_the_event_log(shop, tmp_path, store):
     paths = {p.stem: str(p) for p in Path(tmp_path / "in").glob("*.parquet")}
     lake.import_files(layout, paths["events"], paths["items"], paths["users"])
     assert eventlog.files(layout) == []
+
+
+def test_a_push_waits_for_the_lock_of_a_user_another_push_is_recomputing(shop, store):
+    import threading
+
+    from aiplatform.features.push import _claim_scope
+
+    layout, frames = shop
+    user = frames["events"]["user_id"].iloc[0]
+    name = f"{_claim_scope(layout)}push:{recommender_user.name}:{user}"
+    token = store.try_lock([name], 30)  # as another replica's push would hold it
+    assert token is not None
+    new = _new_events(frames, [user], pd.Timestamp(frames["events"]["timestamp"].max()) + pd.Timedelta(hours=1))
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (push(layout, new, [recommender_user], store), done.set()))
+    thread.start()
+    assert not done.wait(0.5)  # appended, but not recomputed while the other holds the user
+    assert eventlog.read_events(layout, key="user_id", keys=[user]).num_rows > 0
+    store.unlock([name], token)
+    thread.join(30)
+    assert done.is_set()
+    want = _batch_rows(pd.concat([frames["events"], new], ignore_index=True))
+    _assert_rows_equal(store.get_online_features(recommender_user, [user]).to_arrow(), want, [user])
+    assert store.try_lock([name], 1) is not None  # and released it
+
+
+def test_pushes_compact_the_log_in_the_background_and_the_rows_stay_exact(shop, store, monkeypatch):
+    from aiplatform.data import eventlog_compact
+
+    monkeypatch.setenv(eventlog_compact.COMPACT_FILES_ENV, "4")
+    layout, frames = shop
+    events = frames["events"]
+    _load_batch(store, events)
+    users = sorted(events["user_id"].unique())[:3]
+    new = _new_events(frames, users, pd.Timestamp(events["timestamp"].max()) + pd.Timedelta(hours=1))
+    for i in range(len(new)):
+        push(layout, new.iloc[[i]], [recommender_user], store)
+        eventlog_compact.wait_for_background()
+    snap = eventlog.snapshot(layout)
+    assert any(f.is_segment for f in snap.live) and len(snap.leaves) < 4
+    assert len(snap.live) < len(new)
+    logged = eventlog.read_events(layout, key="user_id", keys=users).column("event_id").drop_null().to_pylist()
+    assert sorted(i for i in logged if i.startswith("pushed-")) == sorted(new["event_id"])  # each once
+    want = _batch_rows(pd.concat([events, new], ignore_index=True))
+    _assert_rows_equal(store.get_online_features(recommender_user, users).to_arrow(), want, users)
