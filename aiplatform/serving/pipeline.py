@@ -38,12 +38,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from aiplatform.observability.tracing import NO_STAGES
 from aiplatform.serving.resilience import MISS, BreakerOpen, CountingTTLCache, ResilienceConfig, bound_redis_client
 
 if TYPE_CHECKING:
     from aiplatform.features.definitions import FeatureService
     from aiplatform.models.candidates import CandidateConfig, CandidateRanker
     from aiplatform.models.inputs import UserInputSpec
+    from aiplatform.observability.tracing import Stages
 
 log = logging.getLogger(__name__)
 
@@ -303,65 +305,87 @@ class RecommendPipeline:
         with self._torch.inference_mode():
             return self.model.user_embedding(hist, dense).cpu().numpy().astype(np.float32)
 
-    def recommend(self, requests: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    def recommend(self, requests: list[tuple[str, int]], stages: "Stages | None" = None) -> list[dict[str, Any]]:
         """The answers to a batch of ``(user_id, k)`` requests, in order (see the class). Never
-        raises for a failing store, tower, index or ranker: those requests are degraded."""
+        raises for a failing store, tower, index or ranker: those requests are degraded.
+        ``stages`` (``observability.tracing``) times each stage for the requests' traces."""
+        stages = stages or NO_STAGES
         answers: list[dict[str, Any] | None] = [None] * len(requests)
         pending = []
         for i, (user, k) in enumerate(requests):
             hit = self.answer_cache.get(user)
             if hit is not MISS and self._reusable(hit, int(k)):
                 answers[i] = {"items": hit.items[:int(k)], "fallback": hit.fallback, "ranked": hit.ranked}
+                stages.note(i, "aiplatform.answer_cache", "hit")
             else:
                 pending.append(i)
         if not pending:
             return answers  # type: ignore[return-value]
-        rows, _ = self._user_rows([requests[i][0] for i in pending])
+        with stages.stage("features", pending, **{"aiplatform.users": len(pending)}) as st:
+            if stages is not NO_STAGES:  # which rows the cache had, for the spans only
+                for i in pending:
+                    st.set(i, "aiplatform.feature_cache", "miss" if self.feature_cache.peek(requests[i][0])
+                           is MISS else "hit")
+            rows, error = self._user_rows([requests[i][0] for i in pending])
+            if error is not None:
+                st.fail(error)
         known, unknown = [], []
         for i in pending:
             user, k = requests[i]
             if user not in rows:  # the store's read failed
                 answers[i] = self._degrade(user, int(k), "online_store")
+                stages.note(i, "aiplatform.degraded", "online_store")
             elif rows[user] is None:
                 unknown.append(i)
             else:
                 known.append(i)
         if unknown:
-            popular = self._popular_items(max(int(requests[i][1]) for i in unknown))
+            with stages.stage("popular", unknown) as st:
+                popular = self._popular_items(max(int(requests[i][1]) for i in unknown))
+                if popular is None:
+                    st.fail(RuntimeError("the online store did not answer (popular items)"))
             for i in unknown:
                 user, k = requests[i][0], int(requests[i][1])
                 if popular is None:
                     answers[i] = self._degrade(user, k, "online_store")
+                    stages.note(i, "aiplatform.degraded", "online_store")
                 else:
                     answers[i] = self._keep(user, k, popular[:k], POPULAR_FALLBACK, False)
         if known:
-            self._recommend_known(requests, known, rows, answers)
+            self._recommend_known(requests, known, rows, answers, stages)
         return answers  # type: ignore[return-value]
 
     def _recommend_known(self, requests: list[tuple[str, int]], known: list[int],
-                         rows: dict[str, dict[str, Any] | None], answers: list[dict[str, Any] | None]) -> None:
+                         rows: dict[str, dict[str, Any] | None], answers: list[dict[str, Any] | None],
+                         stages: "Stages | Any" = NO_STAGES) -> None:
         """The model's answers for the requests ``known`` (users with a feature row), in place."""
         users = [rows[requests[i][0]] for i in known]
-        try:
-            vectors = self.breakers["tower"].call(self.embed, users)
-        except Exception as exc:
-            self._log_failure("tower", exc)
-            for i, feats in zip(known, users, strict=True):
-                answers[i] = self._degrade(requests[i][0], int(requests[i][1]), "tower", feats["exclude"])
-            return
+        with stages.stage("tower", known) as st:
+            try:
+                vectors = self.breakers["tower"].call(self.embed, users)
+            except Exception as exc:
+                st.fail(exc)
+                self._log_failure("tower", exc)
+                for i, feats in zip(known, users, strict=True):
+                    answers[i] = self._degrade(requests[i][0], int(requests[i][1]), "tower", feats["exclude"])
+                    stages.note(i, "aiplatform.degraded", "tower")
+                return
         batch, batch_rows = [], []
         for i, vec, feats in zip(known, vectors, users, strict=True):
             user, k = requests[i][0], int(requests[i][1])
             # the two-tower source as the ranker was trained with it (training.recommender.
             # TwoTowerSource): the nearest items the user has not bought, their ranks features
             n = k if self.ranker is None else max(self.n_candidates, k)
-            try:
-                candidates = self.breakers["retriever"].call(self.index.search, vec, n,
-                                                             exclude=frozenset(feats["exclude"]))
-            except Exception as exc:
-                self._log_failure("retriever", exc)
-                answers[i] = self._degrade(user, k, "retriever", feats["exclude"])
-                continue
+            with stages.stage("retriever", [i], **{"aiplatform.candidates": n}) as st:
+                try:
+                    candidates = self.breakers["retriever"].call(self.index.search, vec, n,
+                                                                 exclude=frozenset(feats["exclude"]))
+                except Exception as exc:
+                    st.fail(exc)
+                    self._log_failure("retriever", exc)
+                    answers[i] = self._degrade(user, k, "retriever", feats["exclude"])
+                    stages.note(i, "aiplatform.degraded", "retriever")
+                    continue
             if self.ranker is None:
                 answers[i] = self._keep(user, k, candidates, None, False)
                 continue
@@ -370,14 +394,17 @@ class RecommendPipeline:
             batch_rows.append(i)
         if not batch:
             return
-        try:
-            ranked = self.breakers["ranker"].call(rank_requests, self.ranker, batch, catalogue=self.catalogue,
-                                                  as_of=self.ranker.as_of)
-        except Exception as exc:
-            self._log_failure("ranker", exc)
-            for i, req in zip(batch_rows, batch, strict=True):
-                answers[i] = self._degrade(req["user_id"], req["k"], "ranker", req["exclude"])
-            return
+        with stages.stage("ranker", batch_rows) as st:
+            try:
+                ranked = self.breakers["ranker"].call(rank_requests, self.ranker, batch, catalogue=self.catalogue,
+                                                      as_of=self.ranker.as_of)
+            except Exception as exc:
+                st.fail(exc)
+                self._log_failure("ranker", exc)
+                for i, req in zip(batch_rows, batch, strict=True):
+                    answers[i] = self._degrade(req["user_id"], req["k"], "ranker", req["exclude"])
+                    stages.note(i, "aiplatform.degraded", "ranker")
+                return
         for i, req, items in zip(batch_rows, batch, ranked, strict=True):
             answers[i] = self._keep(req["user_id"], req["k"], items, None, True)
 
