@@ -71,6 +71,11 @@ class KeyGuard:
     def close(self) -> None:
         self._stop.set()
 
+    def keys(self) -> list[ApiKey]:
+        """The keys admitted now (a browser session is checked against these on every request,
+        so a revoked key ends its sessions too)."""
+        return self._auth.keys()
+
     def check(self, authorization: str | None, role: Role) -> ApiKey:
         """The caller's key if it may act as ``role``; else raise ``Denied``."""
         if self.open:

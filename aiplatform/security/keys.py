@@ -161,6 +161,9 @@ class Authenticator:
     def __len__(self) -> int:
         return len(self._by_hash)
 
+    def keys(self) -> list[ApiKey]:
+        return list(self._by_hash.values())
+
     def identify(self, presented: str | None) -> ApiKey | None:
         if not presented:
             return None
