@@ -88,6 +88,21 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         proc.wait()
 
 
+def kill_ray_node(sid: int, temp_dir: str) -> None:
+    """SIGKILL a `ray start` node: every process of its session (``sid``) or naming its temp dir
+    (Ray's daemons leave the session; `ray stop` would stop every Ray on the machine)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if os.getsid(pid) == sid or temp_dir in cmdline:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
+            pass
+
+
 @contextmanager
 def serve_process(argv: Sequence[str], workdir: Path, ready: Callable[[], bool], name: str,
                   timeout_s: float = 30.0, *, log_name: str | None = None, poll_s: float = 0.1,

@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from tests.s3_server import BUCKET, s3_environment
+from tests.servers import kill_ray_node
 
 pytestmark = pytest.mark.e2e
 
@@ -43,19 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _kill(sid: int, temp_dir: str) -> None:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        pid = int(entry)
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if os.getsid(pid) == sid or temp_dir in cmdline:
-                os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, FileNotFoundError):
-            pass
 
 
 def _base_env(s3_endpoint: str, redis_url: str, token: str) -> dict[str, str]:
@@ -142,7 +130,7 @@ def two_nodes(s3_server, redis_url, tmp_path_factory):
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     pass
-            _kill(proc.pid, temp_dir)
+            kill_ray_node(proc.pid, temp_dir)
         for temp_dir in (head_tmp, node_tmp):
             shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -355,6 +355,60 @@ def test_quickstart_stops_cleanly_and_a_bad_rerun_changes_nothing(served, shop):
     pd.testing.assert_frame_equal(pd.read_parquet(lake_dir / "events"), lake_events)
 
 
+@pytest.mark.timeout(1200)
+def test_serve_answers_https_with_the_configured_certificate(served, shop, tmp_path):
+    """`aiplatform serve --tls-cert --tls-key` on the quickstart's root, API keys on: HTTPS that
+    verifies against the test CA, refused by a client that does not trust it, no plain HTTP."""
+    import trustme
+
+    home = served["home"]
+    if served["proc"].poll() is None:
+        _stop(served["proc"], signal.SIGTERM)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+
+    half = _run(["serve", "--home", str(home), "--tls-cert", str(tmp_path / "cert.pem")], tmp_path, timeout=120)
+    assert half.returncode == 2 and "--tls-key" in _flat(half.stderr), half.stdout + half.stderr
+
+    created = _run(["keys", "create", "tls-reader", "--role", "reader", "--quiet", "--home", str(home)], tmp_path)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    port, log = _free_port(), tmp_path / "serve.log"
+    cmd = _cli() + ["serve", "--home", str(home), "--port", str(port),
+                    "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while f"serving application 'aiplatform' at {base}" not in _flat(log.read_text(errors="replace")):
+            assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(2)
+        user = str(shop["frames"]["events"]["user_id"].iloc[0])
+        with httpx.Client(base_url=base, verify=str(tmp_path / "ca.pem"), timeout=30,
+                          headers={"Authorization": f"Bearer {key}"}) as client:
+            assert client.get("/healthz").status_code == 200
+            r = client.post("/v1/recommendations", json={"user_id": user, "k": 5})
+            assert r.status_code == 200, r.text
+            assert len(r.json()["items"]) == 5
+            assert client.post("/v1/recommendations", json={"user_id": user, "k": 5},
+                               headers={"Authorization": "Bearer wrong"}).status_code == 401
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{base}/healthz", timeout=30)  # the system's CAs do not know the test CA
+        with pytest.raises(httpx.HTTPError):
+            r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
+            r.raise_for_status()  # cleartext gets no answer (a reset, or an error status at best)
+    finally:
+        code = _stop(proc, signal.SIGINT)
+        _kill_session(proc.pid)
+    assert code == 0, f"exit code {code} after Ctrl-C:\n{log.read_text(errors='replace')[-3000:]}"
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) a storage root in an object store that cannot be used: exit 2 before any work starts
 

@@ -37,6 +37,9 @@ OVERLAYS = ("dev", "prod")
 NAMESPACES = {"dev": "aiplatform-dev", "prod": "aiplatform"}
 TOKEN_SECRET, TOKEN_KEY, STORAGE_SECRET, SETTINGS = (
     "aiplatform-ray-token", "auth_token", "aiplatform-storage", "aiplatform-settings")
+TLS_CA_SECRET = "aiplatform-ray-tls-ca"
+RAY_TLS_ENV = {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": "/etc/ray/tls/tls.crt",
+               "RAY_TLS_SERVER_KEY": "/etc/ray/tls/tls.key", "RAY_TLS_CA_CERT": "/etc/ray/tls/ca.crt"}
 KUBERAY_CHART = "1.7.0"
 
 
@@ -279,6 +282,38 @@ def test_ray_clusters_pin_ray_scale_from_zero_and_use_token_auth(rendered, overl
             assert head[probe]["httpGet"] == {"path": "/api/healthz", "port": 52365}, f"{label}: {probe}"
 
 
+def _pod_specs(spec: dict) -> list[tuple[str, dict]]:
+    return [("head", spec["headGroupSpec"]["template"]["spec"])] + [
+        (g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_pod_speaks_tls_with_a_certificate_issued_at_start(rendered, overlay):
+    """Ray's gRPC TLS in every pod of every cluster: the init container issues the pod's
+    certificate from the CA Secret into a memory volume that the Ray container (and the
+    autoscaler sidecar) mount read-only; the CA key reaches the init container only."""
+    specs = ray_cluster_specs(rendered, overlay)
+    for label, spec in specs:
+        auto = spec["autoscalerOptions"]
+        assert {e["name"]: e.get("value") for e in auto["env"]} == RAY_TLS_ENV, f"{label}: autoscaler"
+        assert auto["volumeMounts"] == [{"name": "ray-tls", "mountPath": "/etc/ray/tls", "readOnly": True}]
+        for group, pod in _pod_specs(spec):
+            where = f"{label}/{group}"
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            assert volumes["ray-tls-ca"]["secret"]["secretName"] == TLS_CA_SECRET, where
+            assert volumes["ray-tls"]["emptyDir"] == {"medium": "Memory"}, where
+            (init,) = [c for c in pod["initContainers"] if c["name"] == "ray-tls"]
+            assert init["command"][:3] == ["python", "-m", "aiplatform.security.node_cert"], where
+            assert init["image"] == pod["containers"][0]["image"], f"{where}: the init container runs the pod's image"
+            assert {e["name"] for e in init["env"]} == {"POD_IP", "POD_NAMESPACE"}, where
+            main = pod["containers"][0]
+            env = {e["name"]: e.get("value") for e in main["env"]}
+            assert {k: env.get(k) for k in RAY_TLS_ENV} == RAY_TLS_ENV, where
+            mounts = {m["name"]: m for m in main["volumeMounts"]}
+            assert mounts["ray-tls"] == {"name": "ray-tls", "mountPath": "/etc/ray/tls", "readOnly": True}, where
+            assert "ray-tls-ca" not in mounts, f"{where}: the Ray container must not see the CA key"
+
+
 def test_dev_is_cpu_only_and_prod_adds_gpu_groups(rendered):
     def gpu_groups(overlay):
         return {label: [g for g in spec["workerGroupSpecs"]
@@ -462,7 +497,8 @@ def test_readme_creates_the_secrets_the_manifests_reference(rendered):
         referenced |= set(re.findall(r'"secretKeyRef": \{"name": "([^"]+)"', text))
         referenced |= set(re.findall(r'"secretRef": \{"name": "([^"]+)"', text))
         referenced |= set(re.findall(r'"secretName": "([^"]+)"', text))
-    assert referenced == {TOKEN_SECRET, STORAGE_SECRET}
+    assert referenced == {TOKEN_SECRET, STORAGE_SECRET, TLS_CA_SECRET}
+    assert f"kubectl create secret generic {TLS_CA_SECRET} -n $NS --from-file=ca.crt --from-file=ca.key" in readme
     assert "docker build -f cluster/docker/Dockerfile -t REGISTRY/aiplatform:0.1.0 ." in readme
 
 
