@@ -58,6 +58,7 @@ from aiplatform.features import pipeline as features
 from aiplatform.features.definitions import FeatureService, FeatureView
 from aiplatform.models.candidates import CANDIDATES_DIR, CandidateConfig, CandidateRanker
 from aiplatform.models.inputs import UserInputSpec
+from aiplatform.observability.cost import training_resources
 from aiplatform.registry.lineage import collect as collect_lineage
 from aiplatform.registry.registry import ModelRegistry, ModelVersion
 from aiplatform.training.candidates import fit_ranker, ranker_windows
@@ -212,7 +213,8 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
         layout, service, config.model_dump(mode="json"),
         evaluation={"split": split.name, "cutoff": str(split.cutoff), "users": int(metrics["users"]),
                     "reason": split.reason},
-        events=int(len(events_pd)), items=int(len(items)), examples=int(n_examples), run=run_name)
+        events=int(len(events_pd)), items=int(len(items)), examples=int(n_examples), run=run_name,
+        training=training_resources(result.duration_s, result.params))  # what `aiplatform report cost` prices
     with artifact_to_register(result.checkpoint_path, served) as artifact_dir:
         version: ModelVersion = registry.register(
             model_name, artifact_dir, metrics=metrics, params=result.params,

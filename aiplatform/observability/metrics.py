@@ -16,13 +16,14 @@ from __future__ import annotations
 import threading
 import time
 from contextvars import ContextVar
+from collections.abc import Callable
 from typing import Any
 
 EXPORTED_SERIES = frozenset({
     # serving (ServingMetrics); a histogram's _sum and _count come with its _bucket
     "aiplatform_requests_total", "aiplatform_request_latency_seconds_bucket", "aiplatform_fallbacks_total",
     "aiplatform_cache_lookups_total", "aiplatform_circuit_breaker_state", "aiplatform_feature_age_seconds_bucket",
-    "aiplatform_push_latency_seconds_bucket", "aiplatform_events_accepted_total",
+    "aiplatform_push_latency_seconds_bucket", "aiplatform_events_accepted_total", "aiplatform_replica_cpu_seconds_total",
     # training (TrainingMetrics)
     "aiplatform_train_epoch", "aiplatform_train_samples_per_second", "aiplatform_train_validation",
 })
@@ -36,6 +37,11 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
 # records it once the response is out: a dict, so the handler's updates are seen whatever
 # context the framework ran it in.
 REQUEST_LABELS: ContextVar[dict[str, str] | None] = ContextVar("aiplatform_request_labels", default=None)
+
+
+REQUEST_OBSERVERS: list[Callable[[str, int, float, dict[str, str]], None]] = []
+"""In-process observers of every answered request (route, status, seconds, labels): the
+console's recent-traffic window (``aiplatform.web.traffic``) reads the replica's own numbers."""
 
 
 def label_request(**labels: Any) -> None:
@@ -83,6 +89,11 @@ class ServingMetrics:
         self.events_accepted = m.Counter(
             "aiplatform_events_accepted", description="Events recorded by POST /v1/events (duplicates not "
                                                       "counted).", tag_keys=())
+        self.replica_cpu = m.Counter(
+            "aiplatform_replica_cpu_seconds", description="CPU-seconds of the serving replica: 'reserved' (the "
+                                                          "logical CPUs Ray assigned to it, times the seconds it "
+                                                          "ran) and 'used' (its process's CPU time).",
+            tag_keys=("kind",))
         self._cache_seen: dict[tuple[str, str], int] = {}
 
     @classmethod
@@ -105,6 +116,12 @@ class ServingMetrics:
         self.push_latency.observe(seconds, tags={"outcome": outcome})
         if accepted:
             self.events_accepted.inc(accepted)
+
+    def record_replica_cpu(self, reserved_s: float, used_s: float) -> None:
+        if reserved_s > 0:
+            self.replica_cpu.inc(reserved_s, tags={"kind": "reserved"})
+        if used_s > 0:
+            self.replica_cpu.inc(used_s, tags={"kind": "used"})
 
     def record_feature_ages(self, service: str, ages_s: list[float]) -> None:
         for age in ages_s:
@@ -156,8 +173,10 @@ class MetricsMiddleware:
             REQUEST_LABELS.reset(token)
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             try:
-                ServingMetrics.get().record_request(route, scope.get("method", ""), status["code"],
-                                                    time.perf_counter() - started, labels)
+                seconds = time.perf_counter() - started
+                ServingMetrics.get().record_request(route, scope.get("method", ""), status["code"], seconds, labels)
+                for observe in REQUEST_OBSERVERS:
+                    observe(route, status["code"], seconds, labels)
             except Exception:  # metrics never fail a request
                 pass
 

@@ -29,6 +29,7 @@ EXPECTED = {
     "aiplatform_feature_age_seconds_bucket": {"feature_service": "recommender_user"},
     "aiplatform_push_latency_seconds_bucket": {"outcome": "accepted"},
     "aiplatform_events_accepted_total": {},
+    "aiplatform_replica_cpu_seconds_total": {"kind": "reserved", "application": APP},
 }
 
 
@@ -102,3 +103,31 @@ def test_a_training_run_exports_its_progress(ray_session, tmp_path, metrics_port
         epoch = httpx.get(f"{prom}/api/v1/query", params={"query": 'max(aiplatform_train_epoch{run="metrics_run"})'},
                           timeout=10).json()["data"]["result"]
         assert float(epoch[0]["value"][1]) == 2.0
+
+
+def test_cost_report_reads_what_the_replicas_reserved_and_used(base_url, tmp_path, metrics_port):
+    """`aiplatform report cost`'s serving numbers, from Ray's metrics endpoints (totals) and from
+    a real Prometheus (a window): requests counted and the replicas' reserved and used CPU."""
+    from aiplatform.observability.cost import ray_metrics_urls, serving_usage_from_prometheus, serving_usage_from_ray
+
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        for i in range(20):
+            assert client.post("/v1/recommendations", json={"user_id": f"u{i % 3 + 1}", "k": 3}).status_code == 200
+    deadline = time.monotonic() + 120  # Ray exports a replica's counters every few seconds
+    while True:
+        usage = serving_usage_from_ray(ray_metrics_urls(), APP)
+        if (usage.requests >= 20 and usage.reserved_cpu_s > 0 and usage.used_cpu_s > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert usage.requests >= 20 and usage.reserved_cpu_s > 0 and usage.used_cpu_s > 0, usage
+    assert serving_usage_from_ray(ray_metrics_urls(), "no-such-app").requests == 0
+    with prometheus_server(tmp_path / "prometheus", [f"127.0.0.1:{metrics_port}"]) as prom:
+        deadline = time.monotonic() + 120  # increase() needs two scrapes of a counter that moved between them
+        while True:
+            with httpx.Client(base_url=base_url, timeout=30) as client:
+                client.post("/v1/recommendations", json={"user_id": "u1", "k": 3})
+            windowed = serving_usage_from_prometheus(prom, "10m", APP)
+            if (windowed.requests > 0 and windowed.reserved_cpu_s > 0) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert windowed.requests > 0 and windowed.reserved_cpu_s > 0, windowed
