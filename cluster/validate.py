@@ -121,7 +121,7 @@ def _load_crd(path: Path) -> Any:
         return json.loads(cached.read_text())
     except (OSError, ValueError):
         pass
-    doc = yaml.load(data, Loader=_Loader)
+    doc = yaml.load(data, Loader=_Loader)  # nosec B506  # _Loader is yaml's (C)SafeLoader
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")

@@ -36,7 +36,7 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
     if mode != "haproxy":
         return {}
     # Serve adds a 56-character folder under it, and HAProxy refuses a socket path over 97
-    state = tempfile.mkdtemp(prefix="aip-hap-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    state = tempfile.mkdtemp(prefix="aip-hap-", dir="/tmp" if os.path.isdir("/tmp") else None)  # nosec B108  # mkdtemp: a new 0700 folder
     return {**HAPROXY_INGRESS_ENV,
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state, "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state, "admin.sock"),
@@ -69,7 +69,7 @@ def ensure_ray(settings: Settings | None = None, *, quiet: bool = True) -> None:
     else:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         # Serve's processes inherit this environment; what the caller set explicitly wins.
-        for key, value in serve_ingress_env(settings.serve_ingress).items():
+        for key, value in serve_ingress_env(settings.ingress()).items():
             os.environ.setdefault(key, value)
         ray.init(
             address="local",

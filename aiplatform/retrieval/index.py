@@ -278,7 +278,7 @@ def _fingerprint(ds: Any) -> str:
     recreated restarts at version 1, but with new file names)."""
     parts = [f"{f.fragment_id}:{[d.path for d in f.data_files()]}:{f.metadata.deletion_file}"
              for f in ds.get_fragments()]
-    return f"{ds.version}:" + hashlib.sha1("|".join(parts).encode()).hexdigest()
+    return f"{ds.version}:" + hashlib.sha1("|".join(parts).encode(), usedforsecurity=False).hexdigest()
 
 
 # ---- reading ------------------------------------------------------------------------------
