@@ -15,6 +15,7 @@ from rich.console import Console
 from aiplatform.core.errors import AIPlatformError, UserInputError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
+from aiplatform.cli_report import report_app
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode="rich")
@@ -205,8 +206,14 @@ def serve(
     route_prefix: str = typer.Option("/", help="URL prefix of the application, e.g. /shop."),
     auth: str = typer.Option("keys", help="'keys': every route needs an API key of its role (aiplatform keys "
                                           "create); 'off': open to whoever reaches the port."),
+    tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="PEM certificate (chain): serve HTTPS "
+                                           "(with --tls-key; or AIPLATFORM_TLS_CERTFILE)."),
+    tls_key: Optional[str] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert, unencrypted "
+                                          "(or AIPLATFORM_TLS_KEYFILE)."),
 ) -> None:
     """Serve the champion model over HTTP until Ctrl-C (on $RAY_ADDRESS's cluster, or a local Ray).
+
+    With [bold]--tls-cert[/] and [bold]--tls-key[/] it serves HTTPS only (through Serve's Python proxy).
 
     Routes need an API key ([bold]Authorization: Bearer KEY[/]): create one with [bold]aiplatform keys
     create NAME --role reader[/] (reader: recommendations; writer: events; admin: models and
@@ -216,16 +223,18 @@ def serve(
         return
     from aiplatform import quickstart as qs
     from aiplatform.core.runtime import ensure_ray
+    from aiplatform.core.tls import tls_files
     from aiplatform.serving import app as serving
 
     settings = None
     try:
-        settings = Settings.load(home=home, http_port=port)
+        settings = Settings.load(home=home, http_port=port, tls_certfile=tls_cert, tls_keyfile=tls_key)
+        tls = tls_files(settings.tls_certfile, settings.tls_keyfile)
         layout = Layout.open(settings.home)
         ensure_ray(settings)
         url = serving.start(serving.build_app(layout, settings.model_name, alias, settings=settings,
                                               version=version, auth=auth),
-                            settings.http_host, settings.http_port, name=name, route_prefix=route_prefix)
+                            settings.http_host, settings.http_port, name=name, route_prefix=route_prefix, tls=tls)
         console.print(f"serving application '{name}' at {url} (OpenAPI: {url}/docs)")
         if auth == "off":
             err.print(f"[yellow]warning:[/] auth off: anyone who reaches {settings.http_host}:{settings.http_port} "
@@ -248,11 +257,15 @@ def serve_build(
     online_store: Optional[str] = typer.Option(None, help="redis://host:port/db or sqlite:///node/local/path; "
                                                "left out, the cluster's $AIPLATFORM_ONLINE_STORE."),
     name: str = typer.Option("aiplatform", help="Serve application name."),
-    host: str = typer.Option("0.0.0.0", help="HTTP host of Serve's proxies."),
+    host: str = typer.Option("0.0.0.0", help="HTTP host of Serve's proxies."),  # nosec B104  # a cluster config: proxies listen on the pod's interfaces, behind API keys
     port: int = typer.Option(8000, help="HTTP port of Serve's proxies."),
     runtime_env_json: Optional[str] = typer.Option(None, help="The application's runtime_env, as JSON."),
     auth: str = typer.Option("keys", help="'keys': API keys with roles (aiplatform keys create, or "
                                           "AIPLATFORM_API_KEYS on the cluster); 'off': open."),
+    tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="HTTPS: the certificate's path on the "
+                                           "cluster's nodes (with --tls-key; the cluster must run Serve's "
+                                           "Python proxy, not RAY_SERVE_ENABLE_HA_PROXY)."),
+    tls_key: Optional[str] = typer.Option(None, "--tls-key", help="HTTPS: the key's path on the cluster's nodes."),
 ) -> None:
     """Write the Serve config for `serve deploy FILE` or a KubeRay RayService's serveConfigV2.
 
@@ -263,6 +276,7 @@ def serve_build(
 
     from pydantic import ValidationError
 
+    from aiplatform.core.tls import tls_files
     from aiplatform.serving.config import AppArgs, dump_config, serve_config
 
     try:
@@ -271,7 +285,8 @@ def serve_build(
             raise UserInputError("--runtime-env-json must be a JSON object, e.g. '{\"env_vars\": {\"A\": \"1\"}}'")
         args = AppArgs(home=Layout.at(home).root if home else None, model_name=model_name, alias=alias,
                        version=version, online_store=online_store, auth=auth)
-        text = dump_config(serve_config(args, name=name, host=host, port=port, runtime_env=runtime_env))
+        tls = tls_files(tls_cert, tls_key, check=False)  # paths on the cluster: not readable here
+        text = dump_config(serve_config(args, name=name, host=host, port=port, runtime_env=runtime_env, tls=tls))
     except json.JSONDecodeError as exc:
         raise _fail(UserInputError(f"--runtime-env-json is not valid JSON: {exc}"))
     except ValidationError as exc:
@@ -876,6 +891,39 @@ def keys_revoke(name: str = typer.Argument(..., help="The key's name."), home: O
     except AIPlatformError as exc:
         raise _fail(exc)
     console.print(f"revoked key {gone.name} (role {gone.role.name})", highlight=False)
+
+
+app.add_typer(report_app, name="report")
+
+events_app = typer.Typer(help="The event log of real-time events (POST /v1/events).", no_args_is_help=True)
+app.add_typer(events_app, name="events")
+
+
+@events_app.command("compact")
+def events_compact(home: Optional[str] = HomeOpt) -> None:
+    """Compact the event log now (pushes and the feature run also do it by themselves).
+
+    Merges its small files into sorted segments, quarantines events the features cannot encode
+    (to eventlog/quarantine) and deletes replaced files past their grace period."""
+    from aiplatform.data import eventlog
+    from aiplatform.data.eventlog_compact import compact
+    from aiplatform.features.server import open_store
+
+    try:
+        settings = Settings.load(home=home)
+        layout = Layout.open(settings.home)
+        result = compact(layout, lease=open_store(settings, layout), all_leaves=True, check_all=True)
+    except AIPlatformError as exc:
+        raise _fail(exc)
+    if result.skipped:
+        err.print(f"[yellow]not compacted:[/] {result.skipped}; try again in a minute", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"merged {result.merged_files} files into {len(result.segments)} segment(s); deleted "
+                  f"{result.deleted} replaced file(s); {result.live_files} file(s) to read now", highlight=False)
+    if result.quarantined or result.reasons:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(result.reasons.items()))
+        err.print(f"[yellow]quarantined[/] {result.quarantined} event(s) ({reasons}) to "
+                  f"{eventlog.quarantine_dir(layout)}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

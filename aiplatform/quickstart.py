@@ -204,6 +204,8 @@ def _demo(layout: Layout, url: str, console: Console) -> dict[str, Any]:
         console.print(f"  curl -s '{url}/v1/items/{payload['items'][0]['item_id']}/similar?k=5'",
                       soft_wrap=True, highlight=False)
     console.print(f"  open {url}/docs for the OpenAPI page", highlight=False)
+    console.print(f"  open {url}/shop for the storefront and {url}/console for the platform console",
+                  highlight=False)
     return payload
 
 

@@ -57,10 +57,23 @@ class Settings(BaseModel):
     serve_ingress: Literal["haproxy", "proxy"] = Field(
         "haproxy", description="HTTP ingress of a Ray this process starts: Serve's HAProxy ingress or its "
                                "Python proxy (a cluster you join keeps the ingress it was started with)")
+    tls_certfile: str | None = Field(None, description="PEM certificate (chain) for HTTPS; with tls_keyfile, "
+                                                       "Serve's proxy answers HTTPS only")
+    tls_keyfile: str | None = Field(None, description="PEM private key (unencrypted) of tls_certfile")
     model_name: str = "two_tower"
     features_module: str = Field("apps.shop.features",
                                  description="Python module declaring VIEWS, SERVICES, ON_DEMAND")
     feature_service: str = Field("recommender_user", description="Feature service the recommender reads")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Serving replicas' log lines: one JSON object per line (request_id, trace_id, "
+                            "span_id, ...) or Serve's text format")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Level of the serving replicas' log lines (aiplatform's and Serve's)")
+
+    def ingress(self) -> str:
+        """The ingress a Ray started here gets: HTTPS needs Serve's Python proxy (its HAProxy
+        ingress serves plain HTTP in Ray 2.60)."""
+        return "proxy" if (self.tls_certfile or self.tls_keyfile) else self.serve_ingress
 
     @classmethod
     def load(cls, **overrides: Any) -> "Settings":
@@ -81,8 +94,12 @@ class Settings(BaseModel):
             "AIPLATFORM_HTTP_HOST": "http_host",
             "AIPLATFORM_HTTP_PORT": "http_port",
             "AIPLATFORM_SERVE_INGRESS": "serve_ingress",
+            "AIPLATFORM_TLS_CERTFILE": "tls_certfile",
+            "AIPLATFORM_TLS_KEYFILE": "tls_keyfile",
             "AIPLATFORM_FEATURES_MODULE": "features_module",
             "AIPLATFORM_FEATURE_SERVICE": "feature_service",
+            "AIPLATFORM_LOG_FORMAT": "log_format",
+            "AIPLATFORM_LOG_LEVEL": "log_level",
         }
         for env, key in env_map.items():
             if os.environ.get(env):

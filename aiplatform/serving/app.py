@@ -28,7 +28,6 @@ import os
 import threading
 import time
 import uuid
-from contextvars import ContextVar
 from datetime import timezone
 
 from fastapi import FastAPI, Path, Query, Request
@@ -44,12 +43,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from aiplatform.core.errors import ConfigError, NotFoundError, UserInputError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
+from aiplatform.core.tls import TlsFiles, speaks_tls
 from aiplatform.features.server import online_store_uri
+from aiplatform.observability import tracing
+from aiplatform.observability.logs import REQUEST_ID as _REQUEST_ID
+from aiplatform.observability.logs import install_replica_logging, request_id_context, serve_logging_config
+from aiplatform.observability.cost import ReplicaCpuClock, assigned_cpus
 from aiplatform.observability.metrics import MetricsMiddleware, ServingMetrics, label_request
+from aiplatform.observability.tracing import Stages, TracingConfig, TracingMiddleware
 from aiplatform.registry import ModelRegistry
 from aiplatform.security.guard import AUTH_MODES, KeyGuard
 from aiplatform.security.keys import KEYS_ENV, ApiKey, KeyStore, Role, parse_env_keys
 from aiplatform.serving import access, admin
+from aiplatform import web
 from aiplatform.serving.access import AUTH_RESPONSES, require
 from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
 from aiplatform.serving.experiments import ExperimentRouter, Routing
@@ -95,7 +101,6 @@ api = FastAPI(
 )
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_REQUEST_ID: ContextVar[str | None] = ContextVar("aiplatform_request_id", default=None)
 
 
 def valid_request_id(value: str | None) -> str | None:
@@ -221,9 +226,11 @@ class _RequestIdLogFilter(logging.Filter):
 
 log.addFilter(_RequestIdLogFilter())
 api.add_middleware(BodyLimitMiddleware)
+api.add_middleware(TracingMiddleware)  # inside the metrics middleware, whose request labels it reads
 api.add_middleware(MetricsMiddleware)  # outside the body limit: 413s are counted too
 api.add_middleware(RequestIdMiddleware)  # added last: outermost, so a 413 carries the request id too
 api.include_router(admin.router)
+api.include_router(web.router)  # the storefront (/shop) and the console (/console)
 
 _FIELD_HINTS = {
     "k": f"allowed range 1..{MAX_K}",
@@ -307,9 +314,13 @@ class RecommendationAPI:
         experiments: bool = True,
         auth: str = "keys",
         env_keys: list[ApiKey] | None = None,
+        tracing_config: TracingConfig | None = None,
     ) -> None:
         access.install(KeyGuard(home, auth, env_keys))  # first: no route is ever served unguarded
+        install_replica_logging()  # aiplatform's lines into this replica's (JSON) log, with their request
+        tracing.configure(tracing_config or TracingConfig())  # off unless an OTLP endpoint was set
         admin.install(Layout.at(home))
+        web.install(Layout.at(home), self)  # the pages call this replica's handlers in-process
         self.versions = VersionSwitcher(home, online_store, features_module, service_name, first.name, first,
                                         variant or alias, resilience)
         if follow_alias:
@@ -324,8 +335,10 @@ class RecommendationAPI:
         """Caches, breakers and feature ages of the served pipeline into ``ServingMetrics``
         (request metrics are recorded per request by ``MetricsMiddleware``)."""
         metrics, seen = ServingMetrics.get(), None
+        cpu = ReplicaCpuClock(assigned_cpus())
         while True:
             try:
+                metrics.record_replica_cpu(*cpu.tick())
                 pipeline = self.pipeline
                 if pipeline is not seen:  # a new version: its caches count from zero
                     metrics.forget_cache_counts()
@@ -336,6 +349,13 @@ class RecommendationAPI:
                 log.debug("metrics export: %s", exc)
             if self._stopped.wait(every_s):
                 return
+
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: the spans still buffered are exported."""
+        stopped = getattr(self, "_stopped", None)
+        if stopped is not None:
+            stopped.set()
+        tracing.shutdown()
 
     async def reconfigure(self, config: dict) -> None:
         """Serve's in-place update of ``user_config``: ``{"version": N}`` pins version N (the
@@ -361,36 +381,53 @@ class RecommendationAPI:
         return self.versions.current.pipeline
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _recommend(self, requests: list[tuple[str, int]]) -> list[tuple[dict, Served, "Routing | None"]]:
+    async def _recommend(self, batch: list[tuple]) -> list[tuple[dict, Served, "Routing | None"]]:
         """The pipeline once for the requests that arrived together (run on the replica's loop:
         CPU-bound, a thread would only add GIL hand-offs, which measured slower). What is served
         is read once, so each answer comes from one version, which it carries: the replica's
-        version, or during an experiment the user's variant (one pipeline run per variant)."""
-        routing = self.experiments.current if self.experiments is not None else None
-        if routing is None:
-            served = self.versions.current
-            return [(answer, served, None) for answer in served.pipeline.recommend(requests)]
-        groups: dict[str, list[int]] = {}
-        chosen = [routing.served_for(user) for user, _ in requests]
-        for i, served in enumerate(chosen):
-            groups.setdefault(served.variant, []).append(i)
-        out: list = [None] * len(requests)
-        for rows in groups.values():
-            served = chosen[rows[0]]
-            for i, answer in zip(rows, served.pipeline.recommend([requests[i] for i in rows]), strict=True):
-                out[i] = (answer, served, routing)
-        return out
+        version, or during an experiment the user's variant (one pipeline run per variant).
+
+        Each request is ``(user_id, k, request_id, span)``: its log lines name the batch's
+        requests and each stage is written into every request's trace (``tracing.Stages``)."""
+        requests = [(user, k) for user, k, *_ in batch]
+        stages = Stages.for_batch([r[3] if len(r) > 3 else None for r in batch])
+        batch_ids = ",".join(dict.fromkeys(str(r[2]) for r in batch if len(r) > 2)) or None
+        try:
+            with request_id_context(batch_ids):  # the batch task's context is not the requests'
+                routing = self.experiments.current if self.experiments is not None else None
+                if routing is None:
+                    served = self.versions.current
+                    return [(answer, served, None) for answer in served.pipeline.recommend(requests, stages)]
+                groups: dict[str, list[int]] = {}
+                chosen = [routing.served_for(user) for user, _ in requests]
+                for i, served in enumerate(chosen):
+                    groups.setdefault(served.variant, []).append(i)
+                out: list = [None] * len(requests)
+                for rows in groups.values():
+                    served = chosen[rows[0]]
+                    answers = served.pipeline.recommend([requests[i] for i in rows], stages.subset(rows))
+                    for i, answer in zip(rows, answers, strict=True):
+                        out[i] = (answer, served, routing)
+                return out
+        finally:
+            if isinstance(stages, Stages):
+                stages.emit()
 
     async def _mirror(self, routing: "Routing", request_id: str, user_id: str, k: int, live: Served,
-                      live_items: list[str]) -> None:
+                      live_items: list[str], request_span=None) -> None:
         """The shadow variant's answer to a mirrored request, after the live answer went out:
         only its latency and overlap with the live answer are kept."""
         started = time.perf_counter()
-        try:
-            answer = routing.shadow.pipeline.recommend([(user_id, k)])[0]
-        except Exception as exc:  # a failing shadow never touches live traffic
-            log.warning("shadow %s failed: %s", routing.shadow.variant, exc)
-            return
+        with tracing.span("shadow", parent=request_span, **{"aiplatform.variant": routing.shadow.variant}) as shadow:
+            stages = Stages.for_batch([shadow])
+            try:
+                answer = routing.shadow.pipeline.recommend([(user_id, k)], stages)[0]
+            except Exception as exc:  # a failing shadow never touches live traffic
+                log.warning("shadow %s failed: %s", routing.shadow.variant, exc)
+                return
+            finally:
+                if isinstance(stages, Stages):
+                    stages.emit()
         self.experiments.shadowed(routing, request_id, live, live_items, [i for i, _ in answer["items"]], k,
                                   (time.perf_counter() - started) * 1000)
 
@@ -415,8 +452,9 @@ class RecommendationAPI:
         request_id = current_request_id()
         started = time.perf_counter()
         status = "ok"
+        request_span = tracing.current_span()
         try:
-            answer, served, routing = await self._recommend((body.user_id, body.k))
+            answer, served, routing = await self._recommend((body.user_id, body.k, request_id, request_span))
         except Exception:  # the pipeline degrades per component; this is the last line of defence
             log.exception("recommendation pipeline failed; answering degraded")
             routing = self.experiments.current if self.experiments is not None else None
@@ -431,7 +469,10 @@ class RecommendationAPI:
                                     (time.perf_counter() - started) * 1000)
             if routing.shadow is not None and routing.experiment.mirrored(request_id):
                 asyncio.get_running_loop().create_task(self._mirror(
-                    routing, request_id, body.user_id, body.k, served, [i for i, _ in answer["items"]]))
+                    routing, request_id, body.user_id, body.k, served, [i for i, _ in answer["items"]],
+                    request_span))
+        log.debug("recommended %d items for user %r (variant %s, v%d, fallback %s)", len(answer["items"]),
+                  body.user_id, served.variant, served.version.version, answer["fallback"])
         return RecommendationResponse(
             user_id=body.user_id,
             items=[ScoredItem(item_id=i, score=s) for i, s in answer["items"]],
@@ -456,7 +497,8 @@ class RecommendationAPI:
         """Items whose vectors are nearest to this item's (never the item itself)."""
         served = self.versions.current
         label_request(variant=served.variant, model_version=served.version.version)
-        scored = served.pipeline.similar(item_id, k)
+        with tracing.span("retriever", **{"aiplatform.k": k}):
+            scored = served.pipeline.similar(item_id, k)
         model = ModelRef(name=served.version.name, version=served.version.version)
         if scored is None:
             raise NotFoundError(
@@ -497,7 +539,8 @@ class RecommendationAPI:
         for e in events:  # the event log keeps the events contract; the link goes to the experiment store
             e.pop("request_id", None)
         started = time.perf_counter()
-        result = self.pipeline.push(events)
+        with tracing.span("push", **{"aiplatform.events": len(events)}):
+            result = self.pipeline.push(events)
         outcome = "invalid" if "error" in result else "unavailable" if "unavailable" in result else "accepted"
         try:
             ServingMetrics.get().record_push(time.perf_counter() - started, outcome, int(result.get("accepted") or 0))
@@ -593,9 +636,11 @@ def build_app(
     online_store = online_store_uri(settings, layout)
     check_online_store(online_store)
     env_keys = _resolve_auth(layout, auth)
+    tracing_config = TracingConfig.from_env()  # OTEL_* of this process, applied in every replica
     log.info("serving %s v%d (%s) from %s", first.name, first.version,
              "pinned" if version else f"alias {alias}" + (", followed" if follow_alias else ""), first.artifact_dir)
-    deployment = RecommendationAPI.options(**options) if options else RecommendationAPI
+    options = {"logging_config": serve_logging_config(settings.log_format, settings.log_level), **(options or {})}
+    deployment = RecommendationAPI.options(**options)
     return deployment.bind(
         layout.root, online_store, settings.features_module, settings.feature_service,
         first, alias=alias, follow_alias=bool(follow_alias and not version), alias_poll_s=alias_poll_s,
@@ -604,6 +649,7 @@ def build_app(
         experiments=experiments,
         auth=auth,
         env_keys=env_keys,
+        tracing_config=tracing_config,
     )
 
 
@@ -642,16 +688,29 @@ def start(
     port: int = 8000,
     name: str = DEFAULT_APP_NAME,
     route_prefix: str = "/",
+    tls: TlsFiles | None = None,
 ) -> str:
-    """Deploy ``application`` over HTTP at ``host:port`` and return its base URL once it is ready.
+    """Deploy ``application`` over HTTP (HTTPS with ``tls``) at ``host:port`` and return its base
+    URL once it is ready.
 
     HTTP options are fixed when Serve first starts on a Ray cluster: on a cluster whose Serve
-    already listens elsewhere, the application joins that proxy (Serve warns).
+    already listens elsewhere, the application joins that proxy (Serve warns). With ``tls``, a
+    listener that does not complete a TLS handshake (Serve's HAProxy ingress, or a proxy started
+    earlier without a certificate) is refused and the application removed again.
     """
-    serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": REQUEST_TIMEOUT_S})
+    http_options = {"host": host, "port": int(port), "request_timeout_s": REQUEST_TIMEOUT_S}
+    serve.start(http_options={**http_options, **(tls.http_options() if tls else {})})
     serve.run(application, name=name, route_prefix=route_prefix)
     host, port = _proxy_address(host, int(port))
-    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    if tls is not None and not speaks_tls(host, port):
+        stop(name)
+        raise ConfigError(
+            f"TLS was asked for, but Serve's ingress at {host}:{port} answers plain HTTP: Serve's HAProxy "
+            "ingress (RAY_SERVE_ENABLE_HA_PROXY=1) has no TLS in Ray 2.60, and a running Serve keeps the HTTP "
+            "options it started with. Start Ray without RAY_SERVE_ENABLE_HA_PROXY (a Ray that aiplatform starts "
+            "does so when a certificate is set), or terminate TLS in front of Serve (a Kubernetes Ingress)")
+    scheme = "https" if tls is not None else "http"
+    return f"{scheme}://{host}:{port}{route_prefix.rstrip('/')}"
 
 
 def _proxy_address(host: str, port: int) -> tuple[str, int]:
@@ -663,7 +722,7 @@ def _proxy_address(host: str, port: int) -> tuple[str, int]:
         options = _get_global_client().http_config
     except Exception:  # an older or newer Serve without this: trust the requested address
         return host, port
-    actual_host = options.host if options.host not in (None, "", "0.0.0.0", "::") else host
+    actual_host = options.host if options.host not in (None, "", "0.0.0.0", "::") else host  # nosec B104  # a comparison
     return actual_host, int(options.port or port)
 
 

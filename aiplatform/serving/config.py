@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from aiplatform.core.settings import Settings
+from aiplatform.core.tls import TlsFiles
 
 APP_IMPORT_PATH = "aiplatform.serving.app:app"
 DEFAULT_APP_NAME = "aiplatform"
@@ -83,17 +84,19 @@ def deployment_options() -> list[dict[str, Any]]:
 
 
 def serve_config(args: AppArgs, *, name: str = DEFAULT_APP_NAME, route_prefix: str = "/",
-                 host: str = "0.0.0.0", port: int = 8000,
-                 runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+                 host: str = "0.0.0.0", port: int = 8000,  # nosec B104  # a cluster config: proxies listen on the pod's interfaces
+                 runtime_env: dict[str, Any] | None = None, tls: TlsFiles | None = None) -> dict[str, Any]:
     """A Serve config (Serve's ``ServeDeploySchema``, validated) for ``serve deploy`` and a
-    RayService's ``serveConfigV2``."""
+    RayService's ``serveConfigV2``. With ``tls`` (paths on the cluster's nodes) Serve's proxies
+    answer HTTPS; the cluster must then run the Python proxy, not the HAProxy ingress."""
     from ray.serve.schema import ServeDeploySchema
 
     from aiplatform.serving.app import REQUEST_TIMEOUT_S
 
     config = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": host, "port": int(port), "request_timeout_s": REQUEST_TIMEOUT_S},
+        "http_options": {"host": host, "port": int(port), "request_timeout_s": REQUEST_TIMEOUT_S,
+                         **(tls.http_options() if tls else {})},
         "applications": [{
             "name": name,
             "route_prefix": route_prefix,
