@@ -76,9 +76,9 @@ class Catalogue:
                 self._loaded_at = time.monotonic()
 
     def item(self, item_id: str) -> Item:
-        self.refresh()
+        """In memory only: the pages ``refresh()`` off the event loop first, so a lookup never
+        reads the lake on it."""
         return self._items.get(item_id) or Item(item_id)
 
     def sample_users(self) -> list[str]:
-        self.refresh()
         return list(self._users)

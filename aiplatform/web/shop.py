@@ -83,6 +83,17 @@ def _closed(request: Request, why: str, shopper: Session) -> HTMLResponse:
                   status=403, session=shopper, cookie=SHOP_COOKIE)
 
 
+async def _enter(request: Request) -> tuple[Session, ApiKey | None, HTMLResponse | None]:
+    """This browser's session and the key the storefront acts as, with the catalogue refreshed
+    off the replica's loop; or, when the shop is closed to it, the page to answer instead."""
+    shopper = _shopper(request)
+    actor, why = shop_actor(request)
+    if actor is None:
+        return shopper, None, _closed(request, why, shopper)
+    await asyncio.to_thread(installed().catalogue.refresh)
+    return shopper, actor, None
+
+
 def _bad_input(request: Request, message: str, shopper: Session, status: int = 422) -> HTMLResponse:
     return render(request, "message.html", {"base": _base(request), "title": "That did not work", "message": message,
                                             "back": f"{_base(request)}/shop"},
@@ -93,12 +104,10 @@ def _bad_input(request: Request, message: str, shopper: Session, status: int = 4
 async def shop(request: Request,
                user: str = Query("", max_length=256, description="Shop as this user; empty: as a guest."),
                done: str = Query("", max_length=300)) -> Response:
-    shopper = _shopper(request)
-    actor, why = shop_actor(request)
-    if actor is None:
-        return _closed(request, why, shopper)
+    shopper, actor, closed = await _enter(request)
+    if closed is not None:
+        return closed
     state = installed()
-    await asyncio.to_thread(state.catalogue.refresh)  # the lake is read off the replica's loop
     user_id = user.strip() or shopper.visitor
     try:
         body = RecommendationRequest(user_id=user_id, k=LIST_SIZE)
@@ -119,12 +128,10 @@ async def shop(request: Request,
 @router.get("/shop/items/{item_id}", response_class=HTMLResponse)
 async def item(request: Request, item_id: str = Path(..., min_length=1, max_length=256),
                user: str = Query("", max_length=256), rid: str = Query("", max_length=128)) -> Response:
-    shopper = _shopper(request)
-    actor, why = shop_actor(request)
-    if actor is None:
-        return _closed(request, why, shopper)
+    shopper, actor, closed = await _enter(request)
+    if closed is not None:
+        return closed
     state = installed()
-    await asyncio.to_thread(state.catalogue.refresh)  # the lake is read off the replica's loop
     try:
         similar = await state.replica.similar(item_id=item_id, k=SIMILAR_SIZE)
         neighbours = [(state.catalogue.item(i.item_id), i.score) for i in similar.items]
@@ -143,13 +150,11 @@ async def item(request: Request, item_id: str = Path(..., min_length=1, max_leng
 async def event(request: Request) -> Response:
     """Add to cart or buy (a form): the event goes through the events handler, then back to the
     list, which now reflects it."""
-    shopper = _shopper(request)
-    actor, why = shop_actor(request)
-    if actor is None:
-        return _closed(request, why, shopper)
+    shopper, actor, closed = await _enter(request)
+    if closed is not None:
+        return closed
     fields = await form(request)
     state = installed()
-    await asyncio.to_thread(state.catalogue.refresh)  # the lake is read off the replica's loop
     if not state.codec.csrf_ok(session_of(request, SHOP_COOKIE), fields.get("csrf")):
         return _bad_input(request, "This form has expired or came from another site (its CSRF token does not "
                                    "match this browser's session): reload the page and try again.", shopper, 403)
