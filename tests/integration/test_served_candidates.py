@@ -12,6 +12,7 @@ refused at build time and at replica start with a ``ConfigError``.
 """
 
 import socket
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -93,6 +94,25 @@ def _two_tower_source(model: TwoTowerModel, vocab: ItemVocab):
     return source
 
 
+def register_ranked_champion(layout: Layout, events: pd.DataFrame, items: pd.DataFrame, src: Path, *,
+                             sources_on_all_events: bool = False):
+    """A small untrained two-tower with a fitted candidate ranker in its artifact (so every
+    serving stage runs), registered as champion with its item index; returns the version."""
+    vocab = ItemVocab.from_items(items)
+    torch.manual_seed(0)
+    model = TwoTowerModel(**vocab.model_kwargs(), dim=16, inputs=UserInputSpec.from_service(recommender_user))
+    ranker = fit_ranker(events, items, CONFIG, external=_two_tower_source(model, vocab))
+    if sources_on_all_events:
+        ranker = refresh_sources(ranker, events, items)
+    save_artifact(model, vocab, str(src))
+    ranker.save(str(src / CANDIDATES_DIR))
+    registry = ModelRegistry(layout)
+    mv = registry.register("two_tower", str(src), {}, {}, "")
+    registry.set_alias("two_tower", "champion", mv.version)
+    build_item_index(layout.vectors, "two_tower", mv.version, mv.artifact_uri, items)
+    return mv
+
+
 @pytest.fixture(scope="module")
 def shop(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("served_candidates")
@@ -103,19 +123,8 @@ def shop(ray_session, tmp_path_factory):
     settings = Settings.load(home=layout.root)
     run_feature_pipeline(layout, settings=settings)  # offline tables -> online rows (recent_* lists too)
 
-    items = frames["items"]
-    vocab = ItemVocab.from_items(items)
-    torch.manual_seed(0)
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=16, inputs=UserInputSpec.from_service(recommender_user))
-    ranker = fit_ranker(frames["events"], items, CONFIG, external=_two_tower_source(model, vocab))
-    ranker = refresh_sources(ranker, frames["events"], items)  # what the job serves: sources on all events
-    src = root / "artifact"
-    save_artifact(model, vocab, str(src))
-    ranker.save(str(src / CANDIDATES_DIR))
-    registry = ModelRegistry(layout)
-    mv = registry.register("two_tower", str(src), {}, {}, "")
-    registry.set_alias("two_tower", "champion", mv.version)
-    build_item_index(layout.vectors, "two_tower", mv.version, mv.artifact_uri, items)
+    mv = register_ranked_champion(layout, frames["events"], frames["items"], root / "artifact",
+                                  sources_on_all_events=True)  # what the job serves
     return {"layout": layout, "settings": settings, "frames": frames, "artifact": mv.artifact_uri,
             "version": mv.version, "root": root}
 

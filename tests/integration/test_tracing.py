@@ -19,22 +19,14 @@ from datetime import datetime, timezone
 import httpx
 import pandas as pd
 import pytest
-import torch
 
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.features.online import SQLiteOnlineStore
-from aiplatform.models.candidates import CANDIDATES_DIR
-from aiplatform.models.inputs import UserInputSpec
-from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, save_artifact
-from aiplatform.registry import ModelRegistry
-from aiplatform.retrieval import build_item_index
 from aiplatform.serving.app import build_app, start, stop
-from aiplatform.training.candidates import fit_ranker
-from apps.shop.features import recommender_user
 from apps.shop.generate import ShopSize, generate
 from tests.feature_rows import write_user_rows
-from tests.integration.test_served_candidates import CONFIG, _free_port, _two_tower_source
+from tests.integration.test_served_candidates import _free_port, register_ranked_champion
 from tests.otlp_receiver import otlp_receiver
 
 pytestmark = pytest.mark.integration
@@ -85,17 +77,7 @@ def shop(tmp_path_factory):
     layout.ensure()
     frames = generate(ShopSize(users=120, items=60), seed=7)
     items, events = frames["items"], frames["events"]
-    vocab = ItemVocab.from_items(items)
-    torch.manual_seed(0)
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=16, inputs=UserInputSpec.from_service(recommender_user))
-    ranker = fit_ranker(events, items, CONFIG, external=_two_tower_source(model, vocab))
-    src = root / "artifact"
-    save_artifact(model, vocab, str(src))
-    ranker.save(str(src / CANDIDATES_DIR))
-    registry = ModelRegistry(layout)
-    mv = registry.register("two_tower", str(src), {}, {}, "")
-    registry.set_alias("two_tower", "champion", mv.version)
-    build_item_index(layout.vectors, "two_tower", mv.version, mv.artifact_uri, items)
+    mv = register_ranked_champion(layout, events, items, root / "artifact")
     users = list(events["user_id"].value_counts().index[:2].astype(str))
     write_user_rows(layout, _online_rows(events, users))
     SQLiteOnlineStore(layout.online_sqlite).write_popular_items([(str(i), float(60 - n)) for n, i in
