@@ -64,7 +64,6 @@ from pathlib import Path
 from typing import Any
 
 import lance
-import lancedb
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -216,6 +215,8 @@ class ModelRegistry:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         storage.make_dirs(layout.registry)
+        import lancedb  # here, not at import: a serving replica imports this module on its way to ready
+
         self._db = lancedb.connect(layout.registry, storage_options=storage.storage_options(layout.registry),
                                    read_consistency_interval=timedelta(0))
 

@@ -82,7 +82,7 @@ def served_service(features_module: str, service_name: str) -> "FeatureService":
 def check_served_inputs(artifact_dir: str, features_module: str, service_name: str) -> "UserInputSpec":
     """The artifact's ``UserInputSpec``, after checking that it is the served service's
     (``ConfigError`` naming both otherwise): what ``build_app`` and every replica run first."""
-    from aiplatform.models.two_tower import load_input_spec
+    from aiplatform.models.artifact import load_input_spec
 
     spec = load_input_spec(artifact_dir)
     spec.check_service(served_service(features_module, service_name),
@@ -178,13 +178,12 @@ class RecommendPipeline:
                  artifact_dir: str, vectors_dir: str, table_name: str,
                  config: ResilienceConfig | None = None, timer: Callable[[], float] | None = None,
                  service_version: str | None = None) -> None:
-        import torch
-
         from aiplatform.core.storage import Layout
         from aiplatform.features.online import open_online_store
         from aiplatform.features.server import FeatureServer
         from aiplatform.models.candidates import CandidateRanker, candidates_dir_of
-        from aiplatform.models.two_tower import load_artifact
+        from aiplatform.models.artifact import load_vocab
+        from aiplatform.models.user_tower import load_user_tower
         from aiplatform.retrieval.index import ItemIndex
 
         self.layout = Layout.at(home)
@@ -215,10 +214,8 @@ class RecommendPipeline:
         self.store = open_online_store(online_store)
         bound_redis_client(self.store, self.config.store_timeout_s, self.config.store_retries)
         self.server = FeatureServer(self.store, self.service)
-        torch.set_num_threads(1)  # request-sized batches: threads cost more than they give
-        self._torch = torch
-        self.model, self.vocab = load_artifact(artifact_dir)
-        self.model.eval()
+        self.tower = load_user_tower(artifact_dir)  # numpy: a replica never imports torch
+        self.vocab = load_vocab(artifact_dir)
         self.index = ItemIndex(vectors_dir, table_name)
 
         cfg = self.config
@@ -241,7 +238,7 @@ class RecommendPipeline:
 
     def n_dense(self) -> int:
         """The width of the dense input the served tower reads (its input spec's)."""
-        return int(self.model.config()["n_dense"])
+        return self.tower.n_dense
 
     def features(self, user_ids: list[str]) -> list[dict[str, Any] | None]:
         """Per user, the model inputs ``{'history', 'exclude', 'dense'}`` (raw values in the
@@ -301,9 +298,8 @@ class RecommendPipeline:
         """The user tower on a batch of ``features`` rows: one [B, dim] forward pass."""
         histories = [list(u["history"]) for u in users]
         dense = np.stack([np.asarray(u["dense"], dtype=np.float32).reshape(-1) for u in users])
-        hist, dense = self.vocab.encode_users(histories, dense, self.model.history_len)
-        with self._torch.inference_mode():
-            return self.model.user_embedding(hist, dense).cpu().numpy().astype(np.float32)
+        hist, dense = self.vocab.encode_user_arrays(histories, dense, self.tower.history_len)
+        return self.tower.embed(hist, dense)
 
     def recommend(self, requests: list[tuple[str, int]], stages: "Stages | None" = None) -> list[dict[str, Any]]:
         """The answers to a batch of ``(user_id, k)`` requests, in order (see the class). Never

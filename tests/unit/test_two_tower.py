@@ -181,7 +181,7 @@ def test_save_load_artifact_gives_identical_embeddings(items, tmp_path):
             p.add_(torch.randn_like(p) * 0.1)
     save_artifact(model, vocab, str(tmp_path / "a"), extra={"epoch": 3})
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "extra.json", "model.pt", "model_config.json", "vocab.json"
+        "extra.json", "model.pt", "model_config.json", "user_tower.npz", "vocab.json"
     ]
     loaded, loaded_vocab = load_artifact(str(tmp_path / "a"))
     assert not loaded.training
