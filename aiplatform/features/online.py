@@ -23,13 +23,24 @@ The store also holds the event ids ``features.push`` accepted lately (``claim_ev
 short-lived locks (``try_lock``: a push's entities while it recomputes their rows, the event log's
 compaction lease): it is the one place every serving replica shares, so a retried event is
 refused by whichever replica it reaches, and two replicas never recompute one user at once.
+
+For the same reason it carries the *change feed* (``publish_changes`` / ``read_changes``): the
+entity ids each push rewrote, in order, so that every serving replica drops those users' cached
+rows and answers within a poll interval (``serving.freshness``) instead of serving them until
+its cache TTL runs out. Each publish is one entry with a sequence number (1, 2, 3, ... with no
+holes: a SQLite ``AUTOINCREMENT`` row, or a Redis stream entry whose id is ``<n>-0``); only the
+last ``CHANGE_FEED_KEEP`` entries are kept. A reader keeps the number it read up to: when entries
+after it were pruned, or the feed restarted (a new store), it cannot know which users it missed,
+and ``read_changes`` says so (``ChangeBatch.reset``) so that it drops everything it cached.
 """
 
+import json
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -73,6 +84,49 @@ class OnlineStore(Protocol):
         ``unlock``) or None when one is held. Across processes; an expired lock is free."""
     def unlock(self, names: Sequence[str], token: str) -> None:
         """Release the locks ``token`` holds (a lock taken over after it expired is left alone)."""
+    def publish_changes(self, service_name: str, entity_ids: Sequence[str]) -> int:
+        """Append one change-feed entry: these entities' rows of ``service_name`` were rewritten.
+        Returns its sequence number; older entries beyond ``CHANGE_FEED_KEEP`` are pruned."""
+    def read_changes(self, service_name: str, cursor: int | None,
+                     limit: int = ...) -> "ChangeBatch":
+        """The entity ids of ``service_name`` published after ``cursor`` (None: none, just the
+        feed's current end), and the cursor to read from next time."""
+
+
+@dataclass(frozen=True)
+class ChangeBatch:
+    """What a reader of the change feed gets: the entity ids published after its cursor (each
+    once, in no particular order), the cursor to pass next time, and ``reset``: True when the
+    reader may have missed entries (pruned, more than ``limit`` of them, or a restarted feed),
+    so it must drop everything it cached; ``entity_ids`` is then empty."""
+
+    entity_ids: list[str]
+    cursor: int
+    reset: bool = False
+
+
+CHANGE_FEED_KEEP = 10_000
+"""Change-feed entries (one per push) a store keeps: at hundreds of pushes a second, many seconds
+more than a reader that polls several times a second needs."""
+CHANGE_READ_LIMIT = 1_000
+"""Most entries one ``read_changes`` returns; a reader further behind is told to reset."""
+
+
+def change_batch(service_name: str, cursor: int | None, first: int, end: int, limit: int,
+                 entries: "Iterable[tuple[int, str, str]]") -> ChangeBatch:
+    """The reader's batch from a consistent view of the feed: its ``first`` and ``end`` (last)
+    sequence numbers (``end`` 0 and ``first`` 1 when empty) and the entries ``(seq, service,
+    JSON list of ids)`` after ``cursor``. Shared by both stores so they decide resets alike."""
+    if cursor is None:
+        return ChangeBatch([], end)
+    cursor = int(cursor)
+    if cursor > end or end - cursor > limit or (cursor < end and first > cursor + 1):
+        return ChangeBatch([], end, reset=True)
+    ids: dict[str, None] = {}
+    for seq, service, keys in entries:
+        if cursor < seq <= end and service == service_name:
+            ids.update(dict.fromkeys(json.loads(keys)))
+    return ChangeBatch(list(ids), end)
 
 
 def meta_prefix(service: FeatureService) -> str:
@@ -90,6 +144,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS event_ids (event_id TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS event_ids_expiry ON event_ids (expires_at);
 CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL, ids TEXT NOT NULL);
 """
 
 
@@ -105,6 +160,7 @@ class SQLiteOnlineStore:
         self._local = threading.local()
         self._codecs = CodecCache()
         self._select_sql: dict[tuple[str, int], str] = {}
+        self.change_feed_keep = CHANGE_FEED_KEEP
         with self._conn() as c:
             c.executescript(_SCHEMA)
 
@@ -185,6 +241,41 @@ class SQLiteOnlineStore:
     def unlock(self, names: Sequence[str], token: str) -> None:
         self._conn().executemany("DELETE FROM locks WHERE name = ? AND token = ?",
                                  [(str(n), token) for n in set(names)])
+
+    def publish_changes(self, service_name: str, entity_ids: Sequence[str]) -> int:
+        """One ``changes`` row (``AUTOINCREMENT``: numbers are never reused, and write
+        transactions are serial, so they have no holes), and the rows beyond the last
+        ``change_feed_keep`` deleted, in one transaction."""
+        ids = json.dumps(list(dict.fromkeys(map(str, entity_ids))))
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            seq = conn.execute("INSERT INTO changes (service, ids) VALUES (?, ?)", (service_name, ids)).lastrowid
+            conn.execute("DELETE FROM changes WHERE seq <= ?", (seq - max(1, int(self.change_feed_keep)),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return int(seq)
+
+    def read_changes(self, service_name: str, cursor: int | None,
+                     limit: int = CHANGE_READ_LIMIT) -> ChangeBatch:
+        """The feed's ends and the rows after ``cursor``, in one read transaction (a consistent
+        snapshot under WAL); ``sqlite_sequence`` holds the last number even when rows are gone."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+            end = int(row[0]) if row else 0
+            first = conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
+            first = end + 1 if first is None else int(first)
+            entries = []
+            if cursor is not None and 0 <= int(cursor) < end and end - int(cursor) <= limit:
+                entries = conn.execute("SELECT seq, service, ids FROM changes WHERE seq > ? AND service = ?",
+                                       (int(cursor), service_name)).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return change_batch(service_name, cursor, first, end, limit, entries)
 
     # ---- reads --------------------------------------------------------------------------
     def get_popular_items(self, k: int) -> list[tuple[str, float]]:

@@ -9,7 +9,11 @@ Meta values (materialization watermarks) live in the hash ``<prefix>:meta``; cla
 list (the fallback for unknown users) is the Redis list ``<prefix>:popular_items``, one JSON
 ``[item_id, score]`` per entry in rank order, replaced in one MULTI/EXEC transaction. Locks
 (``try_lock``) are keys ``<prefix>:lock:<name>`` holding their owner's token, taken all-or-none
-by one Lua script with a TTL and released by another only by their owner.
+by one Lua script with a TTL and released by another only by their owner. The change feed
+(``publish_changes``/``read_changes``, described in ``features.online``) is the stream
+``<prefix>:changes``: a Lua script numbers each entry after the last one (ids ``1-0``, ``2-0``, ...,
+so readers can tell a pruned gap from a quiet feed) and trims the stream to the last
+``CHANGE_FEED_KEEP`` entries (``MAXLEN ~``: in whole nodes, cheaper than exact trimming).
 """
 
 import json
@@ -20,7 +24,7 @@ import pyarrow as pa
 
 from aiplatform.core.errors import ConfigError, UserInputError
 from aiplatform.features.definitions import FeatureService
-from aiplatform.features.online import meta_prefix
+from aiplatform.features.online import CHANGE_FEED_KEEP, CHANGE_READ_LIMIT, ChangeBatch, change_batch, meta_prefix
 from aiplatform.features.online_codec import CodecCache, OnlineFeatures
 
 _UPSERT_NEWER = """
@@ -51,7 +55,21 @@ for i = 1, #KEYS do
 end
 return n
 """
+_PUBLISH_CHANGE = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local n = 1
+if #last > 0 then n = tonumber(string.match(last[1][1], '^(%d+)')) + 1 end
+if ARGV[2] == '1' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], n .. '-0', 's', ARGV[3], 'k', ARGV[4])
+else
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], n .. '-0', 's', ARGV[3], 'k', ARGV[4])
+end
+return n
+"""
 _DELETE_BATCH = 1000
+_EXACT_TRIM_BELOW = 1000
+"""A feed kept shorter than this is trimmed exactly (``MAXLEN ~`` trims whole 100-entry nodes,
+so a short feed would not be trimmed at all)."""
 
 
 class RedisOnlineStore:
@@ -69,11 +87,14 @@ class RedisOnlineStore:
         self._upsert = self.client.register_script(_UPSERT_NEWER)
         self._lock_all = self.client.register_script(_LOCK_ALL)
         self._unlock_mine = self.client.register_script(_UNLOCK_MINE)
+        self._publish_change = self.client.register_script(_PUBLISH_CHANGE)
         self._codecs = CodecCache()
         self._meta_key = f"{prefix}:meta"
         self._popular_key = f"{prefix}:popular_items"
         self._event_id_key = f"{prefix}:event_id:"
         self._lock_key = f"{prefix}:lock:"
+        self._changes_key = f"{prefix}:changes"
+        self.change_feed_keep = CHANGE_FEED_KEEP
 
     def _ns(self, service: FeatureService) -> tuple[object, str]:
         codec, ns = self._codecs.get(service)
@@ -165,12 +186,40 @@ class RedisOnlineStore:
         if names:
             self._unlock_mine(keys=[self._lock_key + str(n) for n in set(names)], args=[token])
 
+    def publish_changes(self, service_name: str, entity_ids: Sequence[str]) -> int:
+        """One stream entry numbered after the last, the stream trimmed, in one Lua script."""
+        keep = max(1, int(self.change_feed_keep))
+        ids = json.dumps(list(dict.fromkeys(map(str, entity_ids))))
+        return int(self._publish_change(keys=[self._changes_key],
+                                        args=[keep, int(keep >= _EXACT_TRIM_BELOW), service_name, ids]))
+
+    def read_changes(self, service_name: str, cursor: int | None,
+                     limit: int = CHANGE_READ_LIMIT) -> ChangeBatch:
+        """The stream's last and first entries and up to ``limit + 1`` entries after ``cursor``,
+        in one MULTI/EXEC (a consistent view, one round trip)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xrevrange(self._changes_key, count=1)
+        pipe.xrange(self._changes_key, count=1)
+        if cursor is not None:
+            pipe.xrange(self._changes_key, min=f"{max(0, int(cursor)) + 1}-0", count=limit + 1)
+        last, first, *entries = pipe.execute()
+        end = _seq(last[0][0]) if last else 0
+        head = _seq(first[0][0]) if first else end + 1
+        rows = [(_seq(entry_id), fields[b"s"].decode(), fields[b"k"].decode())
+                for entry_id, fields in (entries[0] if entries else [])]
+        return change_batch(service_name, cursor, head, end, limit, rows)
+
     def get_meta(self, key: str) -> str | None:
         value = self.client.hget(self._meta_key, key)
         return None if value is None else value.decode()
 
     def close(self) -> None:
         self.client.close()
+
+
+def _seq(entry_id: bytes) -> int:
+    """The sequence number of a change-feed entry id ``b"<n>-0"``."""
+    return int(entry_id.split(b"-", 1)[0])
 
 
 def _glob_escape(text: str) -> str:

@@ -35,6 +35,12 @@ log either way, and the next push or batch run for those users repairs the row.
 The log is read through a snapshot (``data.eventlog``); when it holds many small files a push
 starts their compaction in a background thread (``data.eventlog_compact``), so the number of
 files a push opens stays bounded however long the log grows.
+
+After its rows are written, a push publishes the entities it rewrote on the online store's change
+feed (``publish_changes``), whoever called it (``POST /v1/events``, a script, a test): every
+serving replica reads that feed and drops those users' cached rows and answers
+(``serving.freshness``). A failed publish is logged and does not fail the push: the rows are
+written, and the replicas' caches expire within their TTL.
 """
 
 import hashlib
@@ -233,6 +239,20 @@ def _unlock(store: OnlineStore, names: list[str], token: str) -> None:
                     len(names), type(exc).__name__, exc, LOCK_TTL_S)
 
 
+def _publish(store: OnlineStore, written: dict[str, list[str]]) -> None:
+    """Announce the rewritten entities on the store's change feed (best effort, see the module)."""
+    publish = getattr(store, "publish_changes", None)
+    if publish is None:
+        return
+    for service_name, ids in written.items():
+        try:
+            publish(service_name, ids)
+        except Exception as exc:
+            log.warning("push: could not publish %d changed %s rows to the change feed (%s: %s); other "
+                        "replicas see them when their caches expire", len(ids), service_name,
+                        type(exc).__name__, exc)
+
+
 def push(layout: Layout, events: "pa.Table | pd.DataFrame | list[dict]", services: Sequence[FeatureService],
          store: OnlineStore, *, compact: bool = True) -> PushResult:
     """Validate ``events``, append the new ones to the event log, and rewrite the online rows of
@@ -258,6 +278,7 @@ def push(layout: Layout, events: "pa.Table | pd.DataFrame | list[dict]", service
         _release(store, claimed)
         raise
     updated: dict[str, int] = {}
+    written: dict[str, list[str]] = {}
     names = _lock_names(layout, services, table)
     token = _lock(store, names)
     try:
@@ -265,9 +286,12 @@ def push(layout: Layout, events: "pa.Table | pd.DataFrame | list[dict]", service
         for service in services:
             rows = _service_rows(layout, service, store, table, snap)
             updated[service.name] = store.write_features(service, rows) if rows is not None and rows.num_rows else 0
+            if rows is not None and rows.num_rows:
+                written[service.name] = rows.column(service.entity.join_key).to_pylist()
     finally:
         if token is not None:
             _unlock(store, names, token)
+        _publish(store, written)  # also the services written before one failed
     if compact:
         eventlog_compact.compact_in_background(layout, store, snap)
     return PushResult(table.num_rows, updated, path, (time.perf_counter() - started) * 1000,

@@ -26,8 +26,9 @@ component for ``/healthz``. A stopped Redis thus costs a few failed reads, then 
 memory at once; one trial read every ``reset_after_s`` brings the store back when it returns.
 
 Per replica, user feature rows and answers are cached for a short TTL (2 s by default,
-``ResilienceConfig``): ``push`` drops the touched users' entries in this replica at once, other
-replicas see a user's new events after at most the TTL.
+``ResilienceConfig``): ``push`` drops the touched users' entries in this replica at once, and
+other replicas drop them when they next read the online store's change feed
+(``serving.freshness``, every 0.25 s by default; at the latest after the TTL).
 """
 
 import logging
@@ -39,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from aiplatform.observability.tracing import NO_STAGES
+from aiplatform.serving.freshness import ChangeFeedPoller
 from aiplatform.serving.resilience import MISS, BreakerOpen, CountingTTLCache, ResilienceConfig, bound_redis_client
 
 if TYPE_CHECKING:
@@ -223,6 +225,10 @@ class RecommendPipeline:
         self.feature_cache = CountingTTLCache(cfg.cache_size, cfg.feature_ttl_s, timer)
         self.answer_cache = CountingTTLCache(cfg.cache_size, cfg.answer_ttl_s, timer)
         self.last_good = CountingTTLCache(cfg.cache_size, cfg.last_good_ttl_s, timer)
+        self.feed = ChangeFeedPoller(self.store, self.service.name,  # other replicas' pushes (serving.freshness)
+                                     (self.feature_cache, self.answer_cache, self.last_good),
+                                     cfg.breaker("change_feed", timer), (self.feature_cache, self.answer_cache))
+        self.feed.start(cfg.feed_poll_s)
         self.degraded = dict.fromkeys((*COMPONENTS, "pipeline"), 0)
         self.degraded_sources = {"last_good": 0, "popular": 0}
         self.events_refused = self.events_not_applied = 0
@@ -478,8 +484,8 @@ class RecommendPipeline:
 
     def push(self, events: list[dict[str, Any]]) -> dict[str, Any]:
         """Append ``events`` to the event log and update the touched users' online rows, then
-        drop those users' cached rows and answers in this replica (other replicas see the
-        events after at most ``feature_ttl_s``).
+        drop those users' cached rows and answers in this replica (other replicas drop them when
+        they next read the change feed ``features.push`` publishes on).
 
         Returns {'accepted', 'entities_updated'}; {'error': message} for invalid events; or
         {'unavailable': message, 'recorded': bool, 'retry_after_s'} when the online store is
@@ -527,12 +533,18 @@ class RecommendPipeline:
             self.answer_cache.invalidate(entity)
             self.last_good.invalidate(entity)
 
+    def close(self) -> None:
+        """Stop following the change feed (the version switcher calls this on the pipeline it
+        replaced). The pipeline still answers: a request already holding it completes."""
+        self.feed.close()
+
     def serving_status(self) -> dict[str, Any]:
         """Counters for ``/healthz``: cache hits/misses/hit rates, degraded answers per
-        component and where they came from, each component's breaker, refused events."""
+        component and where they came from, each component's breaker, refused events, and the
+        change feed (``caches.feed``: entries dropped for other replicas' pushes, failed reads)."""
         return {"healthy": all(b.state == "closed" for b in self.breakers.values()),
                 "caches": {"features": self.feature_cache.stats(), "answers": self.answer_cache.stats(),
-                           "last_good": self.last_good.stats()},
+                           "last_good": self.last_good.stats(), "feed": self.feed.stats()},
                 "degraded": dict(self.degraded), "degraded_from": dict(self.degraded_sources),
                 "breakers": {name: b.stats() for name, b in self.breakers.items()},
                 "popular_snapshot": len(self._popular_snapshot),

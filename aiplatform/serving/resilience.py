@@ -14,7 +14,9 @@ Why caches: a replica answers the same users again and again within seconds (pag
 pagination), and the features of a user change only when their events are pushed or the feature
 job runs. A short TTL (``ResilienceConfig.feature_ttl_s``, 2 s by default) halves store reads on
 such traffic and keeps answers fresh: a replica's own ``POST /v1/events`` invalidates the user
-at once, and every other replica sees the new events after at most the TTL. The caches are
+at once, and every other replica drops the user's entries when it next reads the online store's
+change feed (``serving.freshness``, every ``feed_poll_s``), or at the latest after the TTL when it
+cannot read the feed. The caches are
 bounded (``cachetools.TTLCache``: least recently used entries go first when full), so a replica's
 memory does not grow with the number of users.
 
@@ -196,6 +198,15 @@ class CountingTTLCache:
             self.invalidations += int(held)
             return held
 
+    def clear(self) -> int:
+        """Drop every entry (counted as invalidations); how many were held."""
+        with self._lock:
+            self._cache.expire()
+            held = len(self._cache)
+            self._cache.clear()
+            self.invalidations += held
+            return held
+
     def __len__(self) -> int:
         with self._lock:
             self._cache.expire()
@@ -242,6 +253,10 @@ class ResilienceConfig:
     has since restarted fails once, then a new one works); a timeout is never retried."""
     slow_call_s: float | None = None
     """When set, a component call slower than this counts as a failure (a timeout)."""
+    feed_poll_s: float = 0.25
+    """How often a replica reads the online store's change feed and drops the cached entries of
+    users another replica pushed events for (``serving.freshness``); 0 turns the reading off
+    (other replicas' pushes then show after the TTLs above)."""
 
     @classmethod
     def from_env(cls, environ: "dict[str, str] | None" = None) -> "ResilienceConfig":

@@ -161,8 +161,9 @@ class VersionSwitcher:
                 self.last_error = f"cannot serve {self.model_name} v{target}: {exc}"
                 log.error("%s; still serving v%d", self.last_error, self.current.version.version)
                 raise
-            before = self.current.version.version
+            before, replaced = self.current.version.version, self.current.pipeline
             self.current = Served(pipeline, resolved, variant or self.current.variant)
+            replaced.close()  # its change-feed thread; requests already holding it still finish
             self.last_error = None
             self._failed.pop(target, None)
             log.info("switched %s from v%d to v%d in place", self.model_name, before, target)
