@@ -7,7 +7,9 @@ pipeline (those items merged with co-occurrence, EASE, popularity, category x po
 the user's own items, ordered by the LightGBM ranker; the response says ``ranked: true``);
 otherwise the nearest items in retrieval order. A user without features gets the popular
 items. The whole path runs in the ingress replica (``serving.pipeline``), batched across
-concurrent requests: no handle hop.
+concurrent requests: no handle hop. The one other deployment is an experiment's shadow
+(``serving.shadow``): mirrored requests go to it through a handle after the live answer went
+out, and it holds no replica while nothing is mirrored.
 
 ``app`` is the Serve application builder (one typed argument, ``AppArgs``): ``serve run
 aiplatform.serving.app:app home=…``, ``serve deploy`` of the config ``aiplatform serve build``
@@ -36,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import BackpressureConfig
+from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,6 +64,7 @@ from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
 from aiplatform.serving.experiments import ExperimentRouter, Routing
 from aiplatform.serving.pipeline import RecommendPipeline
 from aiplatform.serving.resilience import ResilienceConfig
+from aiplatform.serving.shadow import MAX_MIRRORS_IN_FLIGHT, ShadowScorer
 from aiplatform.serving.versions import Served, ServedVersion, VersionSwitcher, check_online_store, resolve_version
 from aiplatform.serving.schemas import (
     MAX_EVENTS,
@@ -315,6 +319,7 @@ class RecommendationAPI:
         auth: str = "keys",
         env_keys: list[ApiKey] | None = None,
         tracing_config: TracingConfig | None = None,
+        shadow_scorer: "DeploymentHandle | None" = None,
     ) -> None:
         access.install(KeyGuard(home, auth, env_keys))  # first: no route is ever served unguarded
         install_replica_logging()  # aiplatform's lines into this replica's (JSON) log, with their request
@@ -326,7 +331,10 @@ class RecommendationAPI:
         if follow_alias:
             self.versions.follow(alias, alias_poll_s)
         self.alias = alias
-        self.experiments = ExperimentRouter(self.versions, poll_s=alias_poll_s) if experiments else None
+        self.experiments = (ExperimentRouter(self.versions, poll_s=alias_poll_s, load_shadow=shadow_scorer is None)
+                            if experiments else None)
+        self.shadow_scorer = shadow_scorer  # the shadow's own deployment (serving.shadow), when bound
+        self.mirrors_in_flight = self.mirrors_dropped = 0
         self.service_name = service_name
         self._stopped = threading.Event()
         threading.Thread(target=self._export_metrics, daemon=True, name="aiplatform-metrics").start()
@@ -416,20 +424,31 @@ class RecommendationAPI:
     async def _mirror(self, routing: "Routing", request_id: str, user_id: str, k: int, live: Served,
                       live_items: list[str], request_span=None) -> None:
         """The shadow variant's answer to a mirrored request, after the live answer went out:
-        only its latency and overlap with the live answer are kept."""
+        only its latency and overlap with the live answer are kept. With a shadow deployment
+        (``serving.shadow``) it answers there, and mirrors beyond ``MAX_MIRRORS_IN_FLIGHT`` are
+        dropped (a cold or slow shadow must not pile up work here); otherwise in this replica."""
+        if self.shadow_scorer is not None and self.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
+            self.mirrors_dropped += 1
+            return
         started = time.perf_counter()
+        self.mirrors_in_flight += 1
         with tracing.span("shadow", parent=request_span, **{"aiplatform.variant": routing.shadow.variant}) as shadow:
             stages = Stages.for_batch([shadow])
             try:
-                answer = routing.shadow.pipeline.recommend([(user_id, k)], stages)[0]
+                if self.shadow_scorer is not None:
+                    answer = await self.shadow_scorer.score.remote(routing.shadow.version, user_id, k)
+                    items, latency_ms = answer["items"], answer["latency_ms"]
+                else:
+                    answer = routing.shadow.pipeline.recommend([(user_id, k)], stages)[0]
+                    items, latency_ms = [i for i, _ in answer["items"]], (time.perf_counter() - started) * 1000
             except Exception as exc:  # a failing shadow never touches live traffic
                 log.warning("shadow %s failed: %s", routing.shadow.variant, exc)
                 return
             finally:
+                self.mirrors_in_flight -= 1
                 if isinstance(stages, Stages):
                     stages.emit()
-        self.experiments.shadowed(routing, request_id, live, live_items, [i for i, _ in answer["items"]], k,
-                                  (time.perf_counter() - started) * 1000)
+        self.experiments.shadowed(routing, request_id, live, live_items, items, k, latency_ms)
 
     def n_dense(self) -> int:
         """The width of the dense input the served tower reads (its input spec's)."""
@@ -585,11 +604,18 @@ class RecommendationAPI:
         health = Health(status="ok" if serving["healthy"] else "degraded",
                         model=ModelRef(name=served.version.name, version=served.version.version),
                         items=served.pipeline.count(), variant=served.variant, **self.versions.status(),
-                        experiment=self.experiments.status() if self.experiments is not None else None,
+                        experiment=self._experiment_status(),
                         serving=serving)
         if detail:
             return health
         return JSONResponse(content=jsonable_encoder(health, exclude={"serving"}))
+
+    def _experiment_status(self) -> dict | None:
+        status = self.experiments.status() if self.experiments is not None else None
+        if status and status.get("shadow") is not None and self.shadow_scorer is not None:
+            status["mirrors"] = {"deployment": ShadowScorer.name, "in_flight": self.mirrors_in_flight,
+                                 "dropped": self.mirrors_dropped}
+        return status
 
     def check_health(self) -> None:
         """Serve's replica health check: raise only when this replica cannot answer at all (no
@@ -612,10 +638,13 @@ def build_app(
     options: dict | None = None,
     experiments: bool = True,
     auth: str = "keys",
+    shadow_options: dict | None = None,
 ) -> serve.Application:
     """The Serve application for the version ``alias`` points at (or ``version``), following
     the alias afterwards unless ``follow_alias`` is false or a version is pinned. ``options``
-    are Serve deployment options over the declared ones (``user_config``, ``max_queued_requests``, …).
+    are Serve deployment options over the declared ones (``user_config``, ``max_queued_requests``, …);
+    ``shadow_options`` the same for the shadow's deployment (``serving.shadow``), which exists
+    when ``experiments`` is on and holds no replica while nothing is mirrored.
 
     Resolved here, where the application is built, and checked before anything is deployed:
     a missing alias, artifact or vector table (or an empty one) is a clear ``NotFoundError``, a
@@ -641,15 +670,20 @@ def build_app(
              "pinned" if version else f"alias {alias}" + (", followed" if follow_alias else ""), first.artifact_dir)
     options = {"logging_config": serve_logging_config(settings.log_format, settings.log_level), **(options or {})}
     deployment = RecommendationAPI.options(**options)
+    resilience = ResilienceConfig.from_env()  # read here, where the app is built, like every setting
+    shadow = ShadowScorer.options(**{"logging_config": options["logging_config"], **(shadow_options or {})}).bind(
+        layout.root, online_store, settings.features_module, settings.feature_service, resilience,
+        first.service_version) if experiments else None
     return deployment.bind(
         layout.root, online_store, settings.features_module, settings.feature_service,
         first, alias=alias, follow_alias=bool(follow_alias and not version), alias_poll_s=alias_poll_s,
         variant=f"v{first.version}" if version else alias,
-        resilience=ResilienceConfig.from_env(),  # read here, where the app is built, like every setting
+        resilience=resilience,
         experiments=experiments,
         auth=auth,
         env_keys=env_keys,
         tracing_config=tracing_config,
+        shadow_scorer=shadow,
     )
 
 

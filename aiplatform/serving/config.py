@@ -66,15 +66,17 @@ class AppArgs(BaseModel):
         return args
 
 
-def deployment_options() -> list[dict[str, Any]]:
+def deployment_options(experiments: bool = True) -> list[dict[str, Any]]:
     """Every deployment of the application, with the options its code declares (name,
-    autoscaling, max_ongoing_requests, resources), ready to be tuned in the config."""
+    autoscaling, max_ongoing_requests, resources), ready to be tuned in the config: the ingress,
+    and with ``experiments`` the shadow's (``serving.shadow``)."""
     from ray.serve.deployment import deployment_to_schema
 
     from aiplatform.serving.app import RecommendationAPI
+    from aiplatform.serving.shadow import ShadowScorer
 
     out = []
-    for deployment in (RecommendationAPI,):
+    for deployment in (RecommendationAPI, ShadowScorer) if experiments else (RecommendationAPI,):
         schema = deployment_to_schema(deployment).model_dump(exclude_unset=True)
         keep = ("name", "max_ongoing_requests", "autoscaling_config", "ray_actor_options",
                 "max_queued_requests", "backpressure_config", "graceful_shutdown_timeout_s", "health_check_period_s",
@@ -103,7 +105,7 @@ def serve_config(args: AppArgs, *, name: str = DEFAULT_APP_NAME, route_prefix: s
             "import_path": APP_IMPORT_PATH,
             "args": args.as_config_args(),
             "runtime_env": dict(runtime_env or {}),
-            "deployments": deployment_options(),
+            "deployments": deployment_options(args.experiments is not False),
         }],
     }
     ServeDeploySchema.model_validate(config)  # the same check `serve deploy` makes

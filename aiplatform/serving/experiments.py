@@ -18,6 +18,10 @@ once a second (so a request never waits for storage):
   followed a recommendation;
 - a *shadow* record per mirrored request: the shadow variant's latency and its overlap@k with
   the live answer (the shadow's answer itself is discarded).
+
+The shadow is answered by its own deployment (``serving.shadow``, scaled to zero while idle)
+when the application has one: the router then only resolves the shadow's version (its
+``Served.pipeline`` is None) instead of loading it into every live replica.
 """
 
 import logging
@@ -61,8 +65,11 @@ class ExperimentRouter:
     (module docstring). ``current`` is None while no experiment is active: the replica then
     answers with the switcher's version, as without experiments."""
 
-    def __init__(self, switcher: VersionSwitcher, poll_s: float = 2.0, flush_s: float = 1.0) -> None:
+    def __init__(self, switcher: VersionSwitcher, poll_s: float = 2.0, flush_s: float = 1.0,
+                 load_shadow: bool = True) -> None:
         self.switcher = switcher
+        self.load_shadow = load_shadow
+        """False when a shadow deployment answers mirrors: the shadow's version is resolved, not loaded."""
         self.store = ExperimentStore(switcher.layout)
         self.current: Routing | None = None
         self.last_error: str | None = None
@@ -84,7 +91,7 @@ class ExperimentRouter:
                 log.info("experiment %s ended: serving %s again", self.current.experiment.name,
                          self.switcher.current.variant)
             self.current, self._targets, self.last_error = None, None, None
-            self._pipelines.clear()
+            self._drop_pipelines(set())
             return
         experiment, revision = active
         registry = ModelRegistry(self.switcher.layout)
@@ -99,9 +106,14 @@ class ExperimentRouter:
             variants = {name: Served(self._pipeline(registry, version), self._pipelines[version][0], name)
                         for name, version in targets.items()}
             shadow_served = None
-            if shadow is not None:
+            if shadow is not None and self.load_shadow:
                 shadow_served = Served(self._pipeline(registry, shadow_target), self._pipelines[shadow_target][0],
                                        shadow.name)
+            elif shadow is not None:  # answered by the shadow deployment: checked here, loaded there
+                s = self.switcher
+                resolved = resolve_version(registry, s.layout, s.features_module, s.service_name, s.model_name,
+                                           version=shadow_target)
+                shadow_served = Served(None, resolved, shadow.name)  # type: ignore[arg-type]
         except Exception as exc:  # a variant that cannot be served: keep what is served, say why
             self.last_error = f"experiment {experiment.name} revision {revision}: {exc}"
             log.error("%s; routing unchanged", self.last_error)
@@ -109,10 +121,19 @@ class ExperimentRouter:
             return
         self.current = Routing(experiment, revision, variants, shadow_served)
         self._targets, self.last_error = key, None
-        used = set(targets.values()) | ({shadow_target} if shadow_target else set())
-        self._pipelines = {v: p for v, p in self._pipelines.items() if v in used}
+        used = set(targets.values()) | ({shadow_target} if shadow_target and self.load_shadow else set())
+        self._drop_pipelines(used)
         log.info("experiment %s revision %d: %s%s", experiment.name, revision, self.current.versions(),
                  f", shadow v{shadow_target} on {shadow.share:.0%}" if shadow else "")
+
+    def _drop_pipelines(self, keep: set[int]) -> None:
+        """Forget the pipelines of versions no longer routed to, stopping their change-feed
+        threads (not the switcher's own pipeline, which it still serves)."""
+        served = self.switcher.current.pipeline
+        for version in [v for v in self._pipelines if v not in keep]:
+            pipeline = self._pipelines.pop(version)[1]
+            if pipeline is not served:
+                pipeline.close()
 
     def _target(self, registry: ModelRegistry, alias: str | None, version: int | None) -> int:
         model = self.switcher.model_name
