@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from aiplatform.core.errors import ConfigError
+from aiplatform.observability.scrape import Sample, parse_samples, ray_metrics_urls, scrape
 
 REQUESTS = "aiplatform_requests_total"
 REPLICA_CPU = "aiplatform_replica_cpu_seconds_total"
@@ -104,49 +104,36 @@ def _application_matches(labels: dict[str, str], application: str | None) -> boo
     return application is None or labels.get("application") == application
 
 
-def usage_from_metrics_text(text: str, application: str | None = None) -> ServingUsage:
-    """Sum the request and replica-CPU counters of one metrics page (Prometheus text format).
-
-    Ray prefixes application metrics with ``ray_``; both spellings are accepted, so a page of
-    Ray's own endpoint and one of a relabelling proxy read the same."""
+def usage_from_samples(samples: list[Sample], application: str | None = None) -> ServingUsage:
+    """Sum the request and replica-CPU counters of scraped samples (``observability.scrape``)."""
     usage = ServingUsage()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name = sample.name.removeprefix("ray_")
-            if not _application_matches(sample.labels, application):
-                continue
-            if name == REQUESTS:
-                usage.requests += sample.value
-            elif name == REPLICA_CPU and sample.labels.get("kind") == "reserved":
-                usage.reserved_cpu_s += sample.value
-            elif name == REPLICA_CPU and sample.labels.get("kind") == "used":
-                usage.used_cpu_s += sample.value
+    for sample in samples:
+        if not _application_matches(dict(sample.labels), application):
+            continue
+        if sample.name == REQUESTS:
+            usage.requests += sample.value
+        elif sample.name == REPLICA_CPU and sample.label("kind") == "reserved":
+            usage.reserved_cpu_s += sample.value
+        elif sample.name == REPLICA_CPU and sample.label("kind") == "used":
+            usage.used_cpu_s += sample.value
     return usage
 
 
-def ray_metrics_urls() -> list[str]:
-    """Every alive node's metrics endpoint (the Ray this process is connected to)."""
-    import ray
-
-    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
-            for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
+def usage_from_metrics_text(text: str, application: str | None = None) -> ServingUsage:
+    """The same sums over one metrics page (Prometheus text format; Ray's ``ray_`` prefix or not)."""
+    return usage_from_samples(parse_samples(text), application)
 
 
 def serving_usage_from_ray(urls: list[str], application: str | None = None,
                            timeout_s: float = 10.0) -> ServingUsage:
     """Totals since each replica started, read from every node's metrics endpoint."""
-    total = ServingUsage(source=f"Ray's metrics endpoints ({len(urls)} node(s)), since the replicas started")
-    for url in urls:
-        try:
-            page = httpx.get(url, timeout=timeout_s)
-            page.raise_for_status()
-        except httpx.HTTPError as exc:
-            raise ConfigError(f"cannot read Ray's metrics at {url}: {exc}; is the node up, and its metrics "
-                              "port reachable from here?") from exc
-        one = usage_from_metrics_text(page.text, application)
-        total.requests += one.requests
-        total.reserved_cpu_s += one.reserved_cpu_s
-        total.used_cpu_s += one.used_cpu_s
+    scraped = scrape(urls, timeout_s)
+    if scraped.failed:
+        url, why = next(iter(scraped.failed.items()))
+        raise ConfigError(f"cannot read Ray's metrics at {url}: {why}; is the node up, and its metrics "
+                          "port reachable from here?")
+    total = usage_from_samples(scraped.samples, application)
+    total.source = f"Ray's metrics endpoints ({len(urls)} node(s)), since the replicas started"
     return total
 
 
@@ -220,4 +207,4 @@ def training_cost(model: str, version: int, params: dict[str, Any], lineage: dic
 
 __all__ = ["Prices", "ReplicaCpuClock", "ServingUsage", "TrainingCost", "assigned_cpus", "ray_metrics_urls",
            "serving_usage_from_prometheus", "serving_usage_from_ray", "training_cost", "training_resources",
-           "usage_from_metrics_text"]
+           "usage_from_metrics_text", "usage_from_samples"]

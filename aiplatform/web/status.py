@@ -223,9 +223,39 @@ def features(layout: Layout, features_module: str, served_service: str, online_s
 
 
 # ---- serving -----------------------------------------------------------------------------------
+def _application_name() -> str | None:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # not inside a Serve replica (a unit test)
+        return None
+
+
+def cluster_traffic(application: str | None) -> dict[str, Any] | None:
+    """Every replica's numbers (``web.serving_metrics``), or None when no node's metrics endpoint
+    answered (a Ray without a metrics agent, a firewalled port): the tab then shows this replica's."""
+    from aiplatform.observability.scrape import ray_metrics_urls, scrape
+    from aiplatform.web.serving_metrics import cluster_traffic as summed
+
+    if not application:
+        return None
+    try:
+        urls = ray_metrics_urls()
+    except Exception as exc:  # GCS unreachable
+        log.debug("metrics endpoints: %s", exc)
+        return None
+    scraped = scrape(urls, timeout_s=3.0)
+    if not urls or len(scraped.failed) == len(urls):
+        log.info("no metrics endpoint answered (%s): the Serving tab shows this replica only", scraped.failed)
+        return None
+    return summed(application, scraped.samples, len(urls), scraped.failed)
+
+
 def serving(replica: Any) -> dict[str, Any]:
-    """Replicas per deployment (``serve.status()``), this replica's recent traffic and what it
-    serves."""
+    """Replicas per deployment (``serve.status()``), the application's traffic summed over all
+    its replicas (or this replica's own window when the metrics endpoints do not answer), and
+    what this replica serves."""
     from aiplatform.web.traffic import window
 
     apps: list[dict[str, Any]] = []
@@ -243,8 +273,10 @@ def serving(replica: Any) -> dict[str, Any]:
     except Exception as exc:  # Serve's controller unreachable: say so, show the rest
         error = f"serve.status() failed: {exc}"
     served = replica.versions.current
-    traffic = window()
-    return {"apps": apps, "error": error, "traffic": traffic.stats(), "window_s": traffic.window_s,
+    local = window()  # registered with the middleware on first use: kept even when the cluster's numbers show
+    cluster = cluster_traffic(_application_name())
+    return {"apps": apps, "error": error, "cluster": cluster,
+            "traffic": local.stats() if cluster is None else [], "window_s": local.window_s,
             "model": f"{served.version.name} v{served.version.version}", "variant": served.variant,
             "following": replica.versions.status().get("following"),
             "switch_error": replica.versions.status().get("switch_error"),

@@ -1,10 +1,10 @@
 """The replica's recent traffic, for the console's Serving tab.
 
-Prometheus has the whole application's numbers (``aiplatform_requests_total`` and the latency
-histogram), but a console cannot count on reaching a Prometheus. Each replica therefore keeps
-its last few minutes of requests in memory, fed by the same middleware that records the
-Prometheus series (``observability.metrics.REQUEST_OBSERVERS``): the tab shows the numbers of
-the replica that answered it, and says so.
+The tab sums every replica's Prometheus series from Ray's metrics endpoints
+(``web.serving_metrics``); when none of those endpoints answers, it falls back to this: each
+replica keeps its last few minutes of requests in memory, fed by the same middleware that
+records the Prometheus series (``observability.metrics.REQUEST_OBSERVERS``), and the tab shows
+the numbers of the replica that answered it, labelled "this replica only".
 """
 
 from __future__ import annotations

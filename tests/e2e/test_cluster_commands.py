@@ -241,7 +241,7 @@ def _live_apps(cluster) -> list[dict]:
 
 
 @pytest.mark.timeout(1200)
-def test_serve_deploy_change_and_delete(cluster):
+def test_serve_deploy_and_change(cluster):
     shell = cluster["shell"]
     deployed = shell.run(readme_block("serve-deploy"), timeout=300)
     assert deployed.returncode == 0, deployed.stdout[-4000:]
@@ -290,6 +290,57 @@ def test_serve_deploy_change_and_delete(cluster):
     assert httpx.get(f"{SERVE_URL}/extra/healthz", timeout=10).status_code == 404
     assert [a["name"] for a in _live_apps(cluster)] == ["aiplatform"]
 
+
+def _signed_in_console(cluster) -> httpx.Client:
+    """An HTTP client signed in to the deployed app's console with a new admin key, as a browser
+    would: the sign-in form's CSRF token with its session cookie, then the key."""
+    from aiplatform.security.keys import KeyStore, Role
+
+    key, _ = KeyStore(str(cluster["home"] / "aip-demo" / "home"), env="").create("console-e2e", Role.admin)
+    client = httpx.Client(base_url=SERVE_URL, timeout=60)
+    deadline = time.monotonic() + 30  # each replica re-reads the key file every few seconds
+    while True:
+        page = client.get("/console/signin")
+        csrf = re.search(r'name="csrf" value="([0-9a-f]{64})"', page.text)
+        assert csrf, page.text[:2000]
+        done = client.post("/console/signin", data={"key": key, "csrf": csrf.group(1)}, follow_redirects=False)
+        if done.status_code == 303 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert done.status_code == 303, done.text[:2000]
+    return client
+
+
+# The two tests below run on the application test_serve_deploy_and_change left deployed (in file
+# order, as the module's tests do): no second deployment, no new cluster.
+@pytest.mark.timeout(300)
+def test_console_jobs_tab_reads_the_token_auth_cluster(cluster):
+    """Inside a Serve replica of the README's token-auth cluster, the console's Jobs tab reads
+    Ray's Jobs API: the jobs the README submitted are listed, and a job's logs open. The Serving
+    tab reads every node's metrics endpoint there too."""
+    client = _signed_in_console(cluster)
+    try:
+        page = client.get("/console/jobs")
+        assert page.status_code == 200, page.text[:2000]
+        assert 'id="jobs-unavailable"' not in page.text, page.text[:3000]
+        rows = re.findall(r"<tr><th scope=\"row\">.*?</tr>", page.text, re.S)
+        train = [r for r in rows if "aiplatform.jobs.train" in r]
+        assert train and "SUCCEEDED" in train[0] and "training" in train[0], page.text[:4000]
+        link = re.search(r'href="(/console/jobs/[^"]+/logs)"', train[0])
+        assert link, train[0]
+        logs = client.get(link.group(1))
+        assert logs.status_code == 200 and "recall@10" in logs.text, logs.text[-3000:]
+        assert client.get("/console/jobs/raysubmit_no_such_job/logs").status_code == 404
+        # the Serving tab reads every node's metrics endpoint on this cluster too
+        serving = client.get("/console/serving")
+        assert serving.status_code == 200 and 'data-source="cluster"' in serving.text, serving.text[-4000:]
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(600)
+def test_serve_delete_removes_only_its_application(cluster):
+    shell = cluster["shell"]
     deleted = subprocess.run(["aiplatform", "serve", "delete", "--name", "aiplatform"], cwd=ROOT,
                              env=dict(shell.env, RAY_ADDRESS="127.0.0.1:6379"), capture_output=True, text=True,
                              timeout=300)

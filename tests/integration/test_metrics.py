@@ -2,6 +2,7 @@
 metrics endpoint, as a cluster's Prometheus would: requests by route, status, variant and model
 version, latency, fallbacks, cache lookups, circuit breakers, feature freshness, pushes."""
 
+import re
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -36,10 +37,47 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def base_url(ray_session, tmp_path_factory):
     home = make_root(tmp_path_factory.mktemp("metrics"))
-    url = start(build_app(home.root, experiments=False, auth="off"), host="127.0.0.1", port=_free_port(),
-                name=APP, route_prefix="/metrics")
+    # two replicas: the console's Serving tab must count what both served (test below)
+    url = start(build_app(home.root, experiments=False, auth="off",
+                          options={"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}),
+                host="127.0.0.1", port=_free_port(), name=APP, route_prefix="/metrics")
     yield url
     stop(APP)
+
+
+def _console_total(client: httpx.Client) -> tuple[float, str]:
+    """The Serving tab's total of /v1/recommendations since the replicas started, and the page."""
+    page = client.get("/console/serving")
+    assert page.status_code == 200, page.text[:2000]
+    table = re.search(r'<table id="totals-routes">.*?</table>', page.text, re.S)
+    row = table and re.search(r'data-route="/v1/recommendations">.*?<td class="num requests">([\d.]+)<', table.group(0))
+    return (float(row.group(1)) if row else 0.0), page.text
+
+
+# First in the module: the recommendations counted are this test's alone.
+def test_the_console_serving_tab_sums_every_replica(base_url):
+    """With two replicas behind the app, the tab's totals (read from Ray's metrics endpoints)
+    count every request, whichever replica served it and whichever answers the page."""
+    sent, fallbacks = 24, 0
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        for i in range(sent):
+            resp = client.post("/v1/recommendations", json={"user_id": "someone-new" if i % 6 == 0 else
+                                                            f"u{i % 3 + 1}", "k": 3})
+            assert resp.status_code == 200
+            fallbacks += bool(resp.json()["fallback"])
+        deadline = time.monotonic() + 90  # Ray exports a replica's counters every few seconds
+        while True:
+            total, html = _console_total(client)
+            if total >= sent or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    assert total == sent, html  # both replicas' requests, each counted once
+    assert 'data-source="cluster"' in html and 'id="replicas-reporting">2<' in html, html
+    arm = re.search(r'<table id="totals-variants">.*?data-variant="champion \(v1\)">(.*?)</tr>', html, re.S)
+    assert arm, html
+    cells = re.findall(r'<td class="num[^"]*">([^<]*)</td>', arm.group(1))
+    assert cells[0] == str(sent) and cells[-1] == f"{100 * fallbacks / sent:.1f}%", cells
+    assert cells[2].endswith(" ms") and cells[3].endswith(" ms")  # p50, p99 from the summed buckets
 
 
 def _traffic(base_url: str) -> None:

@@ -228,8 +228,10 @@ def test_promoting_in_the_console_changes_what_the_shop_serves(base_url, browser
         assert browser.find_element(By.CSS_SELECTOR, ".tabs [aria-current=page]").text.lower() == tab
     assert browser.find_elements(By.ID, "jobs-unavailable")  # this session's Ray has no dashboard
     browser.get(f"{base_url}/console/serving")
-    assert int(browser.find_element(By.CSS_SELECTOR, "#deployments td.replicas").text) >= 1
-    assert browser.find_elements(By.CSS_SELECTOR, "#traffic tr[data-route='/shop']")
+    assert int(browser.find_element(By.CSS_SELECTOR, "#deployments tr[data-deployment=RecommendationAPI] "
+                                                     "td.replicas").text) >= 1
+    # every replica's numbers, from the session Ray's metrics endpoint (not this replica's alone)
+    assert browser.find_element(By.ID, "traffic-source").get_attribute("data-source") == "cluster"
     browser.save_screenshot(str(shots / "console-serving.png"))
     browser.get(f"{base_url}/console/features")
     assert browser.find_element(By.CSS_SELECTOR, "#services tr[data-service] td.online-rows").text == "40"
