@@ -217,6 +217,7 @@ class ModelRegistry:
         storage.make_dirs(layout.registry)
         import lancedb  # here, not at import: a serving replica imports this module on its way to ready
 
+        self._datasets: dict[str, Any] = {}  # alias tables opened with lance, for alias_revision
         self._db = lancedb.connect(layout.registry, storage_options=storage.storage_options(layout.registry),
                                    read_consistency_interval=timedelta(0))
 
@@ -523,6 +524,24 @@ class ModelRegistry:
     def _alias_states(self, name: str) -> dict[str, AliasState]:
         _check_name("model name", name)
         return replay(self._legacy_alias_rows(name) + self._move_rows(name))[0]
+
+    def alias_revision(self) -> tuple[int, ...]:
+        """A stamp that changes whenever any alias may have moved: the latest commit number of
+        the tables alias moves are kept in (0 for one that does not exist). Why: replaying the
+        moves costs ~10 ms of CPU, and every serving replica polls its alias every few seconds;
+        this reads only the tables' version listings (~0.02 ms), so a poller replays the moves
+        only when the stamp changed."""
+        stamp = []
+        for table in (ALIASES_TABLE, MOVES_TABLE):
+            uri = storage.join(self.layout.registry, f"{table}.lance")
+            try:
+                dataset = self._datasets.get(table)
+                if dataset is None:
+                    dataset = self._datasets[table] = lance.dataset(uri, storage_options=storage.storage_options(uri) or None)
+                stamp.append(int(dataset.latest_version))
+            except (ValueError, OSError):  # not created yet
+                stamp.append(0)
+        return tuple(stamp)
 
     def aliases(self, name: str) -> dict[str, int]:
         """Current alias -> version map of a model."""

@@ -74,6 +74,8 @@ class ExperimentRouter:
         self.current: Routing | None = None
         self.last_error: str | None = None
         self._targets: tuple | None = None
+        self._stamp: tuple | None = None  # the experiment revision and alias tables last resolved
+        self._registry: ModelRegistry | None = None
         self._pipelines: dict[int, tuple[ServedVersion, RecommendPipeline]] = {}
         self._buffers: dict[str, list[dict[str, Any]]] = {"exposures": [], "outcomes": [], "shadow": []}
         self._lock = threading.Lock()
@@ -90,16 +92,20 @@ class ExperimentRouter:
             if self.current is not None:
                 log.info("experiment %s ended: serving %s again", self.current.experiment.name,
                          self.switcher.current.variant)
-            self.current, self._targets, self.last_error = None, None, None
+            self.current, self._targets, self.last_error, self._stamp = None, None, None, None
             self._drop_pipelines(set())
             return
         experiment, revision = active
-        registry = ModelRegistry(self.switcher.layout)
+        self._registry = registry = self._registry or ModelRegistry(self.switcher.layout)
+        stamp = (experiment.name, revision, registry.alias_revision())
+        if stamp == self._stamp:  # neither the experiment nor an alias moved: resolving costs ~10 ms each
+            return
         live = [v for v in experiment.variants if v.weight > 0]
         targets = {v.name: self._target(registry, v.alias, v.version) for v in live}
         shadow = experiment.shadow
         shadow_target = self._target(registry, shadow.alias, shadow.version) if shadow else None
         key = (experiment.name, revision, tuple(sorted(targets.items())), shadow_target)
+        self._stamp = stamp
         if key == self._targets:
             return
         try:

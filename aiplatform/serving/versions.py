@@ -188,10 +188,15 @@ class VersionSwitcher:
 
     def _watch(self, alias: str, poll_s: float, stop: threading.Event) -> None:
         registry: ModelRegistry | None = None
+        seen: tuple | None = None  # the alias tables' stamp when the alias was last read
         while not stop.wait(poll_s):
             try:
                 registry = registry or ModelRegistry(self.layout)
+                stamp = registry.alias_revision()
+                if stamp == seen and self.last_error is None:  # no alias moved: nothing to replay
+                    continue
                 target = registry.get_by_alias(self.model_name, alias).version
+                seen = stamp
             except Exception as exc:  # the registry unreachable for a moment: keep serving, retry
                 log.warning("cannot read alias %s of %s: %s", alias, self.model_name, exc)
                 continue

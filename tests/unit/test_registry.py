@@ -452,3 +452,20 @@ def test_two_first_training_jobs_do_not_both_become_champion(layout, artifact):
     assert sorted(map(len, results.values())) == [1, 2], results  # both challenger, one champion too
     champion = next(v for v, got in results.items() if "champion" in got)
     assert ModelRegistry(layout).aliases("two_tower")["champion"] == champion
+
+
+def test_alias_revision_changes_when_an_alias_moves_and_only_then(layout, artifact):
+    """What serving replicas poll instead of replaying the moves: another process's move is seen
+    by an open registry, a registration or a lost compare-and-set is not a move."""
+    watcher, writer = ModelRegistry(layout), ModelRegistry(layout)
+    before = watcher.alias_revision()
+    v1 = writer.register("two_tower", str(artifact), {}, {}, "")
+    assert watcher.alias_revision() == before  # a new version moves no alias
+    writer.set_alias("two_tower", "champion", v1.version)
+    moved = watcher.alias_revision()
+    assert moved != before
+    v2 = writer.register("two_tower", str(artifact), {}, {}, "")
+    assert watcher.alias_revision() == moved
+    writer.set_alias("two_tower", "champion", v2.version)
+    assert watcher.alias_revision() != moved
+    assert watcher.get_by_alias("two_tower", "champion").version == v2.version
