@@ -103,8 +103,20 @@ def _top_per_row(row: np.ndarray, item: np.ndarray, score: np.ndarray, m: int) -
     return row[keep], item[keep], score[keep]
 
 
-def _aggregate(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: int) -> Cands:
+def _aggregate(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: int,
+               dense: bool | None = None) -> Cands:
+    """The summed ``weight`` per distinct (row, item), ordered by row then item.
+
+    Two ways, the same result to the bit (both sum in input order): counting into a dense
+    [rows x items] array when that is not much bigger than the input (a serving batch: 32 users
+    x a catalogue of thousands), else sorting the keys (``np.unique``; large offline batches).
+    The sort was the serving path's largest single cost (~14 % of a batch's CPU)."""
     key = row.astype(np.int64) * n_items + item
+    size = int(key.max()) + 1 if len(key) else 0
+    if dense if dense is not None else size <= 8 * len(key) + (1 << 16):
+        counts = np.bincount(key, minlength=size)
+        uniq = np.flatnonzero(counts)
+        return uniq // n_items, uniq % n_items, np.bincount(key, weights=weight, minlength=size)[uniq]
     uniq, inv = np.unique(key, return_inverse=True)
     return uniq // n_items, uniq % n_items, np.bincount(inv, weights=weight, minlength=len(uniq))
 

@@ -62,6 +62,7 @@ from aiplatform import web
 from aiplatform.serving.access import AUTH_RESPONSES, require
 from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
 from aiplatform.serving.experiments import ExperimentRouter, Routing
+from aiplatform.serving.gc_tuning import tune_gc
 from aiplatform.serving.pipeline import RecommendPipeline
 from aiplatform.serving.resilience import ResilienceConfig
 from aiplatform.serving.shadow import MAX_MIRRORS_IN_FLIGHT, ShadowScorer
@@ -338,6 +339,7 @@ class RecommendationAPI:
         self.service_name = service_name
         self._stopped = threading.Event()
         threading.Thread(target=self._export_metrics, daemon=True, name="aiplatform-metrics").start()
+        tune_gc()  # last: what was loaded above is never scanned again
 
     def _export_metrics(self, every_s: float = 2.0) -> None:
         """Caches, breakers and feature ages of the served pipeline into ``ServingMetrics``

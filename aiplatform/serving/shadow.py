@@ -23,6 +23,7 @@ from typing import Any
 
 from ray import serve
 
+from aiplatform.serving.gc_tuning import tune_gc
 from aiplatform.serving.pipeline import RecommendPipeline
 from aiplatform.serving.resilience import ResilienceConfig
 from aiplatform.serving.versions import ServedVersion
@@ -57,6 +58,7 @@ class ShadowScorer:
         self.resilience, self.service_version = resilience, service_version
         self._pipelines: OrderedDict[int, RecommendPipeline] = OrderedDict()
         self._lock = threading.Lock()
+        tune_gc()  # like the live replicas: its latencies are compared with theirs
 
     def _pipeline(self, version: ServedVersion) -> RecommendPipeline:
         with self._lock:
