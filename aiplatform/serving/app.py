@@ -332,9 +332,8 @@ class RecommendationAPI:
         if follow_alias:
             self.versions.follow(alias, alias_poll_s)
         self.alias = alias
-        self.experiments = (ExperimentRouter(self.versions, poll_s=alias_poll_s, load_shadow=shadow_scorer is None)
-                            if experiments else None)
-        self.shadow_scorer = shadow_scorer  # the shadow's own deployment (serving.shadow), when bound
+        self.experiments = ExperimentRouter(self.versions, poll_s=alias_poll_s) if experiments else None
+        self.shadow_scorer = shadow_scorer  # the shadow's own deployment (serving.shadow), bound with experiments
         self.mirrors_in_flight = self.mirrors_dropped = 0
         self.service_name = service_name
         self._stopped = threading.Event()
@@ -426,31 +425,22 @@ class RecommendationAPI:
     async def _mirror(self, routing: "Routing", request_id: str, user_id: str, k: int, live: Served,
                       live_items: list[str], request_span=None) -> None:
         """The shadow variant's answer to a mirrored request, after the live answer went out:
-        only its latency and overlap with the live answer are kept. With a shadow deployment
-        (``serving.shadow``) it answers there, and mirrors beyond ``MAX_MIRRORS_IN_FLIGHT`` are
-        dropped (a cold or slow shadow must not pile up work here); otherwise in this replica."""
-        if self.shadow_scorer is not None and self.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
+        only its latency and overlap with the live answer are kept. It answers in the shadow's
+        deployment (``serving.shadow``); mirrors beyond ``MAX_MIRRORS_IN_FLIGHT`` are dropped (a
+        cold or slow shadow must not pile up work here)."""
+        if self.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
             self.mirrors_dropped += 1
             return
-        started = time.perf_counter()
         self.mirrors_in_flight += 1
-        with tracing.span("shadow", parent=request_span, **{"aiplatform.variant": routing.shadow.variant}) as shadow:
-            stages = Stages.for_batch([shadow])
+        with tracing.span("shadow", parent=request_span, **{"aiplatform.variant": routing.shadow.variant}):
             try:
-                if self.shadow_scorer is not None:
-                    answer = await self.shadow_scorer.score.remote(routing.shadow.version, user_id, k)
-                    items, latency_ms = answer["items"], answer["latency_ms"]
-                else:
-                    answer = routing.shadow.pipeline.recommend([(user_id, k)], stages)[0]
-                    items, latency_ms = [i for i, _ in answer["items"]], (time.perf_counter() - started) * 1000
+                answer = await self.shadow_scorer.score.remote(routing.shadow.version, user_id, k)
             except Exception as exc:  # a failing shadow never touches live traffic
                 log.warning("shadow %s failed: %s", routing.shadow.variant, exc)
                 return
             finally:
                 self.mirrors_in_flight -= 1
-                if isinstance(stages, Stages):
-                    stages.emit()
-        self.experiments.shadowed(routing, request_id, live, live_items, items, k, latency_ms)
+        self.experiments.shadowed(routing, request_id, live, live_items, answer["items"], k, answer["latency_ms"])
 
     def n_dense(self) -> int:
         """The width of the dense input the served tower reads (its input spec's)."""
@@ -488,7 +478,7 @@ class RecommendationAPI:
                 status = answer["fallback"]  # popular or degraded
             self.experiments.expose(routing, request_id, body.user_id, body.k, served, status,
                                     (time.perf_counter() - started) * 1000)
-            if routing.shadow is not None and routing.experiment.mirrored(request_id):
+            if routing.shadow is not None and self.shadow_scorer is not None and routing.experiment.mirrored(request_id):
                 asyncio.get_running_loop().create_task(self._mirror(
                     routing, request_id, body.user_id, body.k, served, [i for i, _ in answer["items"]],
                     request_span))

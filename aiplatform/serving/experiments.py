@@ -19,9 +19,9 @@ once a second (so a request never waits for storage):
 - a *shadow* record per mirrored request: the shadow variant's latency and its overlap@k with
   the live answer (the shadow's answer itself is discarded).
 
-The shadow is answered by its own deployment (``serving.shadow``, scaled to zero while idle)
-when the application has one: the router then only resolves the shadow's version (its
-``Served.pipeline`` is None) instead of loading it into every live replica.
+The shadow is answered by its own deployment (``serving.shadow``, scaled to zero while idle):
+the router only resolves the shadow's version (its ``Served.pipeline`` is None), it never loads
+it into the live replicas.
 """
 
 import logging
@@ -65,11 +65,8 @@ class ExperimentRouter:
     (module docstring). ``current`` is None while no experiment is active: the replica then
     answers with the switcher's version, as without experiments."""
 
-    def __init__(self, switcher: VersionSwitcher, poll_s: float = 2.0, flush_s: float = 1.0,
-                 load_shadow: bool = True) -> None:
+    def __init__(self, switcher: VersionSwitcher, poll_s: float = 2.0, flush_s: float = 1.0) -> None:
         self.switcher = switcher
-        self.load_shadow = load_shadow
-        """False when a shadow deployment answers mirrors: the shadow's version is resolved, not loaded."""
         self.store = ExperimentStore(switcher.layout)
         self.current: Routing | None = None
         self.last_error: str | None = None
@@ -112,10 +109,7 @@ class ExperimentRouter:
             variants = {name: Served(self._pipeline(registry, version), self._pipelines[version][0], name)
                         for name, version in targets.items()}
             shadow_served = None
-            if shadow is not None and self.load_shadow:
-                shadow_served = Served(self._pipeline(registry, shadow_target), self._pipelines[shadow_target][0],
-                                       shadow.name)
-            elif shadow is not None:  # answered by the shadow deployment: checked here, loaded there
+            if shadow is not None:  # answered by the shadow deployment: checked here, loaded there
                 s = self.switcher
                 resolved = resolve_version(registry, s.layout, s.features_module, s.service_name, s.model_name,
                                            version=shadow_target)
@@ -127,8 +121,7 @@ class ExperimentRouter:
             return
         self.current = Routing(experiment, revision, variants, shadow_served)
         self._targets, self.last_error = key, None
-        used = set(targets.values()) | ({shadow_target} if shadow_target and self.load_shadow else set())
-        self._drop_pipelines(used)
+        self._drop_pipelines(set(targets.values()))
         log.info("experiment %s revision %d: %s%s", experiment.name, revision, self.current.versions(),
                  f", shadow v{shadow_target} on {shadow.share:.0%}" if shadow else "")
 
