@@ -8,8 +8,9 @@ category shares at several half-lives, the user's own events on the item, activi
 from the same two inputs. Nothing here can see the future of either.
 """
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -78,10 +79,20 @@ class ItemTables:
     ease_idx: np.ndarray
     ease_val: np.ndarray
     category_model: CategoryModel | None = None
+    _code_of: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    def codes(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Catalogue codes of ``item_ids`` (-1: not in the catalogue). A dict, built once: a
+        request's few thousand ids cost ~0.2 ms, where ``pd.Index.get_indexer`` on pandas'
+        string dtype costs ~0.7 ms a call and a new Index each batch more."""
+        if self._code_of is None:
+            self._code_of = {str(i): c for c, i in enumerate(self.item_ids)}
+        return np.fromiter(map(self._code_of.get, item_ids, repeat(-1, len(item_ids))), dtype=np.int64,
+                           count=len(item_ids))
 
     def category_probabilities(self, history: "History", config: "CandidateConfig") -> np.ndarray:
         """[B, n_cat] each user's expected share of next-horizon sessions per category: the
@@ -103,17 +114,24 @@ def _top_per_row(row: np.ndarray, item: np.ndarray, score: np.ndarray, m: int) -
     return row[keep], item[keep], score[keep]
 
 
+def _dense(size: int, n: int) -> bool:
+    """Whether an array over every (row, item) key (``size`` of them) costs less than sorting the
+    ``n`` keys at hand: true for a serving batch (32 users x a catalogue of thousands), false
+    for an offline batch of many thousand users."""
+    return size <= 8 * n + (1 << 16)
+
+
 def _aggregate(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: int,
                dense: bool | None = None) -> Cands:
     """The summed ``weight`` per distinct (row, item), ordered by row then item.
 
     Two ways, the same result to the bit (both sum in input order): counting into a dense
-    [rows x items] array when that is not much bigger than the input (a serving batch: 32 users
-    x a catalogue of thousands), else sorting the keys (``np.unique``; large offline batches).
-    The sort was the serving path's largest single cost (~14 % of a batch's CPU)."""
+    [rows x items] array when that is not much bigger than the input (a serving batch), else
+    sorting the keys (``np.unique``; large offline batches). The sort was the serving path's
+    largest single cost (~14 % of a batch's CPU)."""
     key = row.astype(np.int64) * n_items + item
     size = int(key.max()) + 1 if len(key) else 0
-    if dense if dense is not None else size <= 8 * len(key) + (1 << 16):
+    if dense if dense is not None else _dense(size, len(key)):
         counts = np.bincount(key, minlength=size)
         uniq = np.flatnonzero(counts)
         return uniq // n_items, uniq % n_items, np.bincount(key, weights=weight, minlength=size)[uniq]
@@ -121,14 +139,41 @@ def _aggregate(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: i
     return uniq // n_items, uniq % n_items, np.bincount(inv, weights=weight, minlength=len(uniq))
 
 
+def _top_summed(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: int, n_rows: int, m: int,
+                dense: bool | None = None) -> Cands:
+    """``_top_per_row(*_aggregate(row, item, weight, n_items), m)``, bit for bit, without
+    sorting every sum when the [rows x items] sums fit in a dense array: each row's ``m``-th
+    largest sum comes from one ``np.partition`` over the array, the items above it are kept,
+    then those equal to it in item order (``_top_per_row``'s tie rule) up to ``m``, and only the
+    kept ``rows x m`` are sorted. A neighbour source sums ~10,000 (user, item) pairs per batch
+    and keeps 100 per user: sorting all of them was a tenth of a request's CPU."""
+    size = n_rows * n_items
+    if not len(row) or m >= n_items or not (dense if dense is not None else _dense(size, len(row))):
+        return _top_per_row(*_aggregate(row, item, weight, n_items, dense), m)
+    key = row.astype(np.int64) * n_items + item
+    present = (np.bincount(key, minlength=size) > 0).reshape(n_rows, n_items)
+    sums = np.bincount(key, weights=weight, minlength=size).reshape(n_rows, n_items)
+    if not np.isfinite(sums[present]).all():  # the tie rule below assumes ordered, finite sums
+        return _top_per_row(*_aggregate(row, item, weight, n_items, dense), m)
+    values = np.where(present, sums, -np.inf)
+    kth = -np.partition(-values, m - 1, axis=1)[:, m - 1:m]  # [rows, 1]; -inf: fewer than m items
+    above = values > kth
+    tied = (values == kth) & present
+    keep = above | (tied & (np.cumsum(tied, axis=1) <= m - above.sum(axis=1, keepdims=True)))
+    r, i = np.nonzero(keep)  # by row, then item
+    s = sums[r, i]
+    order = np.lexsort((-s, r))  # stable: equal scores stay in item order
+    return r[order].astype(np.int64), i[order].astype(np.int64), s[order]
+
+
 def _neighbour_source(rows: np.ndarray, hist_items: np.ndarray, idx: np.ndarray, val: np.ndarray,
-                      n_items: int, m: int) -> Cands:
+                      n_items: int, n_rows: int, m: int) -> Cands:
     """Sum of the history items' neighbour weights: co-occurrence and EASE at serving cost."""
     nb_i, nb_v = idx[hist_items], val[hist_items]  # [H, N]
     r = np.repeat(rows, nb_i.shape[1])
     i, v = nb_i.reshape(-1), nb_v.reshape(-1)
     ok = i >= 0
-    return _top_per_row(*_aggregate(r[ok], i[ok], v[ok], n_items), m)
+    return _top_summed(r[ok], i[ok], v[ok], n_items, n_rows, m)
 
 
 def session_weights(history: "History") -> np.ndarray:
@@ -150,21 +195,24 @@ def category_affinity(history: "History", n_categories: int, category: np.ndarra
     return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
 
 
-def source_candidates(tables: ItemTables, history: "History", config: CandidateConfig) -> dict[str, Cands]:
-    """Each internal source's top ``per_source`` candidates per user (before exclusions)."""
-    m, n = config.per_source, tables.n_items
+def source_candidates(tables: ItemTables, history: "History", config: CandidateConfig,
+                      category_probabilities: np.ndarray | None = None) -> dict[str, Cands]:
+    """Each internal source's top ``per_source`` candidates per user (before exclusions).
+    ``category_probabilities``: ``tables.category_probabilities(history, config)`` when the
+    caller has it already (the features need it too; it runs a LightGBM model)."""
+    m, n, b = config.per_source, tables.n_items, len(history)
     out: dict[str, Cands] = {}
     rows, hist = history.recent_distinct(config.history_len, config.history_window_days)
     if "cooc" in config.sources:
-        out["cooc"] = _neighbour_source(rows, hist, tables.cooc_idx, tables.cooc_val, n, m)
+        out["cooc"] = _neighbour_source(rows, hist, tables.cooc_idx, tables.cooc_val, n, b, m)
     if "ease" in config.sources and (tables.ease_idx >= 0).any():
-        out["ease"] = _neighbour_source(rows, hist, tables.ease_idx, tables.ease_val, n, m)
+        out["ease"] = _neighbour_source(rows, hist, tables.ease_idx, tables.ease_val, n, b, m)
     if "pop" in config.sources:
         top = np.argsort(-tables.pop[:, 1], kind="stable")[:m]
-        b = len(history)
         out["pop"] = (np.repeat(np.arange(b), len(top)), np.tile(top, b), np.tile(tables.pop[top, 1], b))
     if "catpop" in config.sources:
-        aff = tables.category_probabilities(history, config)
+        aff = tables.category_probabilities(history, config) if category_probabilities is None \
+            else category_probabilities
         k = min(config.catpop_categories, tables.n_categories)
         top_c = np.argsort(-aff, axis=1, kind="stable")[:, :k]  # [B, k]
         r = np.repeat(np.arange(len(history)), k)
@@ -179,7 +227,7 @@ def source_candidates(tables: ItemTables, history: "History", config: CandidateC
         out["catpop"] = _top_per_row(rr, ii, aff[rr, tables.category[ii]] * tables.incat[ii], m)
     if "own" in config.sources:
         w = TYPE_WEIGHTS[history.types] * 0.5 ** (history.ages / 7.0)
-        out["own"] = _top_per_row(*_aggregate(history.row, history.items, w, n), m)
+        out["own"] = _top_summed(history.row, history.items, w, n, b, m)
     return out
 
 
@@ -208,8 +256,28 @@ def _lookup(keys: np.ndarray, table_keys: np.ndarray, values: np.ndarray, missin
     return out
 
 
+def _gather(keys: np.ndarray, k: np.ndarray, columns: list[np.ndarray], missing: float, size: int) -> list[np.ndarray]:
+    """Each column's value at the first occurrence of every key of ``keys`` in ``k`` (``missing``
+    where absent): ``_lookup`` over ``k`` stably sorted, or, when an array over all ``size``
+    keys is cheap (``_dense``), the first index of each key by ``np.minimum.at`` with no sort."""
+    if not _dense(size, len(k)):
+        order = np.argsort(k, kind="stable")
+        return [_lookup(keys, k[order], c[order], missing) for c in columns]
+    first = np.full(size, len(k), dtype=np.int64)
+    np.minimum.at(first, k, np.arange(len(k)))
+    at = first[keys]
+    hit = at < len(k)
+    out = []
+    for c in columns:
+        col = np.full(len(keys), missing, dtype="float64")
+        col[hit] = c[at[hit]]
+        out.append(col)
+    return out
+
+
 def candidate_features(tables: ItemTables, history: "History", cands: Mapping[str, Cands], config: CandidateConfig,
-                       exclude: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+                       exclude: tuple[np.ndarray, np.ndarray] | None = None,
+                       category_probabilities: np.ndarray | None = None) -> pd.DataFrame:
     """One row per (user row, candidate item): the union of every source's candidates, minus
     ``exclude`` (rows, items; default: the user's purchases), with the ranker's features.
 
@@ -217,7 +285,16 @@ def candidate_features(tables: ItemTables, history: "History", cands: Mapping[st
     Everything comes from ``history`` (events up to the request time) and ``tables`` (fitted
     up to the same time): nothing here can see the future of either.
     """
+    return pd.DataFrame(candidate_feature_arrays(tables, history, cands, config, exclude, category_probabilities))
+
+
+def candidate_feature_arrays(tables: ItemTables, history: "History", cands: Mapping[str, Cands],
+                             config: CandidateConfig, exclude: tuple[np.ndarray, np.ndarray] | None = None,
+                             category_probabilities: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``candidate_features``' columns as plain arrays: serving scores them without building a
+    DataFrame (~60 columns: a tenth of a batch's CPU went to pandas' block construction)."""
     n, b = tables.n_items, len(history)
+    size = b * n
     all_keys = [r.astype(np.int64) * n + i for r, i, _ in cands.values()]
     keys = np.unique(np.concatenate(all_keys)) if all_keys else np.zeros(0, np.int64)
     ex_rows, ex_items = history.purchased() if exclude is None else exclude
@@ -226,12 +303,9 @@ def candidate_features(tables: ItemTables, history: "History", cands: Mapping[st
     row, item = keys // n, keys % n
     f: dict[str, np.ndarray] = {"row": row, "item": item}
     n_src = np.zeros(len(keys))
-    for name, (r, i, s) in cands.items():
-        k = r.astype(np.int64) * n + i
-        order = np.argsort(k, kind="stable")
+    for (name, (r, _, s)), k in zip(cands.items(), all_keys, strict=True):
         rank = (np.arange(len(r)) - np.searchsorted(r, r, side="left") + 1).astype("float64")
-        f[f"{name}_score"] = _lookup(keys, k[order], s[order])
-        f[f"{name}_rank"] = _lookup(keys, k[order], rank[order])
+        f[f"{name}_score"], f[f"{name}_rank"] = _gather(keys, k, [s, rank], np.nan, size)
         n_src += np.isfinite(f[f"{name}_score"])
     f["n_sources"] = n_src
     # item
@@ -244,18 +318,26 @@ def candidate_features(tables: ItemTables, history: "History", cands: Mapping[st
     f["incat_30d"] = np.divide(tables.pop[item, 2], cat_pop30, out=np.zeros(len(item)), where=cat_pop30 > 0)
     f["log_price"] = tables.log_price[item]
     # user x item category
+    affinities: dict[tuple[float, bool], np.ndarray] = {}
+
+    def affinity(half_life: float, by_session: bool = True) -> np.ndarray:
+        if (half_life, by_session) not in affinities:
+            affinities[half_life, by_session] = category_affinity(history, tables.n_categories, tables.category,
+                                                                  half_life, by_session)
+        return affinities[half_life, by_session]
+
     log_incat = np.log(tables.incat[item] + 1e-6)
     for h in HALF_LIVES:
         name = f"{h:g}d" if h < 1e8 else "all"
-        aff = category_affinity(history, tables.n_categories, tables.category, h)
+        aff = affinity(h)
         f[f"aff_{name}"] = aff[row, cat]
         f[f"log_catpop_{name}"] = np.log(aff[row, cat] + 1e-3) + log_incat  # log of the catpop score
-        f[f"aff_events_{name}"] = category_affinity(history, tables.n_categories, tables.category, h,
-                                                    by_session=False)[row, cat]
+        f[f"aff_events_{name}"] = affinity(h, by_session=False)[row, cat]
         if h == config.catpop_half_life:
             cat_rank = np.argsort(np.argsort(-aff, axis=1, kind="stable"), axis=1)
             f["cat_rank"] = cat_rank[row, cat].astype("float64")
-    pcat = tables.category_probabilities(history, config)
+    pcat = tables.category_probabilities(history, config) if category_probabilities is None \
+        else category_probabilities
     f["p_category"] = pcat[row, cat]
     f["log_catpop"] = np.log(pcat[row, cat] + 1e-6) + log_incat
     hr = history.row
@@ -265,15 +347,7 @@ def candidate_features(tables: ItemTables, history: "History", cands: Mapping[st
                         if len(history.items) else -1, -1)
     f["same_cat_as_last"] = (last_cat[row] == cat).astype("float64")
     # user x item: the user's own events on the candidate
-    hk = hr.astype(np.int64) * n + history.items
-    uk, inv = np.unique(hk, return_inverse=True)
-    w = TYPE_WEIGHTS[history.types]
-    f["own_w7"] = _lookup(keys, uk, np.bincount(inv, weights=w * 0.5 ** (history.ages / 7.0)), 0.0)
-    f["own_n"] = _lookup(keys, uk, np.bincount(inv), 0.0)
-    f["own_relevant"] = _lookup(keys, uk, np.bincount(inv, weights=(history.types > 0).astype("float64")), 0.0)
-    min_age = np.full(len(uk), np.inf)
-    np.minimum.at(min_age, inv, history.ages)
-    f["own_age"] = _lookup(keys, uk, min_age)
+    f.update(_own_features(keys, hr.astype(np.int64) * n + history.items, history, size))
     # user
     u_last = np.full(b, np.nan)
     u_last[has] = history.ages[first[has]]
@@ -283,7 +357,7 @@ def candidate_features(tables: ItemTables, history: "History", cands: Mapping[st
     f["u_n_all"] = np.diff(history.indptr)[row].astype("float64")
     f["u_relevant_30d"] = np.bincount(hr[(history.ages <= 30) & (history.types > 0)], minlength=b)[row].astype(
         "float64")
-    aff7 = category_affinity(history, tables.n_categories, tables.category, 7.0)
+    aff7 = affinity(7.0)
     f["u_n_cats"] = (aff7 > 0.05).sum(axis=1)[row].astype("float64")
     # context across categories: how many sessions the shares rest on, and how concentrated
     # the user is (a share of 0.1 is a weak preference for a user with three clear ones and
@@ -293,11 +367,35 @@ def candidate_features(tables: ItemTables, history: "History", cands: Mapping[st
     np.add.at(sessions, (hr, tables.category[history.items]), sw)
     f["cat_sessions"] = sessions[row, cat]
     f["u_sessions"] = sessions.sum(axis=1)[row]
-    aff_all = category_affinity(history, tables.n_categories, tables.category, 1e9)
+    aff_all = affinity(1e9)
     ranked_shares = -np.sort(-aff_all, axis=1)
     for j in range(min(4, tables.n_categories)):
         f[f"u_share_top{j + 1}"] = ranked_shares[row, j]
-    return pd.DataFrame(f)
+    return f
+
+
+def _own_features(keys: np.ndarray, hk: np.ndarray, history: "History", size: int) -> dict[str, np.ndarray]:
+    """The user's own events on each candidate (``keys``; ``hk`` the events' keys): decayed
+    weight, count, relevant count and the newest one's age. Summed per distinct key in event
+    order either way, so the dense and the sorted paths agree to the bit."""
+    w = TYPE_WEIGHTS[history.types]
+    columns = {"own_w7": w * 0.5 ** (history.ages / 7.0), "own_relevant": (history.types > 0).astype("float64")}
+    if _dense(size, len(hk)):
+        counts = np.bincount(hk, minlength=size)
+        min_age = np.full(size, np.inf)
+        np.minimum.at(min_age, hk, history.ages)
+        age = min_age[keys]
+        return {"own_w7": np.bincount(hk, weights=columns["own_w7"], minlength=size)[keys],
+                "own_n": counts[keys].astype("float64"),
+                "own_relevant": np.bincount(hk, weights=columns["own_relevant"], minlength=size)[keys],
+                "own_age": np.where(counts[keys] > 0, age, np.nan)}
+    uk, inv = np.unique(hk, return_inverse=True)
+    min_age = np.full(len(uk), np.inf)
+    np.minimum.at(min_age, inv, history.ages)
+    return {"own_w7": _lookup(keys, uk, np.bincount(inv, weights=columns["own_w7"]), 0.0),
+            "own_n": _lookup(keys, uk, np.bincount(inv), 0.0),
+            "own_relevant": _lookup(keys, uk, np.bincount(inv, weights=columns["own_relevant"]), 0.0),
+            "own_age": _lookup(keys, uk, min_age)}
 
 
 def feature_columns(frame: pd.DataFrame, config: CandidateConfig) -> list[str]:
@@ -307,5 +405,5 @@ def feature_columns(frame: pd.DataFrame, config: CandidateConfig) -> list[str]:
 
 
 __all__ = ["HALF_LIVES", "INTERNAL_SOURCES", "POP_WINDOWS", "CandidateConfig", "Cands", "ItemTables",
-           "candidate_features", "category_affinity", "dense_source", "feature_columns", "predict", "session_weights",
+           "candidate_feature_arrays", "candidate_features", "category_affinity", "dense_source", "feature_columns", "predict", "session_weights",
            "source_candidates"]

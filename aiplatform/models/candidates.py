@@ -35,6 +35,7 @@ from aiplatform.models.candidate_sources import (  # noqa: F401 (re-exported: on
     ItemTables,
     _lookup,
     _top_per_row,
+    candidate_feature_arrays,
     candidate_features,
     category_affinity,
     dense_source,
@@ -72,8 +73,7 @@ class CandidateRanker:
         lengths = [len(x) for x in item_ids]
         if lengths != [len(x) for x in scores]:
             raise ValueError("external_candidates: item_ids and scores must have equal lengths per user")
-        codes = pd.Index(self.tables.item_ids).get_indexer([str(i) for x in item_ids for i in x]) \
-            if sum(lengths) else np.zeros(0, np.int64)
+        codes = self.tables.codes([str(i) for x in item_ids for i in x])
         rows = np.repeat(np.arange(len(item_ids)), lengths)
         flat = np.array([float(v) for x in scores for v in x]) if sum(lengths) else np.zeros(0)
         ok = codes >= 0
@@ -86,21 +86,37 @@ class CandidateRanker:
         return pd.Timestamp(stamp) if stamp else None
 
     # ---- serving ---------------------------------------------------------------------------------
-    def candidates(self, history: History, external: Mapping[str, Cands] | None = None,
-                   exclude: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
-        """Candidates with features and the ranker's ``score`` (higher first within a row)."""
+    def scored(self, history: History, external: Mapping[str, Cands] | None = None,
+               exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The candidates' feature columns (``candidate_feature_arrays``: ``row``, ``item`` and the
+        features, sorted by row then item) and the ranker's score of each: what serving needs,
+        with no DataFrame in between."""
         missing = set(self.external_sources) - set(external or {})
         if missing:
             raise ValueError(f"the ranker was trained with external source(s) {', '.join(sorted(missing))}: "
                              "pass their candidates in `external`")
-        cands = source_candidates(self.tables, history, self.config)
+        # one run of the category model: the catpop source and the features both read it
+        probabilities = self.tables.category_probabilities(history, self.config)
+        cands = source_candidates(self.tables, history, self.config, probabilities)
         cands.update(external or {})
-        frame = candidate_features(self.tables, history, cands, self.config, exclude)
+        columns = candidate_feature_arrays(self.tables, history, cands, self.config, exclude, probabilities)
+        n = len(columns["row"])
+        if not n:
+            return columns, np.zeros(0)
+        x = np.empty((n, len(self.feature_names)), dtype="float32")
+        for j, name in enumerate(self.feature_names):
+            x[:, j] = columns[name] if name in columns else np.nan  # a source without candidates in this batch
+        return columns, predict(self.booster, x)
+
+    def candidates(self, history: History, external: Mapping[str, Cands] | None = None,
+                   exclude: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+        """Candidates with features and the ranker's ``score`` (higher first within a row)."""
+        columns, score = self.scored(history, external, exclude)
+        frame = pd.DataFrame(columns)
         for name in self.feature_names:  # a source without candidates for this batch
             if name not in frame.columns:
                 frame[name] = np.nan
-        frame["score"] = predict(self.booster, frame[self.feature_names].to_numpy(dtype="float32")) \
-            if len(frame) else np.zeros(0)
+        frame["score"] = score
         return frame
 
     def recommend(self, history: History, k: int, external: Mapping[str, Cands] | None = None,

@@ -7,8 +7,9 @@ time, as CSR arrays over catalogue codes. Training and evaluation build it from 
 within ``history_days``, so training and serving see a user alike.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 TYPE_CODES: tuple[str, ...] = EVENT_TYPES
 TYPE_WEIGHTS = np.array([EVENT_WEIGHTS[t] for t in TYPE_CODES])
+_TYPE_CODE_OF = {t: c for c, t in enumerate(TYPE_CODES)}
 
 
 @dataclass
@@ -161,7 +163,7 @@ def _first_per_row(row: np.ndarray, item: np.ndarray, n: int) -> tuple[np.ndarra
 
 
 def history_from_rows(users: Sequence[str], rows: Sequence[Mapping | None], config: "CandidateConfig",
-                      catalogue: pd.Index, as_of: pd.Timestamp | None) -> History:
+                      catalogue: "pd.Index | Callable[[list[str]], np.ndarray]", as_of: pd.Timestamp | None) -> History:
     """``History`` of ``users`` from their feature-store rows (``config.events_features``: the
     aligned item, event-type and time lists, most recent first; a missing row or list is no events).
 
@@ -189,12 +191,7 @@ def history_from_rows(users: Sequence[str], rows: Sequence[Mapping | None], conf
         tms += lm
         lengths[r] = len(li)
     row = np.repeat(np.arange(len(users)), lengths)
-    try:
-        t = pd.to_datetime(pd.Series(tms, dtype=object), utc=True, format="ISO8601").dt.as_unit("us") \
-            .astype("int64").to_numpy() if tms else np.zeros(0, np.int64)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"feature {times_f!r}: values must be event times (ISO 8601 strings such as "
-                         f"'2026-09-05 15:59:12+00:00'): {exc}") from None
+    t = _event_times_us(tms, times_f)
     newest = np.full(len(users), np.iinfo(np.int64).min, np.int64)
     np.maximum.at(newest, row, t)
     stamp = None
@@ -205,12 +202,11 @@ def history_from_rows(users: Sequence[str], rows: Sequence[Mapping | None], conf
     ok = np.ones(len(row), bool)
     if config.history_days is not None:
         ok &= t > at_row[row] - int(config.history_days * 86_400e6)
-    code = catalogue.get_indexer([str(x) for x in its]) if its else np.zeros(0, np.int64)
+    code = _codes(catalogue, [str(x) for x in its])
     ok &= code >= 0
     row, t, code = row[ok], t[ok], code[ok]
-    etype = pd.Index(TYPE_CODES).get_indexer(np.asarray([str(x) for x in tys], dtype=object)[ok]) \
-        if len(row) else np.zeros(0, np.int64)
-    etype = np.where(etype < 0, 0, etype)
+    etype = np.fromiter(map(_TYPE_CODE_OF.get, map(str, tys), repeat(0, len(tys))), dtype=np.int64,
+                        count=len(tys))[ok]  # an unknown type counts as a view (code 0)
     order = np.lexsort((-t, row))  # by user, most recent first (ties keep the store's order)
     row, t, code, etype = row[order], t[order], code[order], etype[order]
     rank = np.arange(len(row)) - np.searchsorted(row, row, side="left")
@@ -219,6 +215,38 @@ def history_from_rows(users: Sequence[str], rows: Sequence[Mapping | None], conf
     indptr = np.searchsorted(row, np.arange(len(users) + 1), side="left").astype(np.int64)
     ages = (at_row[row] - t) / 86_400e6
     return History(users, indptr, code.astype(np.int64), etype.astype(np.int8), ages.astype("float64"))
+
+
+def _codes(catalogue: "pd.Index | Callable[[list[str]], np.ndarray]", item_ids: list[str]) -> np.ndarray:
+    """Catalogue codes of ``item_ids`` from an Index or a code function (``ItemTables.codes``)."""
+    if not item_ids:
+        return np.zeros(0, np.int64)
+    return catalogue.get_indexer(item_ids) if isinstance(catalogue, pd.Index) else catalogue(item_ids)
+
+
+_UTC_SUFFIX = "+00:00"
+
+
+def _event_times_us(values: list, feature: str) -> np.ndarray:
+    """Event times as int64 microseconds since the epoch (UTC).
+
+    The online store writes them as ``'2026-09-05 15:59:12+00:00'``: numpy parses those, less the
+    offset, ~3x faster than ``pd.to_datetime`` (a batch reads a few thousand per request batch);
+    anything else (other offsets, 'Z', timestamps) goes through pandas, which also names a bad
+    value."""
+    if not values:
+        return np.zeros(0, np.int64)
+    if all(isinstance(v, str) and v.endswith(_UTC_SUFFIX) for v in values):
+        try:
+            return np.array([v[:-len(_UTC_SUFFIX)] for v in values], dtype="datetime64[us]").astype(np.int64)
+        except ValueError:
+            pass  # pandas below parses it or names the bad value
+    try:
+        return pd.to_datetime(pd.Series(values, dtype=object), utc=True, format="ISO8601").dt.as_unit("us") \
+            .astype("int64").to_numpy()
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"feature {feature!r}: values must be event times (ISO 8601 strings such as "
+                         f"'2026-09-05 15:59:12+00:00'): {exc}") from None
 
 
 def _values(value: object) -> list:

@@ -130,34 +130,35 @@ def rank_requests(ranker: "CandidateRanker", requests: list[dict[str, Any]], *,
                   ) -> list[Scored]:
     """The candidate pipeline on a batch of requests ``{'user_id', 'events': the feature row's
     recent-event lists, 'exclude': item ids never to recommend, 'candidates': [(item_id,
-    retrieval score)], 'k'}``: ``history_from_rows`` -> ``ranker.candidates`` with the
+    retrieval score)], 'k'}``: ``history_from_rows`` -> ``ranker.scored`` with the
     two-tower's candidates as the external source and the request's exclusions -> top ``k`` per
-    request, in ``CandidateRanker.recommend``'s order (score, then catalogue order)."""
+    request, in ``CandidateRanker.recommend``'s order (score, then catalogue order).
+    ``catalogue`` (the ranker's item ids as an Index) is accepted for callers that have it; the
+    ranker's own code table is used either way."""
     from aiplatform.models.candidates import history_from_rows
 
-    catalogue = pd.Index(ranker.tables.item_ids) if catalogue is None else catalogue
     as_of = ranker.as_of if as_of is None else as_of
     history = history_from_rows([r["user_id"] for r in requests], [r.get("events") for r in requests],
-                                ranker.config, catalogue, as_of)
+                                ranker.config, ranker.tables.codes, as_of)
     external = None
     if "two_tower" in ranker.external_sources:
         external = {"two_tower": ranker.external_candidates(
             [[str(c[0]) for c in r["candidates"]] for r in requests],
             [[float(c[1]) for c in r["candidates"]] for r in requests])}
     excluded = [list(r.get("exclude") or ()) for r in requests]
-    ex_codes = catalogue.get_indexer([str(i) for x in excluded for i in x]) if any(excluded) \
-        else np.zeros(0, np.int64)
+    ex_codes = ranker.tables.codes([str(i) for x in excluded for i in x])
     ex_rows = np.repeat(np.arange(len(requests)), [len(x) for x in excluded])
     known = ex_codes >= 0
-    frame = ranker.candidates(history, external, (ex_rows[known], ex_codes[known].astype(np.int64)))
-    row, item, score = frame["row"].to_numpy(), frame["item"].to_numpy(), frame["score"].to_numpy()
-    order = np.lexsort((item, -score, row))  # recommend's order: score, then catalogue order
+    columns, score = ranker.scored(history, external, (ex_rows[known], ex_codes[known]))
+    row, item = columns["row"], columns["item"]
+    order = np.lexsort((-score, row))  # rows come sorted by (row, item): recommend's order, score then catalogue
     row, item, score = row[order], item[order], score[order]
     ks = np.asarray([int(r["k"]) for r in requests], dtype=np.int64)
     keep = np.arange(len(row)) - np.searchsorted(row, row, side="left") < ks[row]
     out: list[Scored] = [[] for _ in requests]
-    for r, i, s in zip(row[keep], item[keep], score[keep], strict=True):
-        out[r].append((str(ranker.tables.item_ids[i]), float(s)))
+    ids = ranker.tables.item_ids
+    for r, i, s in zip(row[keep].tolist(), item[keep].tolist(), score[keep].tolist(), strict=True):
+        out[r].append((str(ids[i]), s))
     return out
 
 

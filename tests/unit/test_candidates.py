@@ -211,3 +211,38 @@ def test_history_from_rows_equals_history_from_events(history_events, history_da
     assert active_after.any() and (~active_after).any()  # both rules for the request time were used
     firsts = got.ages[got.indptr[:-2][np.diff(got.indptr)[:-1] > 0]]
     assert np.all(firsts[active_after.to_numpy()[np.diff(got.indptr)[:-1] > 0]] == 0.0)
+
+
+def test_history_from_rows_reads_every_time_format_and_catalogue_form_alike():
+    """The store's '+00:00' strings take numpy's fast parse; other offsets, 'Z' and Timestamps go
+    through pandas; a catalogue given as an Index or as a code function (``ItemTables.codes``)
+    gives the same codes. All must give one History; a bad time names the feature."""
+    from aiplatform.models.candidates import history_from_rows
+
+    catalogue = pd.Index(["a", "b", "c"])
+    codes = {"a": 0, "b": 1, "c": 2}
+    stamps = [pd.Timestamp("2026-10-22 12:38:17.250", tz="UTC"), pd.Timestamp("2026-10-21 08:00:00", tz="UTC"),
+              pd.Timestamp("2026-10-01 00:00:00", tz="UTC")]
+    forms = {
+        "store": [str(t) for t in stamps],  # '2026-10-22 12:38:17.250000+00:00'
+        "zulu": [t.strftime("%Y-%m-%dT%H:%M:%S.%fZ") for t in stamps],
+        "offset": [t.tz_convert("Europe/Paris").isoformat() for t in stamps],
+        "timestamps": stamps,
+    }
+    assert forms["store"][0].endswith("+00:00")
+    config = CandidateConfig()
+    histories = []
+    for times in forms.values():
+        rows = [{"recent_items": ["a", "x", "c"], "recent_types": ["click", "view", "purchase"], "recent_times": times},
+                None]
+        for cat in (catalogue, lambda ids: np.array([codes.get(i, -1) for i in ids], dtype=np.int64)):
+            histories.append(history_from_rows(["u1", "u2"], rows, config, cat, pd.Timestamp("2026-10-20", tz="UTC")))
+    first = histories[0]
+    assert first.items.tolist() == [0, 2] and first.types.tolist() == [1, 3] and first.indptr.tolist() == [0, 2, 2]
+    assert first.ages[0] == 0.0 and first.ages[1] == pytest.approx((stamps[0] - stamps[2]).total_seconds() / 86_400)
+    for h in histories[1:]:
+        assert h.items.tolist() == first.items.tolist() and h.types.tolist() == first.types.tolist()
+        np.testing.assert_array_equal(h.ages, first.ages)
+    bad = [{"recent_items": ["a"], "recent_types": ["view"], "recent_times": ["yesterday+00:00"]}]
+    with pytest.raises(ValueError, match="recent_times"):
+        history_from_rows(["u1"], bad, config, catalogue, None)
