@@ -1,4 +1,4 @@
-"""`aiplatform report`: what the platform costs to run (its own module: cli.py is long enough).
+"""`aiplatform report`: what the platform costs to run.
 
 ``report cost`` prices serving per 1,000 requests and each registered training run, from the
 reserved CPU- and GPU-seconds Ray accounts for (aiplatform/observability/cost.py).
@@ -7,21 +7,14 @@ reserved CPU- and GPU-seconds Ray accounts for (aiplatform/observability/cost.py
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from aiplatform.cli.common import HomeOpt, console, fail
 from aiplatform.core.errors import AIPlatformError, UserInputError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 
 report_app = typer.Typer(help="Reports on the running platform: what it costs.", no_args_is_help=True)
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    return typer.Exit(2 if isinstance(exc, UserInputError) else 1)
 
 
 def _n(value: float | None, digits: int = 1) -> str:
@@ -30,8 +23,7 @@ def _n(value: float | None, digits: int = 1) -> str:
 
 @report_app.command("cost")
 def cost(
-    home: Optional[str] = typer.Option(None, "--home", help="Storage root (default: $AIPLATFORM_HOME or "
-                                                           "./.aiplatform)."),
+    home: Optional[str] = HomeOpt,
     prices: Optional[str] = typer.Option(None, "--prices", help="YAML price table: cpu_hour, gpu_hour, currency "
                                                                 "(default 0.05 and 2.50 USD)."),
     model: str = typer.Option("two_tower", help="Registered model whose training runs to price."),
@@ -59,7 +51,7 @@ def cost(
                 for v in ModelRegistry(layout).list_versions(model)]
         usage = _serving_usage(settings, application or None, prometheus, window) if serving else None
     except AIPlatformError as exc:
-        raise _fail(exc)
+        raise fail(exc)
     currency = table_prices.currency
     console.print(f"prices: CPU {table_prices.cpu_hour:g} {currency}/hour, GPU {table_prices.gpu_hour:g} "
                   f"{currency}/hour" + (f" ({prices})" if prices else " (defaults; --prices FILE to set yours)"),
