@@ -19,6 +19,11 @@ the model version through the registry *where the application is built* (an alia
 visibly, at deploy time. ``start``/``stop`` run it on the local or configured Ray, and ``stop``
 removes only this application: other teams' Serve apps on a shared cluster keep running.
 
+What the routes lean on lives beside this module: ``serving.middleware`` (request ids, the body
+limit), ``serving.http_errors`` (4xx bodies that name the field), ``serving.traffic`` (which
+version or variant answers a batch; what an experiment records and mirrors),
+``serving.events_intake`` (an events body to the push and back) and ``serving.replica_metrics``.
+
 Note: this module must not use ``from __future__ import annotations``: FastAPI would then see
 the request-body annotations as strings and treat the body as query parameters (every POST
 would get a 422).
@@ -27,60 +32,48 @@ would get a 422).
 import asyncio
 import logging
 import os
-import threading
 import time
-import uuid
-from datetime import timezone
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Path, Query
 from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import MutableHeaders
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aiplatform.core.errors import ConfigError, NotFoundError, UserInputError
+from aiplatform import web
+from aiplatform.core.errors import ConfigError, NotFoundError
 from aiplatform.core.settings import Settings
 from aiplatform.core.storage import Layout
 from aiplatform.core.tls import TlsFiles, speaks_tls
 from aiplatform.features.server import online_store_uri
 from aiplatform.observability import tracing
-from aiplatform.observability.logs import REQUEST_ID as _REQUEST_ID
-from aiplatform.observability.logs import install_replica_logging, request_id_context, serve_logging_config
-from aiplatform.observability.cost import ReplicaCpuClock, assigned_cpus
-from aiplatform.observability.metrics import MetricsMiddleware, ServingMetrics, label_request
-from aiplatform.observability.tracing import Stages, TracingConfig, TracingMiddleware
+from aiplatform.observability.logs import REQUEST_ID as _REQUEST_ID  # noqa: F401  # tests set this module's request id
+from aiplatform.observability.logs import install_replica_logging, serve_logging_config
+from aiplatform.observability.metrics import label_request
+from aiplatform.observability.tracing import TracingConfig
 from aiplatform.registry import ModelRegistry
 from aiplatform.security.guard import AUTH_MODES, KeyGuard
 from aiplatform.security.keys import KEYS_ENV, ApiKey, KeyStore, Role, parse_env_keys
 from aiplatform.serving import access, admin
-from aiplatform import web
 from aiplatform.serving.access import AUTH_RESPONSES, require
 from aiplatform.serving.config import DEFAULT_APP_NAME, AppArgs
-from aiplatform.serving.experiments import ExperimentRouter, Routing
+from aiplatform.serving.events_intake import accept_events
+from aiplatform.serving.experiments import Routing
 from aiplatform.serving.gc_tuning import tune_gc
+from aiplatform.serving.http_errors import install_error_handlers
+from aiplatform.serving.middleware import (MAX_BODY_BYTES, REQUEST_ID_HEADER, TOO_LARGE, BodyLimitMiddleware,
+                                           RequestIdMiddleware, current_request_id, install_middleware,
+                                           name_requests_in, valid_request_id)
 from aiplatform.serving.pipeline import RecommendPipeline
+from aiplatform.serving.replica_metrics import start_metrics_export
 from aiplatform.serving.resilience import ResilienceConfig
-from aiplatform.serving.shadow import MAX_MIRRORS_IN_FLIGHT, ShadowScorer
+from aiplatform.serving.schemas import (MAX_K, ErrorResponse, EventsAccepted, EventsRequest, Health, ModelRef,
+                                        RecommendationRequest, RecommendationResponse, ScoredItem,
+                                        SimilarItemsResponse)
+from aiplatform.serving.shadow import ShadowScorer
+from aiplatform.serving.traffic import ExperimentTraffic, answer_batch
 from aiplatform.serving.versions import Served, ServedVersion, VersionSwitcher, check_online_store, resolve_version
-from aiplatform.serving.schemas import (
-    MAX_EVENTS,
-    MAX_K,
-    MAX_REQUEST_ID,
-    ErrorResponse,
-    EventsAccepted,
-    EventsRequest,
-    Health,
-    ModelRef,
-    RecommendationRequest,
-    RecommendationResponse,
-    ScoredItem,
-    SimilarItemsResponse,
-)
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +88,6 @@ RETRY_AFTER_S = 1.0
 """The ``Retry-After`` of a refused request."""
 REQUEST_TIMEOUT_S = 10.0
 """The HTTP deadline of every request (Serve's proxy answers 408 after it)."""
-MAX_BODY_BYTES = 2 * 1024 * 1024
-"""Largest request body: 1,000 events with 256-character ids fit; anything bigger is a 413."""
 
 api = FastAPI(
     title="aiplatform recommendations",
@@ -105,184 +96,11 @@ api = FastAPI(
                 "EASE, popularity) ordered by a LightGBM ranker, served by Ray Serve.",
 )
 
-REQUEST_ID_HEADER = "X-Request-ID"
-
-
-def valid_request_id(value: str | None) -> str | None:
-    """``value`` when it can be a request id: 1..128 printable ASCII characters (safe in a
-    header, a log line and the experiment tables); otherwise None and a new id is made."""
-    if value and len(value) <= MAX_REQUEST_ID and value.isascii() and value.isprintable():
-        return value
-    return None
-
-
-def current_request_id() -> str:
-    """The id of the request being handled (the client's ``X-Request-ID`` or a new one)."""
-    return _REQUEST_ID.get() or uuid.uuid4().hex
-
-
-def _behind_serve_proxy() -> bool:
-    try:
-        from ray.serve.context import _get_internal_replica_context
-
-        return _get_internal_replica_context() is not None
-    except Exception:  # another Serve: assume it does not echo the header
-        return False
-
-
-class RequestIdMiddleware:
-    """Gives each HTTP request its id: the client's ``X-Request-ID`` when valid, else a new one.
-    The endpoints put it in the body (``request_id``), the response carries it in
-    ``X-Request-ID`` (every response, errors too) and this module's log lines carry it.
-
-    Serve's proxy already echoes the incoming header (or one it generated and passed on) in
-    every response, 503s and 408s included; in a replica this middleware then adds the header
-    only when it chose another id (the client's was invalid): that response has two
-    ``X-Request-ID`` values, ours first. Pure ASGI (no extra task per request)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.echoed_by_proxy = _behind_serve_proxy()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        sent = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
-        request_id = valid_request_id(sent) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        add_header = not (self.echoed_by_proxy and sent == request_id)
-
-        async def send_with_id(message: Message) -> None:
-            if add_header and message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
-            await send(message)
-
-        token = _REQUEST_ID.set(request_id)
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            _REQUEST_ID.reset(token)
-
-
-TOO_LARGE = {413: {"model": ErrorResponse, "description": f"The body is over {MAX_BODY_BYTES} bytes."}}
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """413 for a body over ``limit`` bytes: refused from its ``Content-Length`` before it is
-    read, or, sent in chunks, as soon as the chunks pass the limit (never buffered whole)."""
-
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
-        self.app, self.limit = app, limit
-
-    async def _refuse(self, send: Send) -> None:
-        body = (f'{{"detail": "request body over {self.limit} bytes: send at most '
-                f'{MAX_EVENTS} events per call, or import files with `aiplatform data import`"}}').encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
-            return
-        received, started = 0, False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._refuse(send)
-
-
-class _RequestIdLogFilter(logging.Filter):
-    """This module's log lines during a request name it (``record.request_id`` and a prefix)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        request_id = _REQUEST_ID.get()
-        record.request_id = request_id or ""
-        if request_id and not getattr(record, "_request_id_prefixed", False):
-            record.msg = f"[request {request_id}] {record.msg}"
-            record._request_id_prefixed = True
-        return True
-
-
-log.addFilter(_RequestIdLogFilter())
-api.add_middleware(BodyLimitMiddleware)
-api.add_middleware(TracingMiddleware)  # inside the metrics middleware, whose request labels it reads
-api.add_middleware(MetricsMiddleware)  # outside the body limit: 413s are counted too
-api.add_middleware(RequestIdMiddleware)  # added last: outermost, so a 413 carries the request id too
+name_requests_in(log)  # this module's lines name their request (again in each replica: __init__)
+install_middleware(api)
+install_error_handlers(api)
 api.include_router(admin.router)
 api.include_router(web.router)  # the storefront (/shop) and the console (/console)
-
-_FIELD_HINTS = {
-    "k": f"allowed range 1..{MAX_K}",
-    "user_id": "a non-empty string",
-}
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """A 422 whose ``message`` names each bad field and what it accepts, next to FastAPI's
-    usual ``detail`` list (which clients and the OpenAPI docs already understand)."""
-    parts = []
-    for err in exc.errors():
-        if err.get("type") == "json_invalid":
-            pos = err.get("loc", ("body", "?"))[-1]
-            reason = (err.get("ctx") or {}).get("error", "")
-            parts.append(f"body: invalid JSON at character {pos}: {reason}".rstrip(": "))
-            continue
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        field = ".".join(loc) or "body"
-        hint = _FIELD_HINTS.get(loc[-1]) if loc else None
-        parts.append(f"{field}: {err.get('msg', 'invalid')}" + (f" ({hint})" if hint else ""))
-    return JSONResponse(
-        status_code=422,
-        content={"detail": jsonable_encoder(exc.errors()), "message": "; ".join(parts)},
-    )
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """FastAPI's own 400 for a body it cannot decode (not UTF-8) becomes the 422 every other
-    unreadable body gets; anything else is answered as FastAPI would."""
-    if exc.status_code == 400 and str(exc.detail).startswith("There was an error parsing the body"):
-        message = "not JSON text (send UTF-8 encoded JSON)"
-        return JSONResponse(status_code=422, content={
-            "message": f"body: {message}", "detail": [{"loc": ["body"], "msg": message, "type": "json_invalid"}]})
-    return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=exc.headers)
-
-
-@api.exception_handler(UserInputError)
-async def _user_error(request: Request, exc: UserInputError) -> JSONResponse:
-    return JSONResponse(status_code=400, content={"detail": str(exc)})
-
-
-@api.exception_handler(NotFoundError)
-async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
-    return JSONResponse(status_code=404, content={"detail": str(exc)})
 
 
 @serve.deployment(
@@ -324,6 +142,7 @@ class RecommendationAPI:
     ) -> None:
         access.install(KeyGuard(home, auth, env_keys))  # first: no route is ever served unguarded
         install_replica_logging()  # aiplatform's lines into this replica's (JSON) log, with their request
+        name_requests_in(log)  # this class arrives pickled by value: this module's top level did not run here
         tracing.configure(tracing_config or TracingConfig())  # off unless an OTLP endpoint was set
         admin.install(Layout.at(home))
         web.install(Layout.at(home), self)  # the pages call this replica's handlers in-process
@@ -332,32 +151,11 @@ class RecommendationAPI:
         if follow_alias:
             self.versions.follow(alias, alias_poll_s)
         self.alias = alias
-        self.experiments = ExperimentRouter(self.versions, poll_s=alias_poll_s) if experiments else None
-        self.shadow_scorer = shadow_scorer  # the shadow's own deployment (serving.shadow), bound with experiments
-        self.mirrors_in_flight = self.mirrors_dropped = 0
+        # the experiment's routing, exposures, outcomes and mirrors to the shadow's deployment
+        self.experiments = ExperimentTraffic(self.versions, alias_poll_s, shadow_scorer) if experiments else None
         self.service_name = service_name
-        self._stopped = threading.Event()
-        threading.Thread(target=self._export_metrics, daemon=True, name="aiplatform-metrics").start()
+        self._stopped = start_metrics_export(lambda: self.pipeline, service_name)  # set by __del__
         tune_gc()  # last: what was loaded above is never scanned again
-
-    def _export_metrics(self, every_s: float = 2.0) -> None:
-        """Caches, breakers and feature ages of the served pipeline into ``ServingMetrics``
-        (request metrics are recorded per request by ``MetricsMiddleware``)."""
-        metrics, seen = ServingMetrics.get(), None
-        cpu = ReplicaCpuClock(assigned_cpus())
-        while True:
-            try:
-                metrics.record_replica_cpu(*cpu.tick())
-                pipeline = self.pipeline
-                if pipeline is not seen:  # a new version: its caches count from zero
-                    metrics.forget_cache_counts()
-                    pipeline.on_feature_ages = lambda ages: metrics.record_feature_ages(self.service_name, ages)
-                    seen = pipeline
-                metrics.record_serving_status(pipeline.serving_status())
-            except Exception as exc:  # metrics never take a replica down
-                log.debug("metrics export: %s", exc)
-            if self._stopped.wait(every_s):
-                return
 
     def __del__(self) -> None:
         """Serve calls this when the replica stops: the spans still buffered are exported."""
@@ -391,56 +189,10 @@ class RecommendationAPI:
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _recommend(self, batch: list[tuple]) -> list[tuple[dict, Served, "Routing | None"]]:
-        """The pipeline once for the requests that arrived together (run on the replica's loop:
-        CPU-bound, a thread would only add GIL hand-offs, which measured slower). What is served
-        is read once, so each answer comes from one version, which it carries: the replica's
-        version, or during an experiment the user's variant (one pipeline run per variant).
-
-        Each request is ``(user_id, k, request_id, span)``: its log lines name the batch's
-        requests and each stage is written into every request's trace (``tracing.Stages``)."""
-        requests = [(user, k) for user, k, *_ in batch]
-        stages = Stages.for_batch([r[3] if len(r) > 3 else None for r in batch])
-        batch_ids = ",".join(dict.fromkeys(str(r[2]) for r in batch if len(r) > 2)) or None
-        try:
-            with request_id_context(batch_ids):  # the batch task's context is not the requests'
-                routing = self.experiments.current if self.experiments is not None else None
-                if routing is None:
-                    served = self.versions.current
-                    return [(answer, served, None) for answer in served.pipeline.recommend(requests, stages)]
-                groups: dict[str, list[int]] = {}
-                chosen = [routing.served_for(user) for user, _ in requests]
-                for i, served in enumerate(chosen):
-                    groups.setdefault(served.variant, []).append(i)
-                out: list = [None] * len(requests)
-                for rows in groups.values():
-                    served = chosen[rows[0]]
-                    answers = served.pipeline.recommend([requests[i] for i in rows], stages.subset(rows))
-                    for i, answer in zip(rows, answers, strict=True):
-                        out[i] = (answer, served, routing)
-                return out
-        finally:
-            if isinstance(stages, Stages):
-                stages.emit()
-
-    async def _mirror(self, routing: "Routing", request_id: str, user_id: str, k: int, live: Served,
-                      live_items: list[str], request_span=None) -> None:
-        """The shadow variant's answer to a mirrored request, after the live answer went out:
-        only its latency and overlap with the live answer are kept. It answers in the shadow's
-        deployment (``serving.shadow``); mirrors beyond ``MAX_MIRRORS_IN_FLIGHT`` are dropped (a
-        cold or slow shadow must not pile up work here)."""
-        if self.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
-            self.mirrors_dropped += 1
-            return
-        self.mirrors_in_flight += 1
-        with tracing.span("shadow", parent=request_span, **{"aiplatform.variant": routing.shadow.variant}):
-            try:
-                answer = await self.shadow_scorer.score.remote(routing.shadow.version, user_id, k)
-            except Exception as exc:  # a failing shadow never touches live traffic
-                log.warning("shadow %s failed: %s", routing.shadow.variant, exc)
-                return
-            finally:
-                self.mirrors_in_flight -= 1
-        self.experiments.shadowed(routing, request_id, live, live_items, answer["items"], k, answer["latency_ms"])
+        """The pipeline once for the requests that arrived together (``serving.traffic.answer_batch``),
+        run on the replica's loop: CPU-bound, a thread would only add GIL hand-offs, which
+        measured slower. Each request is ``(user_id, k, request_id, span)``."""
+        return answer_batch(self.versions, self.experiments, batch)
 
     def n_dense(self) -> int:
         """The width of the dense input the served tower reads (its input spec's)."""
@@ -473,15 +225,9 @@ class RecommendationAPI:
             answer = served.pipeline.degraded_answer(body.user_id, body.k)
             status = "error"
         label_request(variant=served.variant, model_version=served.version.version, fallback=answer["fallback"])
-        if routing is not None:
-            if status == "ok" and answer["fallback"]:
-                status = answer["fallback"]  # popular or degraded
-            self.experiments.expose(routing, request_id, body.user_id, body.k, served, status,
-                                    (time.perf_counter() - started) * 1000)
-            if routing.shadow is not None and self.shadow_scorer is not None and routing.experiment.mirrored(request_id):
-                asyncio.get_running_loop().create_task(self._mirror(
-                    routing, request_id, body.user_id, body.k, served, [i for i, _ in answer["items"]],
-                    request_span))
+        if routing is not None:  # recorded, and maybe mirrored to the shadow, after the answer is made
+            self.experiments.observe(routing, request_id, body.user_id, body.k, served, answer, status,
+                                     (time.perf_counter() - started) * 1000, request_span)
         log.debug("recommended %d items for user %r (variant %s, v%d, fallback %s)", len(answer["items"]),
                   body.user_id, served.variant, served.version.version, answer["fallback"])
         return RecommendationResponse(
@@ -542,43 +288,7 @@ class RecommendationAPI:
         A time later than now + 300 s or an id with a control character is a 422 naming the field
         (nothing is written). Events whose ``event_id`` was accepted within the last 24 hours are
         skipped and counted in ``duplicates``: a retried request is recorded once."""
-        events = [e.model_dump() for e in body.events]
-        for e in events:
-            if e["timestamp"].tzinfo is None:
-                e["timestamp"] = e["timestamp"].replace(tzinfo=timezone.utc)
-        followed = [dict(e) for e in events if e.get("request_id")]
-        for e in events:  # the event log keeps the events contract; the link goes to the experiment store
-            e.pop("request_id", None)
-        started = time.perf_counter()
-        with tracing.span("push", **{"aiplatform.events": len(events)}):
-            result = self.pipeline.push(events)
-        outcome = "invalid" if "error" in result else "unavailable" if "unavailable" in result else "accepted"
-        try:
-            ServingMetrics.get().record_push(time.perf_counter() - started, outcome, int(result.get("accepted") or 0))
-        except Exception as exc:  # metrics never fail a request
-            log.debug("metrics: %s", exc)
-        if "error" in result:  # checked by the data contract after the schema: still the client's fault
-            return JSONResponse(status_code=422, content={
-                "message": f"events: {result['error']}",
-                "detail": [{"loc": ["body", "events"], "msg": result["error"], "type": "value_error"}]})
-        if "unavailable" in result:
-            return JSONResponse(status_code=503, headers={"Retry-After": str(result["retry_after_s"])},
-                                content={"message": f"events: {result['unavailable']}",
-                                         "recorded": result["recorded"], "detail": result["unavailable"]})
-        # duplicates: what the push skipped (a repeated event_id, here or within the window)
-        duplicates = int(result.get("duplicates", len(events) - result["accepted"]))
-        if followed and self.experiments is not None and result["accepted"]:
-            skipped, seen = set(result.get("duplicate_event_ids") or ()), set()
-            outcomes = []
-            for e in followed:  # an outcome once per event: not for a skipped or repeated event_id
-                event_id = e.get("event_id")
-                if event_id is not None and (event_id in skipped or event_id in seen):
-                    continue
-                seen.add(event_id)
-                outcomes.append(e)
-            self.experiments.outcomes(outcomes)
-        return EventsAccepted(accepted=result["accepted"], duplicates=duplicates,
-                              entities_updated=result["entities_updated"], request_id=current_request_id())
+        return accept_events(self.pipeline, self.experiments, body)
 
     @api.get("/healthz", response_model=Health)
     async def healthz(
@@ -596,18 +306,11 @@ class RecommendationAPI:
         health = Health(status="ok" if serving["healthy"] else "degraded",
                         model=ModelRef(name=served.version.name, version=served.version.version),
                         items=served.pipeline.count(), variant=served.variant, **self.versions.status(),
-                        experiment=self._experiment_status(),
+                        experiment=self.experiments.status() if self.experiments is not None else None,
                         serving=serving)
         if detail:
             return health
         return JSONResponse(content=jsonable_encoder(health, exclude={"serving"}))
-
-    def _experiment_status(self) -> dict | None:
-        status = self.experiments.status() if self.experiments is not None else None
-        if status and status.get("shadow") is not None and self.shadow_scorer is not None:
-            status["mirrors"] = {"deployment": ShadowScorer.name, "in_flight": self.mirrors_in_flight,
-                                 "dropped": self.mirrors_dropped}
-        return status
 
     def check_health(self) -> None:
         """Serve's replica health check: raise only when this replica cannot answer at all (no
@@ -761,4 +464,7 @@ def stop(name: str = DEFAULT_APP_NAME) -> None:
         log.debug("serve.delete(%r): %s", name, exc)
 
 
-__all__ = ["RecommendationAPI", "api", "app", "build_app", "start", "stop"]
+__all__ = ["REQUEST_TIMEOUT_S", "RecommendationAPI", "api", "app", "build_app", "start", "stop",
+           # defined in serving.middleware, still imported from here
+           "MAX_BODY_BYTES", "REQUEST_ID_HEADER", "TOO_LARGE", "BodyLimitMiddleware", "RequestIdMiddleware",
+           "current_request_id", "valid_request_id"]

@@ -17,19 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
-import numpy as np
-import pandas as pd
-import pyarrow as pa
 import pytest
-import torch
 
 from aiplatform.core.settings import Settings
-from aiplatform.core.storage import Layout
-from aiplatform.features.definitions import arrow_type
 from aiplatform.features.online import open_online_store
-from aiplatform.features.partition import TIMESTAMP_COLUMN
-from aiplatform.models.inputs import UserInputSpec
-from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, save_artifact
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval import build_item_index
 from aiplatform.retrieval.index import vector_table_name
@@ -37,7 +28,7 @@ from aiplatform.serving.app import RecommendationAPI, build_app, start, stop
 from aiplatform.serving.pipeline import RecommendPipeline
 from aiplatform.serving.resilience import ResilienceConfig
 from aiplatform.serving.versions import VersionSwitcher, resolve_version
-from apps.shop.features import recommender_user
+from tests.integration.small_root import catalog, new_layout, save_random_two_tower, user_rows, write_user_rows_to
 from tests.redis_server import INSTALL_HINT, find_redis_server
 
 from tests.load import ClosedLoop
@@ -46,8 +37,6 @@ pytestmark = pytest.mark.integration
 
 APP = "aiplatform-degraded"
 N_ITEMS, N_USERS, K = 60, 40, 5
-INPUTS = UserInputSpec.from_service(recommender_user)
-COUNTS = [n for n, t in recommender_user.stored_dtypes.items() if t == "int64"]
 POPULAR = [(f"item_{i:03d}", float(100 - i)) for i in range(0, 60, 2)]
 ERROR_BUDGET = 0.01
 """Share of answers that may be other than 200 across an outage (measured: none)."""
@@ -121,18 +110,6 @@ class RestartableRedis:
             self.start()
 
 
-def _write_user_rows(store, frame: pd.DataFrame) -> int:
-    """``tests.feature_rows.write_user_rows`` for any online store (that one writes SQLite)."""
-    columns = {"user_id": pa.array(frame["user_id"].astype(str), pa.string()),
-               TIMESTAMP_COLUMN: pa.array(pd.to_datetime(frame["as_of"], utc=True), pa.timestamp("us", tz="UTC"))}
-    for name, dtype in recommender_user.stored_dtypes.items():
-        values = frame[name] if name in frame else [[] if dtype.startswith("list") else 0] * len(frame)
-        if dtype == "int64":
-            values = pd.Series(values).astype("int64")
-        columns[name] = pa.array(list(values), arrow_type(dtype))
-    return store.write_features(recommender_user, pa.table(columns))
-
-
 @pytest.fixture(scope="module")
 def redis_proc(tmp_path_factory):
     server = RestartableRedis(tmp_path_factory.mktemp("redis-degraded"))
@@ -156,27 +133,15 @@ def home(tmp_path_factory, redis_proc):
     """Model v1 (champion, retrieval order), its index, and in Redis: online features for
     ``N_USERS`` users and the popular items."""
     root = tmp_path_factory.mktemp("degraded")
-    layout = Layout.at(str(root / "home"))
-    layout.ensure()
-    items = pd.DataFrame({"item_id": [f"item_{i:03d}" for i in range(N_ITEMS)],
-                          "category": [f"cat_{i % 5}" for i in range(N_ITEMS)],
-                          "price": np.linspace(5.0, 120.0, N_ITEMS)})
-    vocab = ItemVocab.from_items(items)
-    torch.manual_seed(0)
-    src = str(root / "artifact")
-    save_artifact(TwoTowerModel(**vocab.model_kwargs(), dim=16, inputs=INPUTS), vocab, src)
+    layout = new_layout(root)
+    items = catalog(N_ITEMS)
+    src = save_random_two_tower(items, root / "artifact")
     registry = ModelRegistry(layout)
     mv = registry.register("two_tower", src, {}, {}, "")
     registry.set_alias("two_tower", "champion", mv.version, reason="test")
     build_item_index(layout.vectors, "two_tower", mv.version, mv.artifact_uri, items)
-    rng = np.random.default_rng(0)
-    frame = pd.DataFrame(np.tile(np.arange(len(COUNTS), dtype=np.int64), (N_USERS, 1)), columns=COUNTS)
-    frame.insert(0, "user_id", [f"u{i}" for i in range(N_USERS)])
-    frame["last_items"] = [[f"item_{j:03d}" for j in rng.choice(N_ITEMS, 5, replace=False)] for _ in range(N_USERS)]
-    frame["purchased_items"] = [[] for _ in range(N_USERS)]
-    frame["as_of"] = datetime(2024, 1, 1, tzinfo=timezone.utc)
     store = open_online_store(redis_proc.url)
-    assert _write_user_rows(store, frame) == N_USERS
+    assert write_user_rows_to(store, user_rows(N_USERS, N_ITEMS)) == N_USERS
     store.write_popular_items(POPULAR)
     store.close()
     return {"layout": layout, "artifact": mv.artifact_uri, "version": mv.version}

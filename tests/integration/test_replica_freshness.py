@@ -16,19 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-import numpy as np
-import pandas as pd
-import pyarrow as pa
 import pytest
-import torch
 
 from aiplatform.core.settings import Settings
-from aiplatform.core.storage import Layout
-from aiplatform.features.definitions import arrow_type
 from aiplatform.features.online import open_online_store
-from aiplatform.features.partition import TIMESTAMP_COLUMN
-from aiplatform.models.inputs import UserInputSpec
-from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, save_artifact
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval import build_item_index
 from aiplatform.retrieval.index import vector_table_name
@@ -36,27 +27,15 @@ from aiplatform.serving.app import build_app, start, stop
 from aiplatform.serving.pipeline import RecommendPipeline
 from aiplatform.serving.resilience import ResilienceConfig
 from aiplatform.serving.versions import VersionSwitcher, resolve_version
-from apps.shop.features import recommender_user
+from tests.integration.small_root import catalog, new_layout, save_random_two_tower, user_rows, write_user_rows_to
 from tests.redis_server import free_port, redis_server
 
 pytestmark = pytest.mark.integration
 
 N_ITEMS, N_USERS, K = 60, 20, 10
-INPUTS = UserInputSpec.from_service(recommender_user)
 POPULAR = [(f"item_{i:03d}", float(100 - i)) for i in range(0, 60, 2)]
 MANUAL = ResilienceConfig(feed_poll_s=0)
 """Replica B's settings where the test calls its poller itself (no thread: exact counts)."""
-
-
-def _write_user_rows(store, frame: pd.DataFrame) -> int:
-    columns = {"user_id": pa.array(frame["user_id"].astype(str), pa.string()),
-               TIMESTAMP_COLUMN: pa.array(pd.to_datetime(frame["as_of"], utc=True), pa.timestamp("us", tz="UTC"))}
-    for name, dtype in recommender_user.stored_dtypes.items():
-        values = frame[name] if name in frame else [[] if dtype.startswith("list") else 0] * len(frame)
-        if dtype == "int64":
-            values = pd.Series(values).astype("int64")
-        columns[name] = pa.array(list(values), arrow_type(dtype))
-    return store.write_features(recommender_user, pa.table(columns))
 
 
 @contextmanager
@@ -64,31 +43,19 @@ def _root(base: Path, kind: str) -> Iterator[dict]:
     """A served version (random two-tower weights: answers are deterministic, which is all
     these tests need; v2 is the same model), its item index, and in the online store (``kind``)
     ``N_USERS`` users and the popular items."""
-    layout = Layout.at(str(base / "home"))
-    layout.ensure()
-    items = pd.DataFrame({"item_id": [f"item_{i:03d}" for i in range(N_ITEMS)],
-                          "category": [f"cat_{i % 5}" for i in range(N_ITEMS)],
-                          "price": np.linspace(5.0, 120.0, N_ITEMS)})
-    vocab = ItemVocab.from_items(items)
-    torch.manual_seed(0)
-    src = str(base / "artifact")
-    save_artifact(TwoTowerModel(**vocab.model_kwargs(), dim=16, inputs=INPUTS), vocab, src)
+    layout = new_layout(base)
+    items = catalog(N_ITEMS)
+    src = save_random_two_tower(items, base / "artifact")
     registry = ModelRegistry(layout)
     for _ in range(2):  # v2: the version a switch moves to
         mv = registry.register("two_tower", src, {}, {}, "")
         build_item_index(layout.vectors, "two_tower", mv.version, mv.artifact_uri, items)
     registry.set_alias("two_tower", "champion", 1, reason="test")
-    rng = np.random.default_rng(0)
-    counts = [n for n, t in recommender_user.stored_dtypes.items() if t == "int64"]
-    frame = pd.DataFrame(np.ones((N_USERS, len(counts)), dtype=np.int64), columns=counts)
-    frame.insert(0, "user_id", [f"u{i}" for i in range(N_USERS)])
-    frame["last_items"] = [[f"item_{j:03d}" for j in rng.choice(N_ITEMS, 5, replace=False)] for _ in range(N_USERS)]
-    frame["purchased_items"] = [[] for _ in range(N_USERS)]
-    frame["as_of"] = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    frame = user_rows(N_USERS, N_ITEMS, count=1)
 
     def fill(uri: str) -> dict:
         store = open_online_store(uri)
-        assert _write_user_rows(store, frame) == N_USERS
+        assert write_user_rows_to(store, frame) == N_USERS
         store.write_popular_items(POPULAR)
         store.close()
         return {"layout": layout, "store": uri, "kind": kind,

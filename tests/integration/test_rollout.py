@@ -8,24 +8,20 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-import numpy as np
-import pandas as pd
 import pytest
-import torch
 from ray import serve
 
 from aiplatform.core.storage import Layout
 from aiplatform.features.online import SQLiteOnlineStore
 from aiplatform.models.inputs import UserInputSpec
-from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, save_artifact
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval import build_item_index
 from aiplatform.serving.app import build_app, start, stop
 from apps.shop.features import recommender_user
+from tests.integration.small_root import catalog, new_layout, save_random_two_tower, user_rows
 from tests.feature_rows import write_user_rows
 from tests.load import Answer, ClosedLoop
 
@@ -34,7 +30,6 @@ pytestmark = pytest.mark.integration
 APP = "aiplatform-rollout"
 N_ITEMS, N_USERS = 80, 40
 INPUTS = UserInputSpec.from_service(recommender_user)
-COUNTS = [n for n, t in recommender_user.stored_dtypes.items() if t == "int64"]
 CLI = [sys.executable, "-m", "aiplatform.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,28 +48,16 @@ def home(tmp_path_factory):
 def make_root(root: Path) -> Layout:
     """Versions 1 and 2 (different weights, both indexed) with champion -> v1, version 3 without
     an index, and online features for ``N_USERS`` users."""
-    layout = Layout.at(str(root / "home"))
-    layout.ensure()
-    items = pd.DataFrame({"item_id": [f"item_{i:03d}" for i in range(N_ITEMS)],
-                          "category": [f"cat_{i % 5}" for i in range(N_ITEMS)],
-                          "price": np.linspace(5.0, 120.0, N_ITEMS)})
-    vocab = ItemVocab.from_items(items)
+    layout = new_layout(root)
+    items = catalog(N_ITEMS)
     registry = ModelRegistry(layout)
     for seed in (1, 2, 3):
-        torch.manual_seed(seed)
-        src = str(root / f"artifact{seed}")
-        save_artifact(TwoTowerModel(**vocab.model_kwargs(), dim=16, inputs=INPUTS), vocab, src)
+        src = save_random_two_tower(items, root / f"artifact{seed}", seed=seed)
         mv = registry.register("two_tower", src, {}, {"seed": seed}, "")
         if seed < 3:
             build_item_index(layout.vectors, "two_tower", mv.version, mv.artifact_uri, items)
     registry.set_alias("two_tower", "champion", 1, reason="first")
-    rng = np.random.default_rng(0)
-    frame = pd.DataFrame(np.tile(np.arange(len(COUNTS), dtype=np.int64), (N_USERS, 1)), columns=COUNTS)
-    frame.insert(0, "user_id", [f"u{i}" for i in range(N_USERS)])
-    frame["last_items"] = [[f"item_{j:03d}" for j in rng.choice(N_ITEMS, 5, replace=False)] for _ in range(N_USERS)]
-    frame["purchased_items"] = [[] for _ in range(N_USERS)]
-    frame["as_of"] = datetime(2024, 1, 1, tzinfo=timezone.utc)
-    write_user_rows(layout, frame)
+    write_user_rows(layout, user_rows(N_USERS, N_ITEMS))
     SQLiteOnlineStore(layout.online_sqlite).write_popular_items([(f"item_{i:03d}", 1.0) for i in range(20)])
     return layout
 
