@@ -126,13 +126,10 @@ class ExperimentRouter:
                  f", shadow v{shadow_target} on {shadow.share:.0%}" if shadow else "")
 
     def _drop_pipelines(self, keep: set[int]) -> None:
-        """Forget the pipelines of versions no longer routed to, stopping their change-feed
-        threads (not the switcher's own pipeline, which it still serves)."""
-        served = self.switcher.current.pipeline
+        """Let go of the pipelines of versions no longer routed to: each was retained or loaded
+        here, so its change-feed thread stops unless the switcher still serves it."""
         for version in [v for v in self._pipelines if v not in keep]:
-            pipeline = self._pipelines.pop(version)[1]
-            if pipeline is not served:
-                pipeline.close()
+            self._pipelines.pop(version)[1].close()
 
     def _target(self, registry: ModelRegistry, alias: str | None, version: int | None) -> int:
         model = self.switcher.model_name
@@ -142,9 +139,13 @@ class ExperimentRouter:
         """The pipeline of ``version``: the one the replica serves already, one loaded for an
         earlier revision, or a new one (checked like any served version)."""
         current = self.switcher.current
-        if current.version.version == version:
-            self._pipelines[version] = (current.version, current.pipeline)
-        if version not in self._pipelines:
+        held = self._pipelines.get(version)
+        if current.version.version == version and (held is None or held[1] is not current.pipeline):
+            if held is not None:  # loaded here before the switcher served it: one copy is enough
+                held[1].close()
+            # retained: the variant keeps its change feed after the switcher moves on
+            self._pipelines[version] = (current.version, current.pipeline.retain())
+        elif held is None:
             s = self.switcher
             resolved = resolve_version(registry, s.layout, s.features_module, s.service_name, s.model_name,
                                        version=version)

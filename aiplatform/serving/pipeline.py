@@ -32,6 +32,7 @@ other replicas drop them when they next read the online store's change feed
 """
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -230,6 +231,7 @@ class RecommendPipeline:
                                      (self.feature_cache, self.answer_cache, self.last_good),
                                      cfg.breaker("change_feed", timer), (self.feature_cache, self.answer_cache))
         self.feed.start(cfg.feed_poll_s)
+        self._holders, self._holders_lock = 1, threading.Lock()  # see retain()
         self.degraded = dict.fromkeys((*COMPONENTS, "pipeline"), 0)
         self.degraded_sources = {"last_good": 0, "popular": 0}
         self.events_refused = self.events_not_applied = 0
@@ -534,9 +536,22 @@ class RecommendPipeline:
             self.answer_cache.invalidate(entity)
             self.last_good.invalidate(entity)
 
+    def retain(self) -> "RecommendPipeline":
+        """One more holder of this pipeline (an experiment's variant sharing the version the
+        replica serves): ``close`` stops the change feed only when the last holder closes, so
+        the switcher moving on does not leave the variant's caches without their feed."""
+        with self._holders_lock:
+            self._holders += 1
+        return self
+
     def close(self) -> None:
-        """Stop following the change feed (the version switcher calls this on the pipeline it
-        replaced). The pipeline still answers: a request already holding it completes."""
+        """Let go of this pipeline (the version switcher on the one it replaced, the experiment
+        router on a variant it no longer routes to); the last holder's close stops following
+        the change feed. The pipeline still answers: a request already holding it completes."""
+        with self._holders_lock:
+            self._holders -= 1
+            if self._holders > 0:
+                return
         self.feed.close()
 
     def serving_status(self) -> dict[str, Any]:

@@ -19,11 +19,14 @@ import httpx
 import pytest
 
 from aiplatform.core.settings import Settings
+from aiplatform.experiments.config import Experiment, Variant
+from aiplatform.experiments.store import ExperimentStore
 from aiplatform.features.online import open_online_store
 from aiplatform.registry import ModelRegistry
 from aiplatform.retrieval import build_item_index
 from aiplatform.retrieval.index import vector_table_name
 from aiplatform.serving.app import build_app, start, stop
+from aiplatform.serving.experiments import ExperimentRouter
 from aiplatform.serving.pipeline import RecommendPipeline
 from aiplatform.serving.resilience import ResilienceConfig
 from aiplatform.serving.versions import VersionSwitcher, resolve_version
@@ -232,6 +235,40 @@ def test_a_version_switch_stops_the_replaced_pipelines_poller(root):
     assert new.feed.running
     assert old.recommend([("u2", K)])[0]["fallback"] is None  # a request holding it still finishes
     new.close()
+
+
+def test_an_experiment_variant_on_the_served_version_keeps_its_feed_after_the_switcher_moves_on(root):
+    """An experiment's variant pinned to the version the replica serves shares the switcher's
+    pipeline; when the switcher moves to another version, that variant still answers from
+    the shared pipeline, so its change feed must keep running until the router lets go too."""
+    layout = root["layout"]
+    registry = ModelRegistry(layout)
+    first = resolve_version(registry, layout, "apps.shop.features", "recommender_user", "two_tower", version=1)
+    switcher = VersionSwitcher(layout.root, root["store"], "apps.shop.features", "recommender_user", "two_tower",
+                               first, "champion", resilience=ResilienceConfig(feed_poll_s=0.02))
+    shared = switcher.current.pipeline
+    store = ExperimentStore(layout)
+    store.put(Experiment(name="pinned", variants=[Variant(name="a", version=1, weight=1),
+                                                  Variant(name="b", version=2, weight=1)]))
+    router = ExperimentRouter(switcher, poll_s=3600)  # refreshed by hand below
+    try:
+        router.refresh()
+        assert router.current is not None and router.current.variants["a"].pipeline is shared
+        assert switcher.switch(version=2) is True
+        router.refresh()  # nothing moved for the experiment: variant a keeps the shared pipeline
+        assert router.current.variants["a"].pipeline is shared
+        time.sleep(0.2)  # ten polls: a stopped feed would have stopped by now
+        assert shared.feed.running  # before the fix the switcher's close stopped it
+        store.stop("pinned")
+        router.refresh()  # the experiment ended: the router lets go, the last holder
+        deadline = time.monotonic() + 60
+        while shared.feed.running:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert switcher.current.pipeline.feed.running  # the switcher's own v2 pipeline is untouched
+    finally:
+        router.close()
+        switcher.current.pipeline.close()
 
 
 # ---- through Serve: two replicas of the application ------------------------------------------
