@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow.compute as pc
@@ -61,7 +62,8 @@ from aiplatform.models.inputs import UserInputSpec
 from aiplatform.observability.cost import training_resources
 from aiplatform.registry.lineage import collect as collect_lineage
 from aiplatform.registry.registry import ModelRegistry, ModelVersion
-from aiplatform.training.candidates import fit_ranker, ranker_windows
+from aiplatform.training.baselines import Ease
+from aiplatform.training.candidates import RankerWindow, fit_ranker, ranker_windows
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.evaluate import GateResult, check_gates
 from aiplatform.training.recommender import (
@@ -73,7 +75,10 @@ from aiplatform.training.recommender import (
     verdict_lines,
 )
 from aiplatform.training.split import EvalSplit, adaptive_split
-from aiplatform.training.train import train_two_tower
+from aiplatform.training.train import TrainResult, train_two_tower
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger("aiplatform.jobs.train")
 
@@ -114,6 +119,25 @@ class TrainingReport:
         return dict(self.metrics.get("beats_baselines", {}))
 
 
+@dataclass
+class _EvalContext:
+    """What every evaluation step reads: the split, every event and the catalogue, the trained
+    two-tower as a candidate source and EASE (None when the catalogue is too large for it)."""
+
+    split: EvalSplit
+    events: pd.DataFrame
+    items: pd.DataFrame
+    two_tower: TwoTowerSource
+    ease: Ease | None
+    config: TrainConfig
+
+    def score(self, ranker: CandidateRanker | None) -> dict:
+        """The metrics of the pipeline (``ranker`` on top of the two-tower, or the two-tower
+        alone when None) and of every baseline, on the held-out users."""
+        return evaluate_recommender(ranker, self.two_tower, self.split, self.ease, self.config.eval_k,
+                                    self.config.eval_k_large)
+
+
 def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tower",
                  always_promote: bool = False, promote: bool = False,
                  settings: Settings | None = None, resume: str | None = None) -> TrainingReport:
@@ -124,49 +148,18 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     or ``promote`` is set; ``champion`` whatever the gates say with ``always_promote``. Too few
     validation users is a failed gate: no alias unless ``promote``/``always_promote``.
     """
-    if not lake.has_data(layout):
-        raise UserInputError(
-            f"no data in the lake at {layout.lake}: import some first "
-            "(aiplatform data import --events E --items I) or run aiplatform quickstart")
-    settings = settings or Settings.load()
-    service = features.served_service(settings)
-    # The model's inputs, from the declaration: a bad history/exclusion name fails here, first.
-    inputs = UserInputSpec.from_service(service, config.history_feature, config.exclude_feature)
-    candidates = candidate_config(service, config) if config.ranker else None
-    log.info("model inputs: %s", inputs.describe())
+    service, inputs, candidates = _served_contract(layout, config, settings)
     events_pd = eventlog.read_events(layout).to_pandas()  # the lake plus events pushed since
     items = lake.read_items(layout)
-    split = adaptive_split(events_pd, config.holdout_days, config.min_validation_users, config.holdout_fraction)
-    log.info("evaluation split %s: %d validation users (%s)", split.name, split.n_users, split.reason)
-    if not split.truth:
-        raise UserInputError(
-            f"no user has both history before and clicks/carts/purchases after the evaluation cutoff "
-            f"({split.name}): bring more events, or lower holdout_days / raise holdout_fraction")
+    split = _evaluation_split(events_pd, config)
     # The ranker's training windows: inside the training side (the ranker that is evaluated),
     # and over every event (the ranker that is served: the same procedure, refitted on all).
     windows = ranker_windows(split.train, candidates) if candidates is not None else []
     serve_windows = ranker_windows(events_pd, candidates) if candidates is not None else []
     allowed = TARGET_TYPES[TARGET_TYPES.index(config.min_event_type):]
-    # Step 1, the only write: bring the offline tables up to date (explicitly, once).
-    started = time.perf_counter()
-    for run in features.update_offline(layout, service.views):
-        log.info("offline table %s (version %s): %s, %d rows written", run.view, run.version, run.mode,
-                 run.rows_written)
-    log.info("offline feature tables up to date in %.1fs", time.perf_counter() - started)
-    # Step 2, reads only: ONE point-in-time join of every label with the features the two-tower
-    # reads. Each example gets the user's feature row as of just before its event (the row
-    # serving would have read then); each validation user their row at their cutoff, and each
-    # user of the ranker's windows their row at that window's cutoff (the two-tower source).
-    labels = features.training_labels(split.train, _after(split.train), allowed).assign(**{LABEL_KIND: "example"})
-    seen = [split.user_cutoffs, *(w.split.user_cutoffs for w in (*windows, *serve_windows))]
-    context_rows = pd.concat([pd.DataFrame({"user_id": at.index.astype(str),
-                                            "event_timestamp": pd.to_datetime(list(at), utc=True)}) for at in seen],
-                             ignore_index=True).drop_duplicates().assign(**{LABEL_KIND: "context"})
-    frame = features.service_frame(layout, model_service(service, candidates),
-                                   pd.concat([labels, context_rows], ignore_index=True)).materialize()
-    examples = _rows_of(frame, "example").materialize()
-    contexts = _rows_of(frame, "context").to_pandas()
-    del frame
+    _update_offline_tables(layout, service)
+    examples, contexts = _training_frames(layout, model_service(service, candidates), split,
+                                          [*windows, *serve_windows], allowed)
     n_examples = examples.count()
     if n_examples == 0:
         raise UserInputError("no training examples before the cutoff: bring more events")
@@ -177,64 +170,160 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
                              require_existing=resume is not None)
 
     eval_started = time.perf_counter()
-    catalogue = pd.Index(sorted(set(items["item_id"].astype(str))))
-    ease = fit_ease(split.train, catalogue, config.holdout_days, log.info)
-    two_tower = TwoTowerSource(result.model, result.vocab, candidates.per_source if candidates else 100, contexts)
-    ranker = None
-    if candidates is not None:
-        if ease is not None:
-            candidates.ease_lambda = ease.lam
-        ranker = fit_ranker(split.train, items, candidates, external=two_tower, windows=windows, log=log.info)
-    metrics = evaluate_recommender(ranker, two_tower, split, ease, config.eval_k, config.eval_k_large)
-    served = None
-    if ranker is not None:
-        attached, verdict = pipeline_verdict(metrics, config.eval_k, config.ranker_min_ndcg_gain)
-        metrics["ranker"] = {"attached": attached, "verdict": verdict, **ranker.report}
-        (log.info if attached else log.warning)(verdict)
-        if attached:
-            # What is served: the same procedure refitted on every event (sources and LightGBM
-            # alike, its windows ending where the data ends), as the index covers the catalogue.
-            served = fit_ranker(events_pd, items, candidates, external=two_tower, windows=serve_windows,
-                                log=log.info)
-            metrics["ranker"]["served_fit"] = served.report
-        else:  # what is served is the two-tower alone: so is what the gates judge
-            metrics = evaluate_recommender(None, two_tower, split, ease, config.eval_k,
-                                           config.eval_k_large) | {"ranker": metrics["ranker"]}
+    context = _eval_context(result, contexts, split, events_pd, items, candidates, config)
+    metrics, served = _evaluate_pipeline(context, candidates, windows, serve_windows)
     metrics["split"] = split.summary()
-    gates = [asdict(g) for g in check_gates(metrics, config.gates, config.eval_k)]
-    gates.append(asdict(enough_users_gate(split, config.min_validation_users, events_pd)))
+    gates = _quality_gates(metrics, split, events_pd, config)
     metrics["gates"] = gates
     eval_seconds = time.perf_counter() - eval_started
     for line in verdict_lines(metrics, config.eval_k):
         log.info(line)
 
     registry = ModelRegistry(layout)
-    lineage = collect_lineage(
-        layout, service, config.model_dump(mode="json"),
-        evaluation={"split": split.name, "cutoff": str(split.cutoff), "users": int(metrics["users"]),
-                    "reason": split.reason},
-        events=int(len(events_pd)), items=int(len(items)), examples=int(n_examples), run=run_name,
-        training=training_resources(result.duration_s, result.params))  # what `aiplatform report cost` prices
-    with artifact_to_register(result.checkpoint_path, served) as artifact_dir:
-        version: ModelVersion = registry.register(
-            model_name, artifact_dir, metrics=metrics, params=result.params,
-            checkpoint_uri=result.checkpoint_path, lineage=lineage)
+    version = _register_version(
+        registry, layout, service, config, model_name=model_name, run_name=run_name, result=result, served=served,
+        metrics=metrics, split=split,
+        counts={"events": int(len(events_pd)), "items": int(len(items)), "examples": int(n_examples)})
     report = TrainingReport(
         model_name=model_name, version=version.version, promoted=False, metrics=metrics,
         examples=int(n_examples), validation_users=int(metrics["users"]), cutoff=str(split.cutoff),
         checkpoint=result.checkpoint_path, train_seconds=result.duration_s, eval_seconds=eval_seconds,
         gates=gates, split=split.name)
-    for g in gates:
+    _apply_gate_outcome(registry, report, promote=promote, always_promote=always_promote)
+    return report
+
+
+def _served_contract(layout: Layout, config: TrainConfig,
+                     settings: Settings | None) -> tuple[FeatureService, UserInputSpec, CandidateConfig | None]:
+    """The served feature service, the model inputs read from it and the candidate ranker's
+    config (None without ``ranker``). Runs first, before any data is read: an empty lake or a
+    bad history/exclusion name in the declaration fails here, not after an hour of work."""
+    if not lake.has_data(layout):
+        raise UserInputError(
+            f"no data in the lake at {layout.lake}: import some first "
+            "(aiplatform data import --events E --items I) or run aiplatform quickstart")
+    service = features.served_service(settings or Settings.load())
+    inputs = UserInputSpec.from_service(service, config.history_feature, config.exclude_feature)
+    candidates = candidate_config(service, config) if config.ranker else None
+    log.info("model inputs: %s", inputs.describe())
+    return service, inputs, candidates
+
+
+def _evaluation_split(events: pd.DataFrame, config: TrainConfig) -> EvalSplit:
+    """The adaptive split (``training.split``); one without a single scorable user is an error
+    that says which knob to turn, since no gate could be decided on it."""
+    split = adaptive_split(events, config.holdout_days, config.min_validation_users, config.holdout_fraction)
+    log.info("evaluation split %s: %d validation users (%s)", split.name, split.n_users, split.reason)
+    if not split.truth:
+        raise UserInputError(
+            f"no user has both history before and clicks/carts/purchases after the evaluation cutoff "
+            f"({split.name}): bring more events, or lower holdout_days / raise holdout_fraction")
+    return split
+
+
+def _update_offline_tables(layout: Layout, service: FeatureService) -> None:
+    """Step 1, the job's only write: bring the offline tables up to date (explicitly, once), so
+    the point-in-time join that follows reads every event."""
+    started = time.perf_counter()
+    for run in features.update_offline(layout, service.views):
+        log.info("offline table %s (version %s): %s, %d rows written", run.view, run.version, run.mode,
+                 run.rows_written)
+    log.info("offline feature tables up to date in %.1fs", time.perf_counter() - started)
+
+
+def _training_frames(layout: Layout, service: FeatureService, split: EvalSplit, windows: list[RankerWindow],
+                     allowed: tuple[str, ...]) -> "tuple[ray.data.Dataset, pd.DataFrame]":
+    """Step 2, reads only: ONE point-in-time join of every label with the features of
+    ``service`` (what the two-tower reads); returns the training examples and the context rows.
+
+    Each example gets the user's feature row as of just before its event (the row serving would
+    have read then); each validation user their row at their cutoff, and each user of the
+    ranker's ``windows`` their row at that window's cutoff (the two-tower source's contexts).
+    ``allowed``: the event types that make an example.
+    """
+    labels = features.training_labels(split.train, _after(split.train), allowed).assign(**{LABEL_KIND: "example"})
+    seen = [split.user_cutoffs, *(w.split.user_cutoffs for w in windows)]
+    context_rows = pd.concat([pd.DataFrame({"user_id": at.index.astype(str),
+                                            "event_timestamp": pd.to_datetime(list(at), utc=True)}) for at in seen],
+                             ignore_index=True).drop_duplicates().assign(**{LABEL_KIND: "context"})
+    frame = features.service_frame(layout, service, pd.concat([labels, context_rows], ignore_index=True)).materialize()
+    return _rows_of(frame, "example").materialize(), _rows_of(frame, "context").to_pandas()
+
+
+def _eval_context(result: TrainResult, contexts: pd.DataFrame, split: EvalSplit, events: pd.DataFrame,
+                items: pd.DataFrame, candidates: CandidateConfig | None, config: TrainConfig) -> _EvalContext:
+    """The evaluation's inputs: the trained model as a candidate source (its users' feature rows
+    from the one join) and EASE with its lambda chosen on the training side."""
+    catalogue = pd.Index(sorted(set(items["item_id"].astype(str))))
+    ease = fit_ease(split.train, catalogue, config.holdout_days, log.info)
+    two_tower = TwoTowerSource(result.model, result.vocab, candidates.per_source if candidates else 100, contexts)
+    return _EvalContext(split=split, events=events, items=items, two_tower=two_tower, ease=ease, config=config)
+
+
+def _evaluate_pipeline(ev: _EvalContext, candidates: CandidateConfig | None, windows: list[RankerWindow],
+                       serve_windows: list[RankerWindow]) -> tuple[dict, CandidateRanker | None]:
+    """The metrics the gates judge and the candidate ranker to serve, if any.
+
+    The ranker is fitted on the training side and kept only when the whole pipeline beats the
+    two-tower alone (``pipeline_verdict``); then what is served is the same procedure refitted
+    on every event (sources and LightGBM alike, its windows ending where the data ends), as the
+    index covers the catalogue. Otherwise the two-tower alone is served, so it alone is judged.
+    """
+    if candidates is None:
+        return ev.score(None), None
+    if ev.ease is not None:
+        candidates.ease_lambda = ev.ease.lam
+    ranker = fit_ranker(ev.split.train, ev.items, candidates, external=ev.two_tower, windows=windows, log=log.info)
+    metrics = ev.score(ranker)
+    attached, verdict = pipeline_verdict(metrics, ev.config.eval_k, ev.config.ranker_min_ndcg_gain)
+    metrics["ranker"] = {"attached": attached, "verdict": verdict, **ranker.report}
+    (log.info if attached else log.warning)(verdict)
+    if not attached:
+        return ev.score(None) | {"ranker": metrics["ranker"]}, None
+    served = fit_ranker(ev.events, ev.items, candidates, external=ev.two_tower, windows=serve_windows, log=log.info)
+    metrics["ranker"]["served_fit"] = served.report
+    return metrics, served
+
+
+def _quality_gates(metrics: dict, split: EvalSplit, events: pd.DataFrame, config: TrainConfig) -> list[dict]:
+    """Every gate's result (``check_gates`` on the metrics, then ``enough_users_gate``), as the
+    JSON-ready dicts the registry and the report keep."""
+    gates = [asdict(g) for g in check_gates(metrics, config.gates, config.eval_k)]
+    gates.append(asdict(enough_users_gate(split, config.min_validation_users, events)))
+    return gates
+
+
+def _register_version(registry: ModelRegistry, layout: Layout, service: FeatureService, config: TrainConfig, *,
+                      model_name: str, run_name: str, result: TrainResult, served: CandidateRanker | None,
+                      metrics: dict, split: EvalSplit, counts: dict[str, int]) -> ModelVersion:
+    """Register the run's best checkpoint (with the served candidate ranker in it) under
+    ``model_name``, gates passed or not: a model's metrics are worth keeping either way. The
+    lineage records what it was trained on; ``counts`` are the events, items and examples."""
+    lineage = collect_lineage(
+        layout, service, config.model_dump(mode="json"),
+        evaluation={"split": split.name, "cutoff": str(split.cutoff), "users": int(metrics["users"]),
+                    "reason": split.reason},
+        **counts, run=run_name,
+        training=training_resources(result.duration_s, result.params))  # what `aiplatform report cost` prices
+    with artifact_to_register(result.checkpoint_path, served) as artifact_dir:
+        return registry.register(model_name, artifact_dir, metrics=metrics, params=result.params,
+                                 checkpoint_uri=result.checkpoint_path, lineage=lineage)
+
+
+def _apply_gate_outcome(registry: ModelRegistry, report: TrainingReport, *, promote: bool,
+                        always_promote: bool) -> None:
+    """Log each gate, give the registered version the aliases it earned (``apply_aliases``) and
+    record them in ``report``; a failed gate is a warning that says whether it was forced."""
+    for g in report.gates:
         (log.info if g["passed"] else log.warning)(g["message"])
-    enough = next(g["passed"] for g in gates if g["gate"] == "min_validation_users")
-    report.aliases = apply_aliases(registry, model_name, version.version, report.gates_passed,
+    enough = next(g["passed"] for g in report.gates if g["gate"] == "min_validation_users")
+    report.aliases = apply_aliases(registry, report.model_name, report.version, report.gates_passed,
                                    promote=promote, always_promote=always_promote, enough_data=enough)
     if not report.gates_passed:
-        log.warning("model %s v%d failed %d gate(s): %s", model_name, version.version,
+        log.warning("model %s v%d failed %d gate(s): %s", report.model_name, report.version,
                     len(report.failed_gates), "champion anyway" if "champion" in report.aliases
                     else "registered without an alias")
     report.promoted = "champion" in report.aliases
-    return report
 
 
 def _after(events: pd.DataFrame) -> pd.Timestamp:

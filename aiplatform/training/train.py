@@ -22,23 +22,18 @@ Reliability (why each piece exists):
   threw away (``TrainResult.steps_redone``), which is the real cost of a restart;
 - ``precision``: bf16 autocast for forward+loss on CUDA, fp32 on CPU (``auto``).
 
-Those pieces live in ``reliability.py``; this module is the data path, the loop and the driver.
+Those pieces live in ``reliability.py``, the loop every worker runs in ``worker.py``; this module
+is the data path and the driver.
 """
 
-import contextlib
 import logging
-import os
-import random
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from aiplatform.core.errors import ConfigError, DataValidationError, NotFoundError
 from aiplatform.core.schemas import EVENT_TYPES
@@ -48,24 +43,24 @@ from aiplatform.models.two_tower import (
     TwoTowerModel,
     load_artifact,
     read_extra,
-    save_artifact,
 )
 from aiplatform.training.config import TrainConfig
 from aiplatform.training.reliability import (
     METRIC_ORDER,
     FaultInjection,
-    ProgressMarks,
     RunStorage,
-    autocast,
     best_checkpoint,
     collect_progress,
-    maybe_inject_fault,
-    use_bf16,
-    validate,
 )
+
+# The worker's seeding, under the name benchmarks/training.py imports to seed its plain-PyTorch
+# peer the way the workers are seeded.
+from aiplatform.training.worker import seed_everything as _seed_everything  # noqa: F401
+from aiplatform.training.worker import train_loop_per_worker
 
 if TYPE_CHECKING:
     import ray.data
+    import ray.train
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +68,6 @@ EVENT_RANK: dict[str, int] = {t: i for i, t in enumerate(EVENT_TYPES)}
 """Funnel depth of each event type; unknown types rank as ``view`` (docs/architecture.md)."""
 LABEL_COLUMNS: tuple[str, ...] = ("item_id", "event_type")
 """Columns of a training example besides the model inputs (``UserInputSpec.columns``)."""
-OPTIMIZER_FILE = "optimizer.pt"
 ENCODE_BATCH_SIZE = 4096
 
 
@@ -232,170 +226,19 @@ def _check_examples(examples: "ray.data.Dataset", inputs: UserInputSpec) -> None
         )
 
 
-# ---- the per-worker loop ----------------------------------------------------------------------
-def _worker_logger() -> logging.Logger:
-    """A logger whose INFO lines reach the worker's stdout (and the driver when it forwards logs)."""
-    wlog = logging.getLogger("aiplatform.training.worker")
-    if not wlog.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-        wlog.addHandler(handler)
-        wlog.setLevel(logging.INFO)
-        wlog.propagate = False
-    return wlog
-
-
-def _no_buffer_sync_kwargs() -> dict[str, bool]:
-    """DDP kwargs that skip the per-forward buffer broadcast (the argument was renamed in torch 2.13)."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    params = inspect.signature(DistributedDataParallel.__init__).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict]:
-    """Runs on every Ray Train worker. Everything it needs comes in ``loop_config``."""
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    cfg = TrainConfig(**loop_config["train_config"])
-    vocab = ItemVocab.from_dict(ray.get(loop_config["vocab_ref"]))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    wlog = _worker_logger()
-    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
-    _seed_everything(cfg.seed)
-
-    model = TwoTowerModel(**vocab.model_kwargs(), dim=cfg.dim, temperature=cfg.temperature,
-                          inputs=loop_config["inputs"])
-    optimizer_state = None
-    start_epoch, history, global_step = 0, [], 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            # Continue the same model: its vocabulary and shape, not ones rebuilt from today's
-            # catalogue or config (the driver encoded the examples with this vocabulary).
-            model, vocab = load_artifact(d)
-            extra = read_extra(d)
-            start_epoch, history = int(extra.get("epoch", 0)), list(extra.get("history", []))
-            global_step = int(extra.get("global_step", 0))
-            opt_path = Path(d) / OPTIMIZER_FILE
-            if opt_path.is_file():
-                optimizer_state = torch.load(opt_path, map_location="cpu", weights_only=True)
-        wlog.info("rank %d resuming from epoch %d (step %d)", rank, start_epoch, global_step)
-    if loop_config.get("item_counts_ref") is not None:
-        # Training-only state, not in the artifact: set after a restore too.
-        model.set_item_frequencies(ray.get(loop_config["item_counts_ref"]))
-    progress = ProgressMarks(loop_config["run_uri"], loop_config["call_id"], rank, start_epoch)
-    fault = loop_config.get("fault")
-
-    device = ray.train.torch.get_device()
-    device = device[0] if isinstance(device, list) else device
-    bf16 = use_bf16(cfg.precision, device)
-    # prepare_model moves to the device and wraps in DDP only when world > 1. The lookup
-    # buffers never change: broadcasting them every step would be pure overhead.
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=_no_buffer_sync_kwargs())
-    base = model.module if isinstance(model, DistributedDataParallel) else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-
-    shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation") if loop_config.get("validate") else None
-    dtypes = {"hist": torch.long, "dense": torch.float32, "item": torch.long}
-    for epoch in range(start_epoch, cfg.epochs):
-        _seed_everything(cfg.seed + 1000 * epoch + rank)
-        model.train()
-        started = time.perf_counter()
-        loss_sum, n_rows, steps, wait = 0.0, 0, 0, 0.0
-        batches = iter(shard.iter_torch_batches(
-            batch_size=cfg.batch_size, dtypes=dtypes, device=device,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.seed + 1000 * epoch + rank) if cfg.shuffle_buffer else None,
-        ))
-        # Join lets ranks with fewer batches finish without hanging the others' all-reduces.
-        joined = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
-        with joined:
-            while True:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                wait += time.perf_counter() - t0
-                if batch is None:
-                    break
-                size = len(batch["item"])
-                if size < 2:  # a single row has no in-batch negative
-                    continue
-                with autocast(bf16, device):
-                    loss = model(batch["hist"], batch["dense"], batch["item"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach()) * size
-                n_rows += size
-                steps += 1
-                progress.step()
-                maybe_inject_fault(fault, rank, epoch + 1, steps, progress, wlog)
-        elapsed = time.perf_counter() - started
-        global_step += steps
-        # On the training device: NCCL (GPU training) cannot all-reduce CPU tensors.
-        totals = torch.tensor([loss_sum, float(n_rows)], dtype=torch.float64, device=device)
-        if world > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
-        total_loss, total_rows = float(totals[0].item()), int(totals[1].item())
-        metrics = {
-            "epoch": epoch + 1,
-            "loss": total_loss / total_rows if total_rows else float("nan"),
-            "samples": total_rows,
-            "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0,
-            "steps_per_worker": steps,
-            "global_step": global_step,
-            "epoch_s": elapsed,
-            "data_wait_s": wait,
-            "data_wait_share": wait / elapsed if elapsed > 0 else 0.0,
-            "precision": "bf16" if bf16 else "fp32",
-        }
-        dir_name = f"epoch_{epoch + 1:04d}"
-        if rank == 0:
-            if val_shard is not None:
-                t_val = time.perf_counter()
-                metrics.update(validate(base, val_shard.iter_torch_batches(
-                    batch_size=cfg.batch_size, dtypes=dtypes, device=device), cfg.eval_k, bf16))
-                metrics["val_s"] = time.perf_counter() - t_val
-            history.append(metrics)
-            _export_epoch(loop_config["run_uri"], metrics)
-            wlog.info(
-                "epoch %d/%d loss=%.4f %s samples=%d samples/s=%.0f data wait=%.0f%%",
-                epoch + 1, cfg.epochs, metrics["loss"],
-                " ".join(f"{k}={metrics[k]:.4f}" for k in ("val_loss", "val_recall") if k in metrics),
-                total_rows, metrics["samples_per_s"], 100 * metrics["data_wait_share"],
-            )
-            with tempfile.TemporaryDirectory() as tmp:
-                save_artifact(base, vocab, tmp, extra={"epoch": epoch + 1, "global_step": global_step,
-                                                       "metrics": metrics, "history": history})
-                torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
-                ray.train.report(
-                    metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name
-                )
-        else:
-            history.append(metrics)
-            # report() is a barrier: every rank calls it, only rank 0 brings a checkpoint.
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=dir_name)
-        progress.checkpointed(epoch + 2)
-    return history
-
-
 # ---- the driver ----------------------------------------------------------------------------------
+@dataclass
+class _RunOutcome:
+    """What a finished ``fit()`` left: the checkpoint to return (the best one) and the history."""
+
+    model: TwoTowerModel
+    vocab: ItemVocab
+    best: "ray.train.Checkpoint"
+    best_epoch: int
+    latest: "ray.train.Checkpoint"
+    history: list[dict]
+
+
 def _resolve_use_gpu(config: TrainConfig) -> bool:
     """``use_gpu=None``: GPUs only when the cluster has one per worker (else workers never start)."""
     import ray
@@ -403,16 +246,6 @@ def _resolve_use_gpu(config: TrainConfig) -> bool:
     if config.use_gpu is not None:
         return config.use_gpu
     return ray.cluster_resources().get("GPU", 0) >= config.num_workers
-
-
-def _export_epoch(run_uri: str, metrics: dict[str, Any]) -> None:
-    """The epoch's progress as Prometheus gauges (``aiplatform_train_*``); never fails training."""
-    try:
-        from aiplatform.observability.metrics import TrainingMetrics
-
-        TrainingMetrics.get().record_epoch(run_uri.rstrip("/").rsplit("/", 1)[-1], metrics)
-    except Exception as exc:
-        logging.getLogger("aiplatform.training.worker").debug("training metrics: %s", exc)
 
 
 def _previous_result(runs: RunStorage, run_name: str) -> "ray.train.Result | None":
@@ -453,6 +286,134 @@ def _vocab_of_existing_run(runs: RunStorage, run_name: str,
     return vocab
 
 
+def _require_train_v2() -> None:
+    """The loop relies on V2 behaviour (resume by run name, ``checkpoint_dir_name``): refuse V1."""
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():
+        raise ConfigError("RAY_TRAIN_V2_ENABLED=0 is not supported: unset it to use Ray Train V2")
+
+
+def _run_vocab(runs: RunStorage, run_name: str, items: pd.DataFrame, config: TrainConfig,
+               inputs: UserInputSpec, require_existing: bool) -> ItemVocab:
+    """The vocabulary the examples are encoded with: a resumed run keeps its own (so examples
+    are encoded as its weights expect), a new run builds one from today's catalogue."""
+    previous_vocab = _vocab_of_existing_run(runs, run_name, inputs)
+    if previous_vocab is None and require_existing:
+        raise NotFoundError(f"no training run '{run_name}' with a checkpoint under {runs.uri}: "
+                            "check the run name (aiplatform keeps runs under <home>/runs/) or start a new run")
+    vocab = previous_vocab or ItemVocab.from_items(items, n_price_buckets=config.price_buckets)
+    if vocab.n_items < 2:
+        raise DataValidationError("items", f"{vocab.n_items} item(s) in the catalogue", column="item_id",
+                                  expected="at least 2 distinct item ids")
+    return vocab
+
+
+def _loop_config(examples: "ray.data.Dataset", vocab: ItemVocab, config: TrainConfig, inputs: UserInputSpec, *,
+                 validate: bool, run_uri: str, call_id: str, fault: FaultInjection | None) -> dict[str, Any]:
+    """``train_loop_config``: plain values and object refs only, since Ray pickles it to every
+    worker (the vocabulary and item counts go once through the object store)."""
+    import ray
+
+    return {
+        "train_config": config.model_dump(),
+        "vocab_ref": ray.put(vocab.to_dict()),
+        "inputs": inputs.to_dict(),
+        "item_counts_ref": ray.put(item_frequencies(examples, vocab, config)) if config.logq_correction else None,
+        "validate": validate,
+        "run_uri": run_uri,
+        "call_id": call_id,
+        "fault": asdict(fault) if fault is not None else None,
+    }
+
+
+def _scaling_config(config: TrainConfig, use_gpu: bool) -> "ray.train.ScalingConfig":
+    """Workers, their resources (one GPU each when ``use_gpu``) and how Ray places them."""
+    import ray.train
+
+    return ray.train.ScalingConfig(
+        num_workers=config.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        placement_strategy=config.placement_strategy,
+    )
+
+
+def _run_config(runs: RunStorage, run_name: str, config: TrainConfig, metric: str | None) -> "ray.train.RunConfig":
+    """Where the run lives (``<runs>/<run_name>``, the storage root's own filesystem), which
+    checkpoints are kept (ranked by ``metric``, else by recency) and how many failures it survives."""
+    import ray.train
+
+    return ray.train.RunConfig(
+        storage_path=runs.path,
+        storage_filesystem=runs.filesystem,
+        name=run_name,
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=config.checkpoints_to_keep,
+            checkpoint_score_attribute=metric,
+            checkpoint_score_order=METRIC_ORDER[metric] if metric else "max",
+        ),
+        failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+    )
+
+
+def _run_outcome(result: "ray.train.Result", run_name: str, metric: str | None) -> _RunOutcome:
+    """The checkpoint to return (``best_checkpoint``: the latest unless an earlier one beats it
+    by more than the validation noise), loaded, and the run's history."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} finished without a checkpoint (no epoch completed)")
+    with result.checkpoint.as_directory() as d:
+        latest_extra = read_extra(d)
+    best = best_checkpoint(result, metric, latest_extra.get("metrics") or {})
+    with best.as_directory() as d:
+        model, vocab = load_artifact(d)
+        best_epoch = int(read_extra(d).get("epoch", 0))
+    history = result.return_value or latest_extra.get("history") or []
+    return _RunOutcome(model=model, vocab=vocab, best=best, best_epoch=best_epoch, latest=result.checkpoint,
+                       history=list(history))
+
+
+def _check_trained_on_something(history: list[dict], config: TrainConfig) -> None:
+    """A run whose every epoch saw no sample trained nothing: say why rather than return it."""
+    if history and all(h["samples"] == 0 for h in history):
+        raise DataValidationError(
+            "training examples",
+            f"no example has a target item in the catalogue and an event of at least "
+            f"'{config.min_event_type}'",
+            column="item_id",
+            hint="Check that the items file covers the events' item ids, or lower min_event_type",
+        )
+
+
+def _log_run(run_name: str, outcome: _RunOutcome, metric: str | None, steps_redone: int, restarts: int) -> None:
+    """The driver's summary: every epoch, what restarts cost, which epoch is returned and why."""
+    for m in outcome.history:
+        log.info("epoch %d loss=%.4f val_loss=%s val_recall=%s samples/s=%.0f", m["epoch"], m["loss"],
+                 m.get("val_loss"), m.get("val_recall"), m["samples_per_s"])
+    if restarts or steps_redone:
+        log.warning("run %s: %d worker-group restart(s), %d step(s) per worker redone", run_name,
+                    restarts, steps_redone)
+    log.info("run %s: best epoch %d by %s (of %d)", run_name, outcome.best_epoch, metric or "recency",
+             len(outcome.history))
+
+
+def _result_params(config: TrainConfig, use_gpu: bool, run_name: str, outcome: _RunOutcome) -> dict[str, Any]:
+    """The run's parameters as the registry records them: the config, what was resolved at run
+    time, and the returned model's shape (without its per-item lookup tables)."""
+    vocab = outcome.vocab
+    return {
+        **config.model_dump(),
+        "use_gpu": use_gpu,
+        "run_name": run_name,
+        "best_epoch": outcome.best_epoch,
+        "n_items": vocab.n_items,
+        "n_categories": vocab.n_categories,
+        "n_price_buckets": vocab.n_price_buckets,
+        "model_config": {k: v for k, v in outcome.model.config().items()
+                         if k not in ("item_category", "item_price_bucket")},
+    }
+
+
 def train_two_tower(
     examples: "ray.data.Dataset",
     items: pd.DataFrame,
@@ -490,60 +451,25 @@ def train_two_tower(
     catalogue at ``min_event_type`` or above) and ``ray.train.TrainingFailedError`` when a
     worker fails more often than ``config.max_failures``.
     """
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.constants import is_v2_enabled
 
-    if not is_v2_enabled():
-        raise ConfigError("RAY_TRAIN_V2_ENABLED=0 is not supported: unset it to use Ray Train V2")
+    _require_train_v2()
     started = time.perf_counter()
     runs = RunStorage.of(runs_dir)
     run_uri = runs.run_uri(run_name)
-    # A resumed run keeps its vocabulary, so examples are encoded as its weights expect.
-    previous_vocab = _vocab_of_existing_run(runs, run_name, inputs)
-    if previous_vocab is None and require_existing:
-        raise NotFoundError(f"no training run '{run_name}' with a checkpoint under {runs.uri}: "
-                            "check the run name (aiplatform keeps runs under <home>/runs/) or start a new run")
-    vocab = previous_vocab or ItemVocab.from_items(items, n_price_buckets=config.price_buckets)
-    if vocab.n_items < 2:
-        raise DataValidationError("items", f"{vocab.n_items} item(s) in the catalogue", column="item_id",
-                                  expected="at least 2 distinct item ids")
+    vocab = _run_vocab(runs, run_name, items, config, inputs, require_existing)
     _check_examples(examples, inputs)
     use_gpu = _resolve_use_gpu(config)
     datasets = training_datasets(examples, vocab, config, inputs)
     metric = config.checkpoint_metric if "validation" in datasets else None
     call_id = uuid.uuid4().hex[:12]
-
     trainer = TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config={
-            "train_config": config.model_dump(),
-            "vocab_ref": ray.put(vocab.to_dict()),
-            "inputs": inputs.to_dict(),
-            "item_counts_ref": ray.put(item_frequencies(examples, vocab, config)) if config.logq_correction else None,
-            "validate": "validation" in datasets,
-            "run_uri": run_uri,
-            "call_id": call_id,
-            "fault": asdict(fault) if fault is not None else None,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-            placement_strategy=config.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            storage_path=runs.path,
-            storage_filesystem=runs.filesystem,
-            name=run_name,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.checkpoints_to_keep,
-                checkpoint_score_attribute=metric,
-                checkpoint_score_order=METRIC_ORDER[metric] if metric else "max",
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-        ),
+        train_loop_per_worker,
+        train_loop_config=_loop_config(examples, vocab, config, inputs, validate="validation" in datasets,
+                                       run_uri=run_uri, call_id=call_id, fault=fault),
+        scaling_config=_scaling_config(config, use_gpu),
+        run_config=_run_config(runs, run_name, config, metric),
         datasets=datasets,
         # Every worker sees the whole validation slice (only rank 0 scores it).
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -553,50 +479,18 @@ def train_two_tower(
              metric or "recency", inputs.describe())
     result = trainer.fit()
     steps_redone, restarts = collect_progress(run_uri, call_id)
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} finished without a checkpoint (no epoch completed)")
-
-    with result.checkpoint.as_directory() as d:
-        latest_extra = read_extra(d)
-    best = best_checkpoint(result, metric, latest_extra.get("metrics") or {})
-    with best.as_directory() as d:
-        model, vocab = load_artifact(d)
-        best_epoch = int(read_extra(d).get("epoch", 0))
-    history = result.return_value or latest_extra.get("history") or []
-    if history and all(h["samples"] == 0 for h in history):
-        raise DataValidationError(
-            "training examples",
-            f"no example has a target item in the catalogue and an event of at least "
-            f"'{config.min_event_type}'",
-            column="item_id",
-            hint="Check that the items file covers the events' item ids, or lower min_event_type",
-        )
-    for m in history:
-        log.info("epoch %d loss=%.4f val_loss=%s val_recall=%s samples/s=%.0f", m["epoch"], m["loss"],
-                 m.get("val_loss"), m.get("val_recall"), m["samples_per_s"])
-    if restarts or steps_redone:
-        log.warning("run %s: %d worker-group restart(s), %d step(s) per worker redone", run_name,
-                    restarts, steps_redone)
-    log.info("run %s: best epoch %d by %s (of %d)", run_name, best_epoch, metric or "recency", len(history))
-    params = {
-        **config.model_dump(),
-        "use_gpu": use_gpu,
-        "run_name": run_name,
-        "best_epoch": best_epoch,
-        "n_items": vocab.n_items,
-        "n_categories": vocab.n_categories,
-        "n_price_buckets": vocab.n_price_buckets,
-        "model_config": {k: v for k, v in model.config().items() if k not in ("item_category", "item_price_bucket")},
-    }
+    outcome = _run_outcome(result, run_name, metric)
+    _check_trained_on_something(outcome.history, config)
+    _log_run(run_name, outcome, metric, steps_redone, restarts)
     return TrainResult(
-        model=model,
-        vocab=vocab,
-        checkpoint_path=runs.uri_of(best.path),
-        history=list(history),
-        params=params,
+        model=outcome.model,
+        vocab=outcome.vocab,
+        checkpoint_path=runs.uri_of(outcome.best.path),
+        history=outcome.history,
+        params=_result_params(config, use_gpu, run_name, outcome),
         duration_s=time.perf_counter() - started,
-        best_epoch=best_epoch,
-        latest_checkpoint_path=runs.uri_of(result.checkpoint.path),
+        best_epoch=outcome.best_epoch,
+        latest_checkpoint_path=runs.uri_of(outcome.latest.path),
         steps_redone=steps_redone,
         restarts=restarts,
     )
