@@ -141,27 +141,55 @@ def _aggregate(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: i
 
 def _top_summed(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: int, n_rows: int, m: int,
                 dense: bool | None = None) -> Cands:
-    """``_top_per_row(*_aggregate(row, item, weight, n_items), m)``, bit for bit, without
-    sorting every sum when the [rows x items] sums fit in a dense array: each row's ``m``-th
-    largest sum comes from one ``np.partition`` over the array, the items above it are kept,
-    then those equal to it in item order (``_top_per_row``'s tie rule) up to ``m``, and only the
-    kept ``rows x m`` are sorted. A neighbour source sums ~10,000 (user, item) pairs per batch
-    and keeps 100 per user: sorting all of them was a tenth of a request's CPU."""
+    """``_top_per_row(*_aggregate(row, item, weight, n_items), m)``, bit for bit, without sorting
+    every sum when the [rows x items] sums fit in a dense array (``_top_dense``). A neighbour
+    source sums ~10,000 (user, item) pairs per batch and keeps 100 per user: sorting all of them
+    was a tenth of a request's CPU."""
     size = n_rows * n_items
     if not len(row) or m >= n_items or not (dense if dense is not None else _dense(size, len(row))):
         return _top_per_row(*_aggregate(row, item, weight, n_items, dense), m)
     key = row.astype(np.int64) * n_items + item
     present = (np.bincount(key, minlength=size) > 0).reshape(n_rows, n_items)
     sums = np.bincount(key, weights=weight, minlength=size).reshape(n_rows, n_items)
-    if not np.isfinite(sums[present]).all():  # the tie rule below assumes ordered, finite sums
-        return _top_per_row(*_aggregate(row, item, weight, n_items, dense), m)
-    values = np.where(present, sums, -np.inf)
-    kth = -np.partition(-values, m - 1, axis=1)[:, m - 1:m]  # [rows, 1]; -inf: fewer than m items
-    above = values > kth
-    tied = (values == kth) & present
-    keep = above | (tied & (np.cumsum(tied, axis=1) <= m - above.sum(axis=1, keepdims=True)))
+    top = _top_dense(present, sums, m)
+    return top if top is not None else _top_per_row(*_aggregate(row, item, weight, n_items, dense), m)
+
+
+def _top_distinct(row: np.ndarray, item: np.ndarray, score: np.ndarray, n_items: int, n_rows: int, m: int) -> Cands:
+    """``_top_per_row(row, item, score, m)`` for candidates given once per (row, item) (the
+    catpop source: an item has one category), through ``_top_dense`` when that is cheap; the
+    sort when a pair repeats or the array would be large."""
+    size = n_rows * n_items
+    if len(row) and m < n_items and _dense(size, len(row)):
+        key = row.astype(np.int64) * n_items + item
+        counts = np.bincount(key, minlength=size)
+        if counts.max() == 1:
+            values = np.zeros(size)
+            values[key] = score
+            top = _top_dense((counts > 0).reshape(n_rows, n_items), values.reshape(n_rows, n_items), m)
+            if top is not None:
+                return top
+    return _top_per_row(row, item, score, m)
+
+
+def _top_dense(present: np.ndarray, values: np.ndarray, m: int) -> Cands | None:
+    """Each row's top ``m`` of ``values`` [rows, items] where ``present``, in ``_top_per_row``'s
+    order (score descending, then item): one ``np.partition`` finds each row's ``m``-th largest
+    value, the items above it are kept, then those equal to it in item order (the tie rule) up
+    to ``m``, and only the kept ``rows x m`` are sorted. None when a value is not finite (the
+    tie rule needs ordered values): the caller sorts instead."""
+    if not np.isfinite(values[present]).all():
+        return None
+    if present.sum(axis=1).max() <= m:  # every row keeps all it has (a user's own items): no cut
+        keep = present
+    else:
+        masked = np.where(present, values, -np.inf)
+        kth = -np.partition(-masked, m - 1, axis=1)[:, m - 1:m]  # [rows, 1]; -inf: fewer than m items
+        above = masked > kth
+        tied = (masked == kth) & present
+        keep = above | (tied & (np.cumsum(tied, axis=1) <= m - above.sum(axis=1, keepdims=True)))
     r, i = np.nonzero(keep)  # by row, then item
-    s = sums[r, i]
+    s = values[r, i]
     order = np.lexsort((-s, r))  # stable: equal scores stay in item order
     return r[order].astype(np.int64), i[order].astype(np.int64), s[order]
 
@@ -224,7 +252,7 @@ def source_candidates(tables: ItemTables, history: "History", config: CandidateC
         ii = items.reshape(-1)
         ok = ii >= 0
         rr, ii = rr[ok], ii[ok]
-        out["catpop"] = _top_per_row(rr, ii, aff[rr, tables.category[ii]] * tables.incat[ii], m)
+        out["catpop"] = _top_distinct(rr, ii, aff[rr, tables.category[ii]] * tables.incat[ii], n, b, m)
     if "own" in config.sources:
         w = TYPE_WEIGHTS[history.types] * 0.5 ** (history.ages / 7.0)
         out["own"] = _top_summed(history.row, history.items, w, n, b, m)

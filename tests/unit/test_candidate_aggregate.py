@@ -6,7 +6,8 @@ source's score and rank at the merged candidates, and the user's own events per 
 import numpy as np
 import pytest
 
-from aiplatform.models.candidate_sources import _aggregate, _gather, _own_features, _top_per_row, _top_summed
+from aiplatform.models.candidate_sources import (_aggregate, _gather, _own_features, _top_distinct, _top_per_row,
+                                                 _top_summed)
 from aiplatform.models.user_history import History
 
 
@@ -87,3 +88,19 @@ def test_own_features_dense_and_sorted_agree():
     for name in dense:
         np.testing.assert_array_equal(dense[name], sorted_[name], err_msg=name)
     assert np.isnan(dense["own_age"]).any() and (dense["own_n"] > 0).any()
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_top_distinct_equals_sorting_with_ties_and_falls_back_on_a_repeated_pair(repeat):
+    """The catpop source's candidates: each (user, item) once, scores with ties; a repeated
+    pair (not expected, but possible for a caller) takes the sort, with the same result."""
+    rng = np.random.default_rng(11)
+    users, items, m = 16, 400, 30
+    row = np.repeat(np.arange(users), 60)
+    item = np.concatenate([rng.choice(items, 60, replace=False) for _ in range(users)])
+    score = rng.integers(1, 6, len(row)) / 8.0  # five levels: ties at the cut
+    if repeat:
+        row, item, score = np.append(row, 0), np.append(item, item[0]), np.append(score, 1.0)
+    got = _top_distinct(row, item, score, items, users, m)
+    for a, b in zip(got, _top_per_row(row, item, score, m), strict=True):
+        np.testing.assert_array_equal(a, b)
