@@ -210,6 +210,14 @@ def session_weights(history: "History") -> np.ndarray:
     return _session_weights(history.row, history.ages)
 
 
+def _per_row_and_category(row: np.ndarray, cat: np.ndarray, weight: np.ndarray, n_rows: int,
+                          n_categories: int) -> np.ndarray:
+    """[rows, categories] sums of ``weight``: ``np.add.at`` by a ``bincount`` (both add in input
+    order from zero, so the same bits; the bincount is ~7x faster, and a batch makes a dozen)."""
+    key = row.astype(np.int64) * n_categories + cat
+    return np.bincount(key, weights=weight, minlength=n_rows * n_categories).reshape(n_rows, n_categories)
+
+
 def category_affinity(history: "History", n_categories: int, category: np.ndarray, half_life: float,
                       by_session: bool = True) -> np.ndarray:
     """[B, n_cat] share of the user's sessions (or events) per category, each weighted
@@ -217,8 +225,7 @@ def category_affinity(history: "History", n_categories: int, category: np.ndarra
     w = 0.5 ** (history.ages / half_life)
     if by_session:
         w = w * session_weights(history)
-    out = np.zeros((len(history), n_categories))
-    np.add.at(out, (history.row, category[history.items]), w)
+    out = _per_row_and_category(history.row, category[history.items], w, len(history), n_categories)
     total = out.sum(axis=1, keepdims=True)
     return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
 
@@ -391,8 +398,7 @@ def candidate_feature_arrays(tables: ItemTables, history: "History", cands: Mapp
     # the user is (a share of 0.1 is a weak preference for a user with three clear ones and
     # a strong one for a user who browses everything)
     sw = session_weights(history)
-    sessions = np.zeros((b, tables.n_categories))
-    np.add.at(sessions, (hr, tables.category[history.items]), sw)
+    sessions = _per_row_and_category(hr, tables.category[history.items], sw, b, tables.n_categories)
     f["cat_sessions"] = sessions[row, cat]
     f["u_sessions"] = sessions.sum(axis=1)[row]
     aff_all = affinity(1e9)
