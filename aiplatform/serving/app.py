@@ -150,7 +150,6 @@ class RecommendationAPI:
                                         variant or alias, resilience)
         if follow_alias:
             self.versions.follow(alias, alias_poll_s)
-        self.alias = alias
         # the experiment's routing, exposures, outcomes and mirrors to the shadow's deployment
         self.experiments = ExperimentTraffic(self.versions, alias_poll_s, shadow_scorer) if experiments else None
         self.service_name = service_name
@@ -165,22 +164,9 @@ class RecommendationAPI:
         tracing.shutdown()
 
     async def reconfigure(self, config: dict) -> None:
-        """Serve's in-place update of ``user_config``: ``{"version": N}`` pins version N (the
-        variant is ``vN``), ``{"alias": "champion"}`` follows an alias again. The new version is
-        loaded in a worker thread while the current one keeps answering (``serving.versions``)."""
-        config = dict(config or {})
-        unknown = set(config) - {"version", "alias", "alias_poll_s"}
-        if unknown:
-            raise ValueError(f"user_config: unknown keys {sorted(unknown)}; use version, alias, alias_poll_s")
-        if config.get("version") is not None:
-            self.versions.unfollow()
-            version = int(config["version"])
-            await asyncio.to_thread(self.versions.switch, version=version, variant=f"v{version}")
-        elif config.get("alias"):
-            alias = str(config["alias"])
-            await asyncio.to_thread(self.versions.switch, alias=alias, variant=alias)
-            self.versions.follow(alias, float(config.get("alias_poll_s", 2.0)))
-            self.alias = alias
+        """Serve's in-place update of ``user_config`` (``VersionSwitcher.apply_user_config``):
+        the new version is loaded in a worker thread while the current one keeps answering."""
+        await asyncio.to_thread(self.versions.apply_user_config, dict(config or {}))
 
     @property
     def pipeline(self) -> RecommendPipeline:

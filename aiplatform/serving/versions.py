@@ -169,6 +169,24 @@ class VersionSwitcher:
             log.info("switched %s from v%d to v%d in place", self.model_name, before, target)
             return True
 
+    def apply_user_config(self, config: dict) -> None:
+        """A deployment's ``user_config`` (Serve's in-place update, ``reconfigure``):
+        ``{"version": N}`` pins version N (the variant is ``vN``) and stops following an alias;
+        ``{"alias": "champion"}`` switches to the alias's version and follows it again (every
+        ``alias_poll_s``, default 2 s). Blocks while the new version loads; the current one keeps
+        answering until then. An unknown key is a ValueError naming the keys allowed."""
+        unknown = set(config) - {"version", "alias", "alias_poll_s"}
+        if unknown:
+            raise ValueError(f"user_config: unknown keys {sorted(unknown)}; use version, alias, alias_poll_s")
+        if config.get("version") is not None:
+            self.unfollow()
+            version = int(config["version"])
+            self.switch(version=version, variant=f"v{version}")
+        elif config.get("alias"):
+            alias = str(config["alias"])
+            self.switch(alias=alias, variant=alias)
+            self.follow(alias, float(config.get("alias_poll_s", 2.0)))
+
     # ---- following an alias ---------------------------------------------------------------
     def follow(self, alias: str, poll_s: float) -> None:
         """Poll ``alias`` every ``poll_s`` seconds in a daemon thread and switch when it moves."""

@@ -237,6 +237,29 @@ def test_a_version_switch_stops_the_replaced_pipelines_poller(root):
     new.close()
 
 
+def test_user_config_pins_a_version_follows_an_alias_again_and_refuses_an_unknown_key(root):
+    """What Serve's ``reconfigure`` hands the switcher: ``version`` pins it (and stops following
+    the alias), ``alias`` switches back and follows again, an unknown key changes nothing."""
+    layout = root["layout"]
+    registry = ModelRegistry(layout)
+    first = resolve_version(registry, layout, "apps.shop.features", "recommender_user", "two_tower", version=1)
+    switcher = VersionSwitcher(layout.root, root["store"], "apps.shop.features", "recommender_user", "two_tower",
+                               first, "champion", resilience=MANUAL)
+    try:
+        switcher.follow("champion", 3600)
+        switcher.apply_user_config({"version": 2})
+        assert (switcher.current.version.version, switcher.current.variant, switcher.following) == (2, "v2", None)
+        with pytest.raises(ValueError, match="unknown keys \\['versoin'\\]; use version, alias"):
+            switcher.apply_user_config({"versoin": 1})
+        assert switcher.current.version.version == 2
+        switcher.apply_user_config({"alias": "champion", "alias_poll_s": 3600})
+        assert (switcher.current.version.version, switcher.current.variant, switcher.following) == \
+            (1, "champion", "champion")
+    finally:
+        switcher.unfollow()
+        switcher.current.pipeline.close()
+
+
 def test_an_experiment_variant_on_the_served_version_keeps_its_feed_after_the_switcher_moves_on(root):
     """An experiment's variant pinned to the version the replica serves shares the switcher's
     pipeline; when the switcher moves to another version, that variant still answers from
