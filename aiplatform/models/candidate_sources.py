@@ -121,6 +121,12 @@ def _dense(size: int, n: int) -> bool:
     return size <= 8 * n + (1 << 16)
 
 
+def _dense_sums(key: np.ndarray, weight: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(count, summed ``weight``) of every key in ``0..size-1``; ``bincount`` adds in input order,
+    which is what makes the dense paths bit-identical to the sorted ones."""
+    return np.bincount(key, minlength=size), np.bincount(key, weights=weight, minlength=size)
+
+
 def _aggregate(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: int,
                dense: bool | None = None) -> Cands:
     """The summed ``weight`` per distinct (row, item), ordered by row then item.
@@ -132,9 +138,9 @@ def _aggregate(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: i
     key = row.astype(np.int64) * n_items + item
     size = int(key.max()) + 1 if len(key) else 0
     if dense if dense is not None else _dense(size, len(key)):
-        counts = np.bincount(key, minlength=size)
+        counts, sums = _dense_sums(key, weight, size)
         uniq = np.flatnonzero(counts)
-        return uniq // n_items, uniq % n_items, np.bincount(key, weights=weight, minlength=size)[uniq]
+        return uniq // n_items, uniq % n_items, sums[uniq]
     uniq, inv = np.unique(key, return_inverse=True)
     return uniq // n_items, uniq % n_items, np.bincount(inv, weights=weight, minlength=len(uniq))
 
@@ -146,13 +152,12 @@ def _top_summed(row: np.ndarray, item: np.ndarray, weight: np.ndarray, n_items: 
     source sums ~10,000 (user, item) pairs per batch and keeps 100 per user: sorting all of them
     was a tenth of a request's CPU."""
     size = n_rows * n_items
-    if not len(row) or m >= n_items or not (dense if dense is not None else _dense(size, len(row))):
-        return _top_per_row(*_aggregate(row, item, weight, n_items, dense), m)
-    key = row.astype(np.int64) * n_items + item
-    present = (np.bincount(key, minlength=size) > 0).reshape(n_rows, n_items)
-    sums = np.bincount(key, weights=weight, minlength=size).reshape(n_rows, n_items)
-    top = _top_dense(present, sums, m)
-    return top if top is not None else _top_per_row(*_aggregate(row, item, weight, n_items, dense), m)
+    if len(row) and m < n_items and (dense if dense is not None else _dense(size, len(row))):
+        counts, sums = _dense_sums(row.astype(np.int64) * n_items + item, weight, size)
+        top = _top_dense((counts > 0).reshape(n_rows, n_items), sums.reshape(n_rows, n_items), m)
+        if top is not None:
+            return top
+    return _top_per_row(*_aggregate(row, item, weight, n_items, dense), m)
 
 
 def _top_distinct(row: np.ndarray, item: np.ndarray, score: np.ndarray, n_items: int, n_rows: int, m: int) -> Cands:

@@ -127,15 +127,13 @@ def check_events_features(config: "CandidateConfig", service: "FeatureService", 
 
 
 def rank_requests(ranker: "CandidateRanker", requests: list[dict[str, Any]], *,
-                  catalogue: "pd.Index | None" = None, as_of: "pd.Timestamp | None" = None,
-                  ) -> list[Scored]:
+                  as_of: "pd.Timestamp | None" = None) -> list[Scored]:
     """The candidate pipeline on a batch of requests ``{'user_id', 'events': the feature row's
     recent-event lists, 'exclude': item ids never to recommend, 'candidates': [(item_id,
     retrieval score)], 'k'}``: ``history_from_rows`` -> ``ranker.scored`` with the
     two-tower's candidates as the external source and the request's exclusions -> top ``k`` per
-    request, in ``CandidateRanker.recommend``'s order (score, then catalogue order).
-    ``catalogue`` (the ranker's item ids as an Index) is accepted for callers that have it; the
-    ranker's own code table is used either way."""
+    request, in ``CandidateRanker.recommend``'s order (score, then catalogue order). Item ids
+    become codes through the ranker's own table (``ItemTables.codes``)."""
     from aiplatform.models.candidates import history_from_rows
 
     as_of = ranker.as_of if as_of is None else as_of
@@ -207,12 +205,11 @@ class RecommendPipeline:
         if self.ranker is not None:  # what build_app checked: checked again where it is loaded
             check_events_features(self.ranker.config, self.service,
                                   where=f"serving {directory} with {features_module}")
-            self.catalogue = pd.Index(self.ranker.tables.item_ids)
             self.n_candidates = int(self.ranker.config.per_source)
             names = self.ranker.config.events_features
             self.events_features = [n for n in names if n in self.service.stored_dtypes]
         else:
-            self.catalogue, self.n_candidates, self.events_features = None, 0, []
+            self.n_candidates, self.events_features = 0, []
         self.config = config or ResilienceConfig()
         timer = timer or time.monotonic
         self.store = open_online_store(online_store)
@@ -401,7 +398,7 @@ class RecommendPipeline:
             return
         with stages.stage("ranker", batch_rows) as st:
             try:
-                ranked = self.breakers["ranker"].call(rank_requests, self.ranker, batch, catalogue=self.catalogue,
+                ranked = self.breakers["ranker"].call(rank_requests, self.ranker, batch,
                                                       as_of=self.ranker.as_of)
             except Exception as exc:
                 st.fail(exc)
