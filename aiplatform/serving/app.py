@@ -153,6 +153,7 @@ class RecommendationAPI:
         # the experiment's routing, exposures, outcomes and mirrors to the shadow's deployment
         self.experiments = ExperimentTraffic(self.versions, alias_poll_s, shadow_scorer) if experiments else None
         self.service_name = service_name
+        self.replica = serve.get_replica_context().replica_id.unique_id  # /healthz?detail=true names it
         self._stopped = start_metrics_export(lambda: self.pipeline, service_name)  # set by __del__
         tune_gc()  # last: what was loaded above is never scanned again
 
@@ -288,7 +289,7 @@ class RecommendationAPI:
         come from caches and the popular items; a restart would not help, so this is still a
         200); ``?detail=true`` adds this replica's counters."""
         served = self.versions.current
-        serving = served.pipeline.serving_status()
+        serving = {"replica": self.replica, **served.pipeline.serving_status()}
         health = Health(status="ok" if serving["healthy"] else "degraded",
                         model=ModelRef(name=served.version.name, version=served.version.version),
                         items=served.pipeline.count(), variant=served.variant, **self.versions.status(),

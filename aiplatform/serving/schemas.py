@@ -94,7 +94,8 @@ class Health(BaseModel):
     experiment: dict | None = Field(None, description="The active experiment this replica routes by: its name, "
                                                       "revision, each variant's model version and the shadow's; "
                                                       "null when none is active.")
-    serving: dict | None = Field(None, description="With ?detail=true: this replica's cache hit rates, degraded "
+    serving: dict | None = Field(None, description="With ?detail=true: which replica answered (`replica`, "
+                                                  "Serve's id), its cache hit rates, degraded "
                                                   "answers per component (online_store, tower, retriever, ranker) "
                                                   "and circuit breakers (state, failures, rejections).")
 

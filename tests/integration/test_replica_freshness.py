@@ -7,6 +7,7 @@ store's feed (``serving.freshness``), and its next answer is recomputed without 
 Run on both online stores: a SQLite file and a real redis-server. No Ray is needed: the
 pipeline is plain Python (the Serve path of ``POST /v1/events`` is in test_degraded.py)."""
 
+import itertools
 import os
 import sqlite3
 import time
@@ -325,10 +326,11 @@ def two_replicas(ray_session, tmp_path_factory):
 
 
 def test_through_serve_every_replica_stops_recommending_what_was_just_bought(two_replicas):
-    """Both replicas cache u11's answer (60 requests: Serve spreads them over both; the chance
-    that one gets none is 2^-59), one of them takes the purchase, and from then on every answer,
-    whichever replica gives it, leaves the item out: without the feed the other replica would
-    serve its cached answer for 600 s and the loop below would run into its deadline."""
+    """Both replicas cache u11's answer (asked until ``/healthz?detail=true``, which names the
+    replica that answered, has shown a cached answer in two replicas: the ingress may take a
+    moment to route to the second), one of them takes the purchase, and from then on every
+    answer, whichever replica gives it, leaves the item out: without the feed the other replica
+    would serve its cached answer for 600 s and the loop below would run into its deadline."""
     with httpx.Client(base_url=two_replicas, timeout=60) as client:
         def recommend() -> list[str]:
             resp = client.post("/v1/recommendations", json={"user_id": "u11", "k": K})
@@ -336,8 +338,24 @@ def test_through_serve_every_replica_stops_recommending_what_was_just_bought(two
             assert resp.json()["fallback"] is None
             return [i["item_id"] for i in resp.json()["items"]]
 
+        def replica() -> dict:
+            resp = client.get("/healthz", params={"detail": "true"})
+            assert resp.status_code == 200, resp.text
+            serving = resp.json()["serving"]
+            assert serving["replica"], "/healthz?detail=true names no replica"
+            return serving
+
         first = recommend()
-        assert all(recommend() == first for _ in range(60))
+        cached: set[str] = set()
+        deadline = time.monotonic() + 120  # for a second replica never routed to, not a speed assertion
+        for ask in itertools.cycle([1, 2]):  # HAProxy balances round robin: vary which one /healthz meets
+            assert time.monotonic() < deadline, f"u11's answer is cached in {sorted(cached)} only"
+            if len(cached) == 2:
+                break
+            assert all(recommend() == first for _ in range(ask))
+            serving = replica()
+            if serving["caches"]["answers"]["size"] > 0:
+                cached.add(serving["replica"])
         bought = first[0]
         resp = client.post("/v1/events", json={"events": [{
             "user_id": "u11", "item_id": bought, "event_type": "purchase",
@@ -348,10 +366,16 @@ def test_through_serve_every_replica_stops_recommending_what_was_just_bought(two
         while fresh < 30:
             assert time.monotonic() < deadline, "a replica kept answering with the bought item"
             fresh = fresh + 1 if bought not in recommend() else 0
-        feeds = []
-        for _ in range(30):  # /healthz lands on either replica
-            resp = client.get("/healthz", params={"detail": "true"})
-            assert resp.status_code == 200, resp.text
-            feeds.append(resp.json()["serving"]["caches"]["feed"])
-        assert all(f["poll_errors"] == 0 and f["running"] for f in feeds)
-        assert max(f["remote_invalidations"] for f in feeds) >= 2  # the other replica's row and answer
+        feeds: dict[str, dict] = {}
+        deadline = time.monotonic() + 60
+        for ask in itertools.cycle([0, 1]):
+            assert time.monotonic() < deadline, f"/healthz answered from {sorted(feeds)} only"
+            if len(feeds) == 2:
+                break
+            assert all(bought not in recommend() for _ in range(ask))
+            serving = replica()
+            feeds[serving["replica"]] = serving["caches"]["feed"]
+        assert set(feeds) == cached
+        assert all(f["poll_errors"] == 0 and f["running"] for f in feeds.values())
+        # the replica that did not take the purchase dropped u11's row and answer when it read the feed
+        assert max(f["remote_invalidations"] for f in feeds.values()) >= 2
