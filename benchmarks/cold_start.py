@@ -12,7 +12,10 @@ Contenders, on the same storage root and model version:
   ``start`` on 127.0.0.1, a free port) with ``autoscaling_config`` min 0 / max 1, on a local Ray
   started by this process (``core.runtime.ensure_ray``; Ray and Serve's controller and proxy are
   up, as in production: only the replica is gone). Each round waits until Serve reports 0
-  replicas, then times one ``POST /v1/recommendations`` from sent to its 200 answer. The
+  replicas, then times one ``POST /v1/recommendations`` from sent to its 200 answer, on the
+  keep-alive connection of the requests before (as a client's connection pool would send it:
+  with HAProxy the worst case, since that connection may still be served by the HAProxy process
+  that predates the scale-down, whose server list still names the stopped replica). The
   request carries ``x-request-timeout-seconds`` so that a start slower than the proxy's 10 s HTTP
   deadline is measured rather than cut off; such rounds are counted (a client without the
   header would have had a 408). While the request waits, Serve's status is polled to split the
@@ -237,7 +240,8 @@ def main() -> None:
         rows.append([name, len(s), float(np.median(s)), float(s.max()), over, "yes" if s.max() <= GOAL_S else "no"])
     print_table(f"Seconds to the first answer of POST /v1/recommendations from nothing running (goal <= {GOAL_S:.0f} s)",
                 ["contender", "n", "p50 s", "max s", f"> {PROXY_DEADLINE_S:.0f} s deadline", "max <= goal"], rows)
-    phases = [[i + 1, r["replica_exists_s"], r["replica_running_s"], r["seconds"]] for i, r in enumerate(served)]
+    phases = [[i + 1, *("?" if v is None else f"{v:.2f}" for v in
+                        (r["replica_exists_s"], r["replica_running_s"], r["seconds"]))] for i, r in enumerate(served)]
     print_table("serve from zero: where the time goes (seconds after the request was sent)",
                 ["round", "replica scheduled", "replica RUNNING", "answer"], phases)
     path = save("cold_start", {

@@ -49,6 +49,14 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
             # drop it (Ray's default 30 s: every `serve.delete` and scale-down waits that long).
             # Here the only balancer is HAProxy, which Serve updates itself within a second.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+            # A client's keep-alive connection outlives HAProxy's reloads: the old process answers
+            # its next request with the old server list, so after a scale to zero that request
+            # first meets the stopped replica. Ray marks a server down after 3 refused connects,
+            # 1 s apart (~3 s before the request falls to Serve's proxy, which starts a replica);
+            # after one refused connect it costs ~1 s (benchmarks/cold_start.py: the first cold
+            # round 5.7-6.3 s -> 3.8-3.9 s). A live replica wrongly marked down is back within a
+            # health check, its traffic meanwhile through Serve's proxy.
+            "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1",
             "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
 
