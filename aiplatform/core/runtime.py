@@ -7,9 +7,11 @@ address, the existing cluster is used as it is.
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
+from pathlib import Path
 
 from aiplatform.core.settings import Settings
 
@@ -35,8 +37,7 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
     and a benchmark, two users) never rewrite each other's proxy."""
     if mode != "haproxy":
         return {}
-    # Serve adds a 56-character folder under it, and HAProxy refuses a socket path over 97
-    state = tempfile.mkdtemp(prefix="aip-hap-", dir="/tmp" if os.path.isdir("/tmp") else None)  # nosec B108  # mkdtemp: a new 0700 folder
+    state = _new_state_folder()
     return {**HAPROXY_INGRESS_ENV,
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state, "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state, "admin.sock"),
@@ -59,6 +60,48 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1",
             "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
+
+
+STATE_PREFIX = "aip-hap-"
+OWNER_FILE = "owner.pid"
+
+
+def _new_state_folder() -> str:
+    """A new folder for one private Ray's HAProxy (config, socket, logs), named with the process
+    that owns it, after removing the folders whose owners have exited: each run makes one, and
+    nothing else would ever delete them."""
+    # Serve adds a 56-character folder under it, and HAProxy refuses a socket path over 97
+    base = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()  # nosec B108
+    remove_orphaned_state_folders(base)
+    state = tempfile.mkdtemp(prefix=STATE_PREFIX, dir=base)  # a new 0700 folder
+    Path(state, OWNER_FILE).write_text(str(os.getpid()))
+    return state
+
+
+def remove_orphaned_state_folders(base: str) -> list[str]:
+    """Delete the HAProxy state folders under ``base`` whose owning process is gone; returns
+    them. A folder without an owner file (another tool's, or older) is left alone, and so is a
+    live owner's: a recycled process id only keeps a stale folder a while longer."""
+    removed = []
+    for folder in Path(base).glob(f"{STATE_PREFIX}*"):
+        try:
+            pid = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _process_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def ensure_ray(settings: Settings | None = None, *, quiet: bool = True) -> None:
