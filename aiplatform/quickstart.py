@@ -104,7 +104,8 @@ def run_quickstart(settings: Settings, opts: QuickstartOptions, console: Console
                   f"popularity of {feats.items:,} items as of {feats.as_of:%Y-%m-%d %H:%M}")
 
     from aiplatform.core.errors import ConflictError
-    from aiplatform.jobs.train import format_metrics, run_training
+    from aiplatform.jobs.train import run_training
+    from aiplatform.jobs.train_report import format_metrics
     from aiplatform.registry.registry import ModelRegistry
     from aiplatform.training.config import TrainConfig
 

@@ -35,39 +35,33 @@ Gates:
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
-from aiplatform.core.errors import AIPlatformError, ConfigError, ConflictError, UserInputError
+from aiplatform.core.errors import AIPlatformError, ConfigError, UserInputError
 from aiplatform.core.runtime import ensure_ray
 from aiplatform.core.settings import Settings
-from aiplatform.core.storage import Layout, filesystem_for, is_uri, join
+from aiplatform.core.storage import Layout
 from aiplatform.data import eventlog, lake
 from aiplatform.features import pipeline as features
 from aiplatform.features.definitions import FeatureService, FeatureView
-from aiplatform.models.candidates import CANDIDATES_DIR, CandidateConfig, CandidateRanker
+from aiplatform.jobs.publish import apply_gate_outcome, quality_gates, register_version
+from aiplatform.jobs.train_report import TrainingReport, baseline_sentence, format_metrics
+from aiplatform.models.candidates import CandidateConfig, CandidateRanker
 from aiplatform.models.inputs import UserInputSpec
-from aiplatform.observability.cost import training_resources
-from aiplatform.registry.lineage import collect as collect_lineage
-from aiplatform.registry.registry import ModelRegistry, ModelVersion
+from aiplatform.registry.registry import ModelRegistry
 from aiplatform.training.baselines import Ease
 from aiplatform.training.candidates import RankerWindow, fit_ranker, ranker_windows
 from aiplatform.training.config import TrainConfig
-from aiplatform.training.evaluate import GateResult, check_gates
 from aiplatform.training.recommender import (
-    BASELINES,
     TWO_TOWER,
     TwoTowerSource,
     evaluate_recommender,
@@ -87,36 +81,6 @@ EXIT_GATE_FAILED = 3
 LABEL_KIND = "label_kind"
 """Marker column of the one labels frame: ``example`` (a training example) or ``context`` (a
 validation user at the cutoff)."""
-
-
-@dataclass
-class TrainingReport:
-    model_name: str
-    version: int
-    promoted: bool
-    metrics: dict
-    examples: int
-    validation_users: int
-    cutoff: str
-    checkpoint: str
-    train_seconds: float
-    eval_seconds: float
-    aliases: list[str] = field(default_factory=list)
-    gates: list[dict] = field(default_factory=list)
-    split: str = ""
-
-    @property
-    def gates_passed(self) -> bool:
-        return all(g["passed"] for g in self.gates)
-
-    @property
-    def failed_gates(self) -> list[dict]:
-        return [g for g in self.gates if not g["passed"]]
-
-    def beats_baselines(self) -> dict[str, bool]:
-        """Per evaluated baseline: is the model ahead on both recall@k and NDCG@k by more than
-        two standard errors of the per-user paired difference?"""
-        return dict(self.metrics.get("beats_baselines", {}))
 
 
 @dataclass
@@ -173,14 +137,14 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
     context = _eval_context(result, contexts, split, events_pd, items, candidates, config)
     metrics, served = _evaluate_pipeline(context, candidates, windows, serve_windows)
     metrics["split"] = split.summary()
-    gates = _quality_gates(metrics, split, events_pd, config)
+    gates = quality_gates(metrics, split, events_pd, config)
     metrics["gates"] = gates
     eval_seconds = time.perf_counter() - eval_started
     for line in verdict_lines(metrics, config.eval_k):
         log.info(line)
 
     registry = ModelRegistry(layout)
-    version = _register_version(
+    version = register_version(
         registry, layout, service, config, model_name=model_name, run_name=run_name, result=result, served=served,
         metrics=metrics, split=split,
         counts={"events": int(len(events_pd)), "items": int(len(items)), "examples": int(n_examples)})
@@ -189,7 +153,7 @@ def run_training(layout: Layout, config: TrainConfig, model_name: str = "two_tow
         examples=int(n_examples), validation_users=int(metrics["users"]), cutoff=str(split.cutoff),
         checkpoint=result.checkpoint_path, train_seconds=result.duration_s, eval_seconds=eval_seconds,
         gates=gates, split=split.name)
-    _apply_gate_outcome(registry, report, promote=promote, always_promote=always_promote)
+    apply_gate_outcome(registry, report, promote=promote, always_promote=always_promote)
     return report
 
 
@@ -285,47 +249,6 @@ def _evaluate_pipeline(ev: _EvalContext, candidates: CandidateConfig | None, win
     return metrics, served
 
 
-def _quality_gates(metrics: dict, split: EvalSplit, events: pd.DataFrame, config: TrainConfig) -> list[dict]:
-    """Every gate's result (``check_gates`` on the metrics, then ``enough_users_gate``), as the
-    JSON-ready dicts the registry and the report keep."""
-    gates = [asdict(g) for g in check_gates(metrics, config.gates, config.eval_k)]
-    gates.append(asdict(enough_users_gate(split, config.min_validation_users, events)))
-    return gates
-
-
-def _register_version(registry: ModelRegistry, layout: Layout, service: FeatureService, config: TrainConfig, *,
-                      model_name: str, run_name: str, result: TrainResult, served: CandidateRanker | None,
-                      metrics: dict, split: EvalSplit, counts: dict[str, int]) -> ModelVersion:
-    """Register the run's best checkpoint (with the served candidate ranker in it) under
-    ``model_name``, gates passed or not: a model's metrics are worth keeping either way. The
-    lineage records what it was trained on; ``counts`` are the events, items and examples."""
-    lineage = collect_lineage(
-        layout, service, config.model_dump(mode="json"),
-        evaluation={"split": split.name, "cutoff": str(split.cutoff), "users": int(metrics["users"]),
-                    "reason": split.reason},
-        **counts, run=run_name,
-        training=training_resources(result.duration_s, result.params))  # what `aiplatform report cost` prices
-    with artifact_to_register(result.checkpoint_path, served) as artifact_dir:
-        return registry.register(model_name, artifact_dir, metrics=metrics, params=result.params,
-                                 checkpoint_uri=result.checkpoint_path, lineage=lineage)
-
-
-def _apply_gate_outcome(registry: ModelRegistry, report: TrainingReport, *, promote: bool,
-                        always_promote: bool) -> None:
-    """Log each gate, give the registered version the aliases it earned (``apply_aliases``) and
-    record them in ``report``; a failed gate is a warning that says whether it was forced."""
-    for g in report.gates:
-        (log.info if g["passed"] else log.warning)(g["message"])
-    enough = next(g["passed"] for g in report.gates if g["gate"] == "min_validation_users")
-    report.aliases = apply_aliases(registry, report.model_name, report.version, report.gates_passed,
-                                   promote=promote, always_promote=always_promote, enough_data=enough)
-    if not report.gates_passed:
-        log.warning("model %s v%d failed %d gate(s): %s", report.model_name, report.version,
-                    len(report.failed_gates), "champion anyway" if "champion" in report.aliases
-                    else "registered without an alias")
-    report.promoted = "champion" in report.aliases
-
-
 def _after(events: pd.DataFrame) -> pd.Timestamp:
     """Just after the last event: every training event may become a training example."""
     return pd.to_datetime(events["timestamp"], utc=True).max() + pd.Timedelta(microseconds=1)
@@ -383,116 +306,10 @@ def pipeline_verdict(metrics: dict, k: int, min_gain: float) -> tuple[bool, str]
                 f"(needs > {need:.4f}, ranker_min_ndcg_gain {min_gain:g})")
 
 
-def enough_users_gate(split: EvalSplit, min_users: int, events: pd.DataFrame) -> GateResult:
-    """Gates never decide on fewer validation users than ``min(min_users, all users)``."""
-    n_all = int(events["user_id"].astype(str).nunique())
-    need = min(min_users, n_all)
-    ok = split.n_users >= need
-    return GateResult("min_validation_users", ok, float(split.n_users), float(need),
-                      f"gate min_validation_users {'passed' if ok else 'FAILED'}: {split.n_users} validation users "
-                      f"({split.name}; need >= {need})" + ("" if ok else
-                      ": not enough validation data to decide; the model is not promoted unless --promote"))
-
-
 def _rows_of(frame, kind: str):
     """The rows of the labels frame whose ``label_kind`` is ``kind``."""
     return frame.map_batches(lambda b: b.filter(pc.equal(b[LABEL_KIND], kind)), batch_format="pyarrow",
                              batch_size=None)
-
-
-@contextlib.contextmanager
-def artifact_to_register(checkpoint: str, ranker: CandidateRanker | None = None) -> Iterator[str]:
-    """The folder to register: the run's best checkpoint, with the candidate ranker in
-    ``candidates/`` when one is served.
-
-    A local checkpoint gets the ranker written in place. A checkpoint in the object store is
-    never written to: it is downloaded to a temporary folder, the ranker is added there and
-    that folder is registered (the registry uploads it to the version's own folder). Without a
-    ranker the checkpoint is registered as it is, wherever it is."""
-    if ranker is None:
-        yield checkpoint
-        return
-    if not is_uri(checkpoint):
-        ranker.save(join(checkpoint, CANDIDATES_DIR))
-        yield checkpoint
-        return
-    with tempfile.TemporaryDirectory(prefix="aiplatform-artifact-") as tmp:
-        local = Path(tmp) / "artifact"
-        local.mkdir()
-        fs, path = filesystem_for(checkpoint)
-        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        ranker.save(str(local / CANDIDATES_DIR))
-        yield str(local)
-
-
-def apply_aliases(registry: ModelRegistry, model_name: str, version: int, gates_passed: bool,
-                  promote: bool = False, always_promote: bool = False, enough_data: bool = True) -> list[str]:
-    """Set and return the aliases a new version earns.
-
-    Passing every gate earns ``challenger``; ``champion`` too when the model has none yet (a
-    first run must be servable) or with ``promote``. ``always_promote`` makes it champion
-    whatever the gates say. A version that fails a gate and is not forced gets nothing. With
-    too few validation users (``enough_data`` false) the gates cannot decide: nothing, unless
-    ``promote`` (or ``always_promote``) makes it champion.
-    """
-    aliases: list[str] = []
-    if not enough_data:
-        if promote or always_promote:
-            registry.set_alias(model_name, "champion", version,
-                               reason="not enough validation data to decide; --promote")
-            aliases.append("champion")
-        return aliases
-    if gates_passed:
-        registry.set_alias(model_name, "challenger", version, reason="passed the quality gates")
-        aliases.append("challenger")
-        if promote:
-            registry.set_alias(model_name, "champion", version, reason="passed the gates; --promote")
-            aliases.append("champion")
-        elif "champion" not in registry.aliases(model_name):
-            # Compare-and-set on "no champion yet": of two first jobs finishing at once, one
-            # becomes champion; the other keeps its challenger alias and the job succeeds.
-            try:
-                registry.set_alias(model_name, "champion", version, reason="passed the gates; first champion",
-                                   expected=None)
-                aliases.append("champion")
-            except ConflictError as exc:
-                log.info("v%d stays challenger: another version became the first champion (%s)", version, exc)
-    if always_promote and "champion" not in aliases:
-        registry.set_alias(model_name, "champion", version, reason="forced (--always-promote)")
-        aliases.append("champion")
-    return aliases
-
-
-def baseline_sentence(metrics: dict, k: int = 10) -> str:
-    """One plain sentence: does the model beat each baseline (by two paired standard errors on
-    recall@k and NDCG@k)."""
-    verdicts = metrics.get("beats_baselines", {})
-    if not verdicts:
-        return "no baseline was evaluated"
-    won = [b for b, ok in verdicts.items() if ok]
-    lost = [b for b, ok in verdicts.items() if not ok]
-    parts = ([f"beats {', '.join(won)}"] if won else []) + ([f"does NOT beat {', '.join(lost)}"] if lost else [])
-    return (f"the model {' and '.join(parts)} (by two standard errors of the per-user difference, on "
-            f"{metrics.get('users', 0):,} validation users)")
-
-
-def format_metrics(metrics: dict) -> str:
-    """A fixed-width table (one row per ranker, one column per metric), then one verdict line
-    per baseline and the split."""
-    rankers = [r for r in ("model", TWO_TOWER, *BASELINES) if isinstance(metrics.get(r), dict)]
-    cols = list(metrics["model"])
-    rows = [f"{'':12s} " + " ".join(f"{c:>11s}" for c in cols)]
-    for name in rankers:
-        rows.append(f"{name:12s} " + " ".join(f"{metrics[name].get(c, float('nan')):11.4f}" for c in cols))
-    k = int(next((c.split("@")[1] for c in cols if c.startswith("ndcg@")), 10))
-    rows += verdict_lines(metrics, k)
-    split = metrics.get("split")
-    if isinstance(split, dict):
-        rows.append(f"evaluation: {split.get('name')}, {metrics.get('users', 0):,} validation users")
-    ranker = metrics.get("ranker")
-    if isinstance(ranker, dict) and "verdict" in ranker:
-        rows.append(ranker["verdict"])
-    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from aiplatform.core.storage import Layout
 from aiplatform.features.pipeline import frame_from_events, training_labels
 from aiplatform.jobs import index as index_job
 from aiplatform.jobs import train as train_job
-from aiplatform.jobs.train import artifact_to_register
+from aiplatform.jobs.publish import artifact_to_register
 from aiplatform.models.inputs import UserInputSpec
 from aiplatform.models.candidates import CandidateConfig, CandidateRanker, candidates_dir_of
 from aiplatform.models.two_tower import load_artifact, load_vocab, read_extra

@@ -10,7 +10,8 @@ import torch
 
 from aiplatform.core.errors import ConfigError
 from aiplatform.core.storage import Layout
-from aiplatform.jobs.train import apply_aliases, baseline_sentence, format_metrics
+from aiplatform.jobs.publish import apply_aliases
+from aiplatform.jobs.train_report import baseline_sentence, format_metrics
 from aiplatform.models.two_tower import ItemVocab, TwoTowerModel, save_artifact
 from aiplatform.registry.registry import ModelRegistry
 from aiplatform.training.config import QualityGates, TrainConfig
@@ -107,7 +108,7 @@ def test_report_text_names_each_baseline():
 
 
 def test_too_few_validation_users_fail_a_gate_that_names_the_numbers():
-    from aiplatform.jobs.train import enough_users_gate
+    from aiplatform.jobs.publish import enough_users_gate
     from aiplatform.training.split import adaptive_split
 
     t0 = pd.Timestamp("2026-01-01", tz="UTC")

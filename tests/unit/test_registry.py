@@ -431,7 +431,7 @@ def test_alias_moves_of_an_older_release_are_still_read(layout, artifact):
 def test_two_first_training_jobs_do_not_both_become_champion(layout, artifact):
     """apply_aliases makes a passing version champion when there is none yet: two jobs that both
     read "no champion" before either writes get one champion; the other job stays challenger."""
-    from aiplatform.jobs.train import apply_aliases
+    from aiplatform.jobs.publish import apply_aliases
 
     _registry_with(layout, artifact, 2)
     both_read = threading.Barrier(2)
