@@ -1,5 +1,5 @@
 """A real Prometheus server for tests (Debian's ``prometheus`` package): started on 127.0.0.1 on a
-free port in a temp dir, scraping the given targets every second, stopped by its own pid."""
+free port in a temp dir, scraping the given targets every few seconds, stopped by its own pid."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +19,9 @@ def find_prometheus() -> str | None:
     return find_binary("PROMETHEUS", "prometheus")
 
 
+SCRAPE_S = "5s"
+
+
 @contextmanager
 def prometheus_server(workdir: str | Path, targets: list[str], timeout_s: float = 60.0) -> Iterator[str]:
     """Run Prometheus scraping ``targets`` (host:port, path /metrics) with the project's scrape
@@ -30,12 +33,16 @@ def prometheus_server(workdir: str | Path, targets: list[str], timeout_s: float 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
-    # the project's own scrape config (cluster/observability), pointed at ``targets``, every second
+    # The project's own scrape config (cluster/observability), pointed at ``targets``, every
+    # SCRAPE_S. Not every second: that also caps each scrape at 1 s, and late in a test session
+    # Ray's page is ~9 MB (Ray Data's histograms per dataset) and took 2.4 s on a loaded 2-core
+    # machine, so every scrape timed out and no series ever appeared.
     shipped = yaml.safe_load(SCRAPE_CONFIG.read_text())
     for job in shipped["scrape_configs"]:
-        job["scrape_interval"] = "1s"
+        job["scrape_interval"] = job["scrape_timeout"] = SCRAPE_S
         job["static_configs"] = [{"targets": list(targets)}]
-    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+    config.write_text(yaml.safe_dump({"global": {"scrape_interval": SCRAPE_S, "scrape_timeout": SCRAPE_S,
+                                                 "evaluation_interval": SCRAPE_S},
                                       "scrape_configs": shipped["scrape_configs"]}))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
